@@ -1,0 +1,31 @@
+"""hf-fusedvlm: multi-layer visual feature fusion (MMFuser, IGVA and baselines) for LLaVA in Transformers.
+
+Importing the package registers `fused_llava` with `AutoConfig`, `AutoModel` and `AutoModelForImageTextToText`
+(both model keys map to the generation class, so `AutoModel` + `generate()` works), and marks the classes for
+`auto_map` so that `save_pretrained` writes checkpoints loadable with `trust_remote_code=True`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .configuration_fused_llava import FUSER_TYPES, FusedLlavaConfig
+from .fusers import FuserOutput, build_fuser
+from .modeling_fused_llava import FusedLlavaForConditionalGeneration, FusedLlavaModel, FusedLlavaPreTrainedModel
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(FusedLlavaConfig.model_type, FusedLlavaConfig, exist_ok=True)
+AutoModel.register(FusedLlavaConfig, FusedLlavaForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(FusedLlavaConfig, FusedLlavaForConditionalGeneration, exist_ok=True)
+FusedLlavaConfig.register_for_auto_class()
+FusedLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "FUSER_TYPES",
+    "FusedLlavaConfig",
+    "FusedLlavaForConditionalGeneration",
+    "FusedLlavaModel",
+    "FusedLlavaPreTrainedModel",
+    "FuserOutput",
+    "build_fuser",
+]

@@ -1,0 +1,110 @@
+"""Turning a plain LLaVA into a fused one that computes exactly the same function.
+
+The parity rule (DESIGN.md): every source tensor is kept bit-identical; `mmfuser` starts with `gamma1 = gamma2 = 0`
+(the block returns its query layer, the source's `vision_feature_layer`); `igva`, `average` and `concat` widen the
+projector's first linear and the new input columns start at zero; `none` adds nothing.
+"""
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedConfig, PreTrainedModel
+
+from .configuration_fused_llava import INSTRUCTION_FUSERS, FusedLlavaConfig
+from .fusers import build_fuser
+from .modeling_fused_llava import FusedLlavaForConditionalGeneration
+
+
+PROJECTOR_INPUT_KEY = "model.multi_modal_projector.linear_1.weight"
+FUSER_PREFIX = "model.fuser."
+INSTRUCTION_ENCODER_PREFIX = "model.instruction_encoder."
+
+
+def fused_config_from_llava(
+    llava_config: LlavaConfig,
+    fuser_type: str,
+    instruction_encoder_config: PreTrainedConfig | None = None,
+    **fuser_kwargs,
+) -> FusedLlavaConfig:
+    """The fused config of a plain LLaVA config: all LLaVA fields kept, fuser fields from the arguments."""
+    if not isinstance(llava_config.vision_feature_layer, int):
+        raise ValueError(
+            f"The source LLaVA reads several vision layers ({llava_config.vision_feature_layer}): only LLaVAs with "
+            "one vision_feature_layer can be converted with parity."
+        )
+    fields = llava_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
+        fields.pop(key, None)
+    if fuser_type in INSTRUCTION_FUSERS:
+        fields["instruction_encoder_config"] = instruction_encoder_config
+    config = FusedLlavaConfig(**fields, fuser_type=fuser_type, **fuser_kwargs)
+    config.architectures = [FusedLlavaForConditionalGeneration.__name__]
+    return config
+
+
+def expand_projector_input(weight: torch.Tensor, config: FusedLlavaConfig) -> torch.Tensor:
+    """The source projector's `linear_1.weight` `(text_hidden, vision_hidden)` widened to the fuser's output with
+    zero columns, the source columns where the fuser puts the base layer."""
+    vision_size = config.vision_config.hidden_size
+    if weight.shape[-1] != vision_size:
+        raise ValueError(
+            f"{PROJECTOR_INPUT_KEY} has {weight.shape[-1]} input columns, expected the vision hidden size "
+            f"{vision_size}: the source is not a single-layer LLaVA projector."
+        )
+    if config.fuser_type in ("mmfuser", "none"):
+        return weight
+    if config.fuser_type == "concat":
+        if config.base_layer not in config.fuser_layers:
+            raise ValueError(
+                f"For parity, concat's fuser_layers {config.fuser_layers} must include the source's "
+                f"vision_feature_layer ({config.base_layer})."
+            )
+        slot = config.fuser_layers.index(config.base_layer)
+        num_slots = len(config.fuser_layers)
+    else:  # igva, average: base layer first, then the fused groups
+        slot, num_slots = 0, 2
+    widened = weight.new_zeros(weight.shape[0], vision_size * num_slots)
+    widened[:, slot * vision_size : (slot + 1) * vision_size] = weight
+    return widened
+
+
+def new_fuser_tensors(config: FusedLlavaConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Freshly initialised fuser parameters under their checkpoint names (`model.fuser.*`); empty for `none`."""
+    fuser = build_fuser(config)
+    return {
+        FUSER_PREFIX + name: (tensor if dtype is None else tensor.to(dtype)).detach().contiguous()
+        for name, tensor in fuser.state_dict().items()
+    }
+
+
+def fused_from_llava(
+    llava: LlavaForConditionalGeneration,
+    fuser_type: str,
+    instruction_encoder: PreTrainedModel | None = None,
+    **fuser_kwargs,
+) -> FusedLlavaForConditionalGeneration:
+    """A `FusedLlavaForConditionalGeneration` that computes exactly what `llava` computes (until trained).
+
+    Args:
+        llava: the plain source model; its tensors are copied unchanged.
+        fuser_type: one of `FUSER_TYPES`.
+        instruction_encoder: the sentence encoder for `igva` (its weights are copied in and frozen).
+        fuser_kwargs: further `FusedLlavaConfig` fuser fields (`fuser_layers`, `fuser_layer_groups`, ...).
+    """
+    if fuser_type in INSTRUCTION_FUSERS and instruction_encoder is None:
+        raise ValueError(f"fuser_type={fuser_type!r} needs an instruction_encoder (a text encoder model).")
+    config = fused_config_from_llava(
+        llava.config,
+        fuser_type,
+        instruction_encoder_config=instruction_encoder.config if instruction_encoder is not None else None,
+        **fuser_kwargs,
+    )
+    state_dict = dict(llava.state_dict())
+    state_dict[PROJECTOR_INPUT_KEY] = expand_projector_input(state_dict[PROJECTOR_INPUT_KEY], config)
+    state_dict.update(new_fuser_tensors(config, dtype=llava.dtype))
+    if fuser_type in INSTRUCTION_FUSERS:
+        state_dict.update(
+            {INSTRUCTION_ENCODER_PREFIX + name: tensor for name, tensor in instruction_encoder.state_dict().items()}
+        )
+    fused = FusedLlavaForConditionalGeneration(config)
+    fused.load_state_dict(state_dict, strict=True)
+    fused.generation_config = llava.generation_config
+    return fused.to(llava.dtype).eval()

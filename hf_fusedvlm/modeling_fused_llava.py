@@ -1,0 +1,298 @@
+"""PyTorch FusedLlava: LLaVA whose visual tokens fuse several vision-encoder layers."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel, LlavaPreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaModelOutputWithPast
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_fused_llava import INSTRUCTION_FUSERS, FusedLlavaConfig
+from .fusers import build_fuser, init_fuser_weights
+
+
+@dataclass
+class FusedLlavaImageFeaturesOutput(BaseModelOutputWithPooling):
+    r"""
+    pooler_output (`list[torch.Tensor]`):
+        One `(num_patches, text_hidden_size)` tensor per image: the projected fused features.
+    fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
+        Per-image weights over the layer groups (`igva`, `average`).
+    balance_loss (`torch.Tensor` of shape `()`, *optional*):
+        IGVA's weighted balance loss for these images.
+    """
+
+    fusion_weights: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+
+
+@dataclass
+class FusedLlavaModelOutputWithPast(LlavaModelOutputWithPast):
+    r"""
+    fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
+        Per-image weights over the layer groups (`igva`, `average`), when images were encoded in this call.
+    """
+
+    fusion_weights: torch.Tensor | None = None
+
+
+@dataclass
+class FusedLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
+    r"""
+    fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
+        Per-image weights over the layer groups (`igva`, `average`), when images were encoded in this call.
+    balance_loss (`torch.Tensor` of shape `()`, *optional*):
+        IGVA's weighted balance loss, already included in `loss` when `labels` are given.
+    """
+
+    fusion_weights: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+
+
+class FusedLlavaMultiModalProjector(nn.Module):
+    """LLaVA's two-layer MLP projector, reading the fuser's `output_size` channels (same parameter names)."""
+
+    def __init__(self, config: FusedLlavaConfig, input_size: int):
+        super().__init__()
+        text_size = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(input_size, text_size, bias=config.multimodal_projector_bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_size, text_size, bias=config.multimodal_projector_bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
+    config: FusedLlavaConfig
+    _no_split_modules = ["MMFuser", "IGVAFuser", "AverageFuser", "ConcatFuser", "SingleLayerFuser"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        init_fuser_weights(module)
+
+
+class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
+    """LLaVA model whose image features come from `fuser` over several vision layers (no LM head)."""
+
+    # Quantisation must leave the fuser and the instruction encoder alone; deformable sampling needs fp32.
+    _keep_in_fp32_modules = ["fuser", "instruction_encoder"]
+    _keep_in_fp32_modules_strict = ["fuser"]
+
+    def __init__(self, config: FusedLlavaConfig):
+        super(LlavaModel, self).__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.fuser = build_fuser(config)
+        self.multi_modal_projector = FusedLlavaMultiModalProjector(config, self.fuser.output_size)
+        self.language_model = AutoModel.from_config(config.text_config)
+        if config.fuser_type in INSTRUCTION_FUSERS:
+            self.instruction_encoder = AutoModel.from_config(config.instruction_encoder_config)
+            self.instruction_encoder.requires_grad_(False)
+        else:
+            self.instruction_encoder = None
+        self.post_init()
+
+    @torch.no_grad()
+    def embed_instructions(
+        self, instruction_input_ids: torch.LongTensor, instruction_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Sentence embeddings of the instructions: masked mean of the frozen encoder's last hidden state,
+        L2-normalised if `config.instruction_embedding_normalize`. Returns `(num_instructions, encoder_hidden)`."""
+        if instruction_attention_mask is None:
+            instruction_attention_mask = torch.ones_like(instruction_input_ids)
+        hidden = self.instruction_encoder(
+            input_ids=instruction_input_ids, attention_mask=instruction_attention_mask
+        ).last_hidden_state
+        mask = instruction_attention_mask.unsqueeze(-1).to(hidden.dtype)
+        embeds = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        if self.config.instruction_embedding_normalize:
+            embeds = F.normalize(embeds, p=2, dim=-1)
+        return embeds
+
+    def _instruction_embeds_per_image(
+        self, num_images: int, instruction_input_ids, instruction_attention_mask, image_sample_index
+    ) -> torch.Tensor | None:
+        if self.instruction_encoder is None:
+            return None
+        if instruction_input_ids is None:
+            raise ValueError(
+                f"fuser_type={self.config.fuser_type!r} reads the user's instruction: pass instruction_input_ids and "
+                "instruction_attention_mask (FusedLlavaProcessor returns them when it has an instruction_tokenizer)."
+            )
+        embeds = self.embed_instructions(instruction_input_ids, instruction_attention_mask)
+        if image_sample_index is None:
+            if embeds.shape[0] != num_images:
+                raise ValueError(
+                    f"Got {embeds.shape[0]} instructions for {num_images} images: pass image_sample_index (the "
+                    "instruction row of each image) when a sample has several images or none."
+                )
+            return embeds
+        if image_sample_index.shape != (num_images,):
+            raise ValueError(
+                f"image_sample_index must have shape ({num_images},), one entry per image, got "
+                f"{tuple(image_sample_index.shape)}."
+            )
+        return embeds[image_sample_index.to(embeds.device)]
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        instruction_input_ids: torch.LongTensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+        image_sample_index: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> FusedLlavaImageFeaturesOutput:
+        r"""
+        Runs the vision tower (recording only the layers the fuser reads), the fuser and the projector.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`):
+                The images.
+            instruction_input_ids (`torch.LongTensor` of shape `(num_instructions, instruction_length)`, *optional*):
+                The instructions tokenised for the instruction encoder (needed by `igva`).
+            instruction_attention_mask (`torch.Tensor` of shape `(num_instructions, instruction_length)`, *optional*):
+                Their attention mask.
+            image_sample_index (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+                The instruction row of each image; needed when the images are not one per instruction.
+
+        Returns:
+            [`FusedLlavaImageFeaturesOutput`] whose `pooler_output` holds one `(num_patches, text_hidden_size)` tensor
+            per image.
+        """
+        image_outputs = self.vision_tower(
+            pixel_values, output_hidden_states=self.config.vision_layers_needed, return_dict=True, **kwargs
+        )
+        fuser_dtype = next(self.fuser.parameters(), pixel_values).dtype
+        hidden_states = tuple(None if state is None else state.to(fuser_dtype) for state in image_outputs.hidden_states)
+        instruction_embeds = self._instruction_embeds_per_image(
+            pixel_values.shape[0], instruction_input_ids, instruction_attention_mask, image_sample_index
+        )
+        fused = self.fuser(hidden_states, instruction_embeds)
+        projector_dtype = self.multi_modal_projector.linear_2.weight.dtype
+        if projector_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            projector_dtype = pixel_values.dtype  # quantised projector: feed it the activations' dtype
+        image_features = self.multi_modal_projector(fused.features.to(projector_dtype))
+        return FusedLlavaImageFeaturesOutput(
+            last_hidden_state=image_outputs.last_hidden_state,
+            pooler_output=list(image_features),
+            hidden_states=image_outputs.hidden_states,
+            attentions=image_outputs.attentions,
+            fusion_weights=fused.fusion_weights,
+            balance_loss=fused.balance_loss,
+        )
+
+    def encode_images_once(
+        self, pixel_values, instruction_input_ids, instruction_attention_mask, image_sample_index, mm_encoder_outputs
+    ) -> dict:
+        """`mm_encoder_outputs` with the fused image features, encoding `pixel_values` unless already encoded."""
+        mm_encoder_outputs = dict(mm_encoder_outputs or {})
+        if pixel_values is not None:
+            if mm_encoder_outputs.get("image") is not None:
+                raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+            mm_encoder_outputs["image"] = self.get_image_features(
+                pixel_values,
+                instruction_input_ids=instruction_input_ids,
+                instruction_attention_mask=instruction_attention_mask,
+                image_sample_index=image_sample_index,
+                return_dict=True,
+            )
+        return mm_encoder_outputs
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        instruction_input_ids: torch.LongTensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+        image_sample_index: torch.LongTensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ) -> FusedLlavaModelOutputWithPast:
+        r"""
+        [`LlavaModel.forward`] with fused image features; the extra inputs are those of [`get_image_features`].
+        """
+        mm_encoder_outputs = self.encode_images_once(
+            pixel_values, instruction_input_ids, instruction_attention_mask, image_sample_index, mm_encoder_outputs
+        )
+        outputs = super().forward(input_ids=input_ids, mm_encoder_outputs=mm_encoder_outputs, return_dict=True, **kwargs)
+        image_outputs = mm_encoder_outputs.get("image")
+        return FusedLlavaModelOutputWithPast(
+            **outputs, fusion_weights=getattr(image_outputs, "fusion_weights", None)
+        )
+
+
+class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForConditionalGeneration):
+    """LLaVA with multi-layer visual feature fusion and a language modelling head."""
+
+    # Patterns match full module names from the start, so the prefixes name the fuser under `model`.
+    _keep_in_fp32_modules = ["model.fuser", "model.instruction_encoder"]
+    _keep_in_fp32_modules_strict = ["model.fuser"]
+
+    def __init__(self, config: FusedLlavaConfig):
+        super(LlavaForConditionalGeneration, self).__init__(config)
+        self.model = FusedLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def fuser(self):
+        return self.model.fuser
+
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        instruction_input_ids: torch.LongTensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+        image_sample_index: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> FusedLlavaImageFeaturesOutput:
+        """See [`FusedLlavaModel.get_image_features`]."""
+        return self.model.get_image_features(
+            pixel_values,
+            instruction_input_ids=instruction_input_ids,
+            instruction_attention_mask=instruction_attention_mask,
+            image_sample_index=image_sample_index,
+            **kwargs,
+        )
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        instruction_input_ids: torch.LongTensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+        image_sample_index: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ) -> FusedLlavaCausalLMOutputWithPast:
+        r"""
+        [`LlavaForConditionalGeneration.forward`] with fused image features. With `labels`, IGVA's balance loss
+        (`config.balance_loss_weight` times the negative mean entropy of the group weights) is added to the LM loss.
+        The extra inputs are those of [`FusedLlavaModel.get_image_features`].
+        """
+        mm_encoder_outputs = self.model.encode_images_once(
+            pixel_values, instruction_input_ids, instruction_attention_mask, image_sample_index, mm_encoder_outputs
+        )
+        outputs = super().forward(
+            input_ids=input_ids, labels=labels, mm_encoder_outputs=mm_encoder_outputs, return_dict=True, **kwargs
+        )
+        image_outputs = mm_encoder_outputs.get("image")
+        balance_loss = getattr(image_outputs, "balance_loss", None)
+        if labels is not None and balance_loss is not None:
+            outputs.loss = outputs.loss + balance_loss.to(outputs.loss.device)
+        return FusedLlavaCausalLMOutputWithPast(
+            **outputs,
+            fusion_weights=getattr(image_outputs, "fusion_weights", None),
+            balance_loss=balance_loss,
+        )
+
+
+__all__ = ["FusedLlavaPreTrainedModel", "FusedLlavaModel", "FusedLlavaForConditionalGeneration"]

@@ -1,0 +1,190 @@
+"""Deterministic tiny LLaVA checkpoints for tests, demos and benchmarks, built without any download.
+
+Sizes are multiples of 64 so that bitsandbytes can quantise them on CPU. Tokenizers are trained with `tokenizers` on
+a fixed corpus; weights come from a seeded generator, so the same call gives the same checkpoint on every machine.
+"""
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    CLIPImageProcessorPil,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+
+IMAGE_TOKEN = "<image>"
+NUM_IMAGE_TOKENS = 16  # 32x32 pixels, 8x8 patches
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+_CORPUS = [
+    "USER: What is shown in the image? ASSISTANT: A small red circle next to a blue square.",
+    "USER: How many dots are there? ASSISTANT: There are three dots in the top left corner.",
+    "USER: Which digit is written in the corner? ASSISTANT: The digit seven is written in green.",
+    "USER: What colour is the triangle? ASSISTANT: The triangle is yellow and the background is white.",
+    "USER: Describe the picture in detail. ASSISTANT: It shows shapes, digits and colours of many sizes.",
+    "USER: Is there a cat or a dog? ASSISTANT: Neither, only a grey line and an orange star.",
+    "one two three four five six seven eight nine zero left right top bottom middle large tiny",
+]
+
+
+def _train_tokenizer(model, trainer, normalizer=None, pre_tokenizer=None, decoder=None) -> Tokenizer:
+    tokenizer = Tokenizer(model)
+    if normalizer is not None:
+        tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    if decoder is not None:
+        tokenizer.decoder = decoder
+    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    return tokenizer
+
+
+def build_tiny_llm_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with LLaVA-1.5's special tokens (`<s>`, `</s>`, `<unk>`, `<pad>`, `<image>`)."""
+    special = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+    tokenizer = _train_tokenizer(
+        models.BPE(unk_token="<unk>"),
+        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False),
+        pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=False),
+        decoder=decoders.ByteLevel(),
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        model_max_length=256,
+    )
+
+
+def build_tiny_instruction_tokenizer(vocab_size: int = 192) -> PreTrainedTokenizerFast:
+    """A BERT-style WordPiece tokenizer (`[CLS] ... [SEP]`) for the tiny instruction encoder."""
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = _train_tokenizer(
+        models.WordPiece(unk_token="[UNK]"),
+        trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False),
+        normalizer=normalizers.BertNormalizer(lowercase=True),
+        pre_tokenizer=pre_tokenizers.BertPreTokenizer(),
+        decoder=decoders.WordPiece(),
+    )
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+
+
+def tiny_image_processor() -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_pad=True, do_convert_rgb=True
+    )
+
+
+def tiny_llava_config(tokenizer: PreTrainedTokenizerFast, num_vision_layers: int = 6) -> LlavaConfig:
+    """A llava-hf style config: CLIP vision tower (32x32 images, 16 patches) and a 2-layer Llama."""
+    vision_config = AutoConfig.for_model(
+        "clip_vision_model",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_vision_layers,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=64,
+    )
+    text_config = AutoConfig.for_model(
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=NUM_IMAGE_TOKENS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def _seeded_init(model: torch.nn.Module, seed: int) -> None:
+    """Overwrite every floating tensor with seeded values (std 0.2), so checkpoints match across machines."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+            if not tensor.is_floating_point():
+                continue
+            if "norm" in name.lower() and name.endswith(".weight"):
+                tensor.fill_(1.0)
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+
+
+def build_tiny_llava(seed: int = 0, num_vision_layers: int = 6) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A plain tiny `LlavaForConditionalGeneration` and its `LlavaProcessor`, identical for the same seed."""
+    tokenizer = build_tiny_llm_tokenizer()
+    model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer, num_vision_layers)).eval()
+    _seeded_init(model, seed)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = LlavaProcessor(
+        image_processor=tiny_image_processor(),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def build_tiny_instruction_encoder(seed: int = 0):
+    """A 1-layer BERT sentence encoder (64-d) and its WordPiece tokenizer."""
+    tokenizer = build_tiny_instruction_tokenizer()
+    config = AutoConfig.for_model(
+        "bert",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    encoder = AutoModel.from_config(config).eval()
+    _seeded_init(encoder, seed + 1)
+    return encoder, tokenizer
