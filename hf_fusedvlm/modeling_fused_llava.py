@@ -167,7 +167,9 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         image_outputs = self.vision_tower(
             pixel_values, output_hidden_states=self.config.vision_layers_needed, return_dict=True, **kwargs
         )
-        fuser_dtype = next(self.fuser.parameters(), pixel_values).dtype
+        # What a plain LLaVA's projector would receive: the tower's activations, whatever dtype pixel_values had.
+        vision_dtype = image_outputs.last_hidden_state.dtype
+        fuser_dtype = next(self.fuser.parameters(), image_outputs.last_hidden_state).dtype
         hidden_states = tuple(None if state is None else state.to(fuser_dtype) for state in image_outputs.hidden_states)
         instruction_embeds = self._instruction_embeds_per_image(
             pixel_values.shape[0], instruction_input_ids, instruction_attention_mask, image_sample_index
@@ -175,7 +177,7 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         fused = self.fuser(hidden_states, instruction_embeds)
         projector_dtype = self.multi_modal_projector.linear_2.weight.dtype
         if projector_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            projector_dtype = pixel_values.dtype  # quantised projector: feed it the activations' dtype
+            projector_dtype = vision_dtype  # quantised projector (uint8/int8 storage): feed it the tower's dtype
         image_features = self.multi_modal_projector(fused.features.to(projector_dtype))
         return FusedLlavaImageFeaturesOutput(
             last_hidden_state=image_outputs.last_hidden_state,
@@ -243,6 +245,17 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
     @property
     def fuser(self):
         return self.model.fuser
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with `auto_map` naming this class for both `AutoModel` and
+        `AutoModelForImageTextToText`, so that remote-code users can load and `generate()` with either."""
+        class_path = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoModel": class_path,
+            "AutoModelForImageTextToText": class_path,
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_image_features(
         self,

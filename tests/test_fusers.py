@@ -1,0 +1,156 @@
+import pytest
+import torch
+
+from hf_fusedvlm import FusedLlavaConfig, build_fuser
+from hf_fusedvlm.fusers import multi_scale_deformable_sampling
+
+from reference_math import bilinear_sample, igva_reference, mmfuser_reference
+from test_configuration import TINY_ENCODER, TINY_VISION
+
+
+NUM_IMAGES, NUM_TOKENS, WIDTH = 2, 17, 64  # CLS + 4x4 patches
+
+
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Non-zero random weights everywhere (gammas included), so no term of the math hides behind a zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+def random_hidden_states(seed: int, num_tokens: int = NUM_TOKENS) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(NUM_IMAGES, num_tokens, WIDTH, generator=generator) for _ in range(7))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def make_fuser(fuser_type, **kwargs):
+    config = FusedLlavaConfig(
+        vision_config=TINY_VISION,
+        fuser_type=fuser_type,
+        fuser_num_heads=4,
+        fuser_num_points=3,
+        aggregator_hidden_size=64,
+        aggregator_num_layers=2,
+        instruction_encoder_config=TINY_ENCODER if fuser_type == "igva" else None,
+        **kwargs,
+    )
+    return build_fuser(config), config
+
+
+def test_fresh_mmfuser_is_the_identity_on_its_query_layer():
+    fuser, config = make_fuser("mmfuser")
+    states = random_hidden_states(0)
+    assert torch.equal(fuser.gamma1, torch.zeros(WIDTH)) and torch.equal(fuser.gamma2, torch.zeros(WIDTH))
+    assert torch.equal(fuser(states).features, states[config.base_layer][:, 1:])
+
+
+def test_mmfuser_matches_float64_reference_with_nonzero_gammas():
+    fuser, config = make_fuser("mmfuser", fuser_layers=[1, 3, 5])
+    randomise(fuser, seed=1)
+    states = random_hidden_states(2)
+    output = fuser(states).features
+    assert output.shape == (NUM_IMAGES, 16, WIDTH)
+    for image in range(NUM_IMAGES):
+        expected = mmfuser_reference(fuser, [states[layer][image, 1:] for layer in config.fuser_layers])
+        assert relative_error(output[image], expected) <= 1e-5
+    # The fused result really differs from the query layer once the gammas are non-zero.
+    assert not torch.allclose(output, states[5][:, 1:], atol=1e-3)
+
+
+@pytest.mark.parametrize("shapes", [[(4, 4)] * 3, [(4, 4), (2, 3), (5, 2)]])
+def test_deformable_sampling_batched_and_per_level_paths_match_reference(shapes):
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, head_dim, queries, points = 2, 2, 3, 5, 2
+    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, head_dim, generator=generator)
+    # Locations partly outside [0, 1] exercise the zero padding.
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=generator) * 1.4 - 0.2
+    weights = torch.rand(batch, queries, heads, len(shapes), points, generator=generator)
+    output = multi_scale_deformable_sampling(value, shapes, locations, weights)
+    expected = torch.zeros(batch, queries, heads, head_dim, dtype=torch.float64)
+    levels = value.double().split([h * w for h, w in shapes], dim=1)
+    for b in range(batch):
+        for head in range(heads):
+            for level, (height, width) in enumerate(shapes):
+                feature_map = levels[level][b, :, head].view(height, width, head_dim)
+                for point in range(points):
+                    x, y = locations[b, :, head, level, point].double().unbind(-1)
+                    expected[b, :, head] += weights[b, :, head, level, point, None].double() * bilinear_sample(
+                        feature_map, x, y
+                    )
+    assert relative_error(output, expected.view(batch, queries, heads * head_dim)) <= 1e-6
+
+
+def test_igva_matches_float64_reference():
+    fuser, config = make_fuser("igva")
+    randomise(fuser, seed=4)
+    states = random_hidden_states(5)
+    instructions = torch.randn(NUM_IMAGES, 64, generator=torch.Generator().manual_seed(6))
+    output = fuser(states, instructions)
+    assert output.features.shape == (NUM_IMAGES, 16, 2 * WIDTH)
+    for image in range(NUM_IMAGES):
+        weights, features = igva_reference(
+            fuser, [s[image] for s in states], instructions[image], config.fuser_layer_groups, config.base_layer
+        )
+        assert relative_error(output.fusion_weights[image], weights) <= 1e-5
+        assert relative_error(output.features[image], features) <= 1e-5
+
+
+def test_igva_weights_are_a_distribution_that_follows_the_instruction():
+    fuser, config = make_fuser("igva")
+    randomise(fuser, seed=7)
+    states = tuple(s[:1].expand(NUM_IMAGES, -1, -1) for s in random_hidden_states(8))  # the same image twice
+    instructions = torch.randn(NUM_IMAGES, 64, generator=torch.Generator().manual_seed(9))
+    output = fuser(states, instructions)
+    weights = output.fusion_weights
+    assert weights.shape == (NUM_IMAGES, len(config.fuser_layer_groups))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(NUM_IMAGES))
+    assert (weights[0] - weights[1]).abs().max() > 1e-3  # different instruction, different weights
+    group_patches = [torch.stack([states[layer][:, 1:] for layer in group]).mean(0) for group in config.fuser_layer_groups]
+    fused = sum(weights[:, k, None, None] * patches for k, patches in enumerate(group_patches))
+    torch.testing.assert_close(output.features, torch.cat([states[config.base_layer][:, 1:], fused], -1))
+    entropy = -(weights * weights.log()).sum(-1).mean()
+    torch.testing.assert_close(output.balance_loss, -config.balance_loss_weight * entropy)
+
+
+def test_igva_without_cls_token_uses_mean_patch_as_global_feature():
+    fuser, config = make_fuser("igva", vision_feature_select_strategy="full")
+    randomise(fuser, seed=10)
+    states = random_hidden_states(11, num_tokens=16)
+    instructions = torch.randn(NUM_IMAGES, 64, generator=torch.Generator().manual_seed(12))
+    output = fuser(states, instructions)
+    weights, features = igva_reference(
+        fuser, [s[0] for s in states], instructions[0], config.fuser_layer_groups, config.base_layer, has_cls=False
+    )
+    assert relative_error(output.fusion_weights[0], weights) <= 1e-5
+    assert relative_error(output.features[0], features) <= 1e-5
+
+
+def test_igva_without_instruction_says_what_to_pass():
+    fuser, _ = make_fuser("igva")
+    with pytest.raises(ValueError, match="needs instruction embeddings: pass instruction_input_ids"):
+        fuser(random_hidden_states(0))
+
+
+def test_baseline_fusers():
+    states = random_hidden_states(13)
+    concat, config = make_fuser("concat", fuser_layers=[2, 5, 4])
+    assert concat.output_size == 3 * WIDTH
+    torch.testing.assert_close(concat(states).features, torch.cat([states[i][:, 1:] for i in (2, 5, 4)], -1))
+    average, config = make_fuser("average", fuser_layer_groups=[[1, 2], [6]])
+    output = average(states)
+    torch.testing.assert_close(output.fusion_weights, torch.full((NUM_IMAGES, 2), 0.5))
+    expected = torch.cat([states[5][:, 1:], ((states[1] + states[2]) / 2 * 0.5 + states[6] * 0.5)[:, 1:]], -1)
+    torch.testing.assert_close(output.features, expected)
+    single, _ = make_fuser("none")
+    assert torch.equal(single(states).features, states[5][:, 1:])
+
+
+def test_mmfuser_rejects_a_non_square_grid():
+    fuser, _ = make_fuser("mmfuser", vision_feature_select_strategy="full")
+    with pytest.raises(ValueError, match="square grid of patch tokens, got 17"):
+        fuser(random_hidden_states(0))
