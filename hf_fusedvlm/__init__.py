@@ -1,15 +1,17 @@
 """hf-fusedvlm: multi-layer visual feature fusion (MMFuser, IGVA and baselines) for LLaVA in Transformers.
 
 Importing the package registers `fused_llava` with `AutoConfig`, `AutoModel` and `AutoModelForImageTextToText`
-(both model keys map to the generation class, so `AutoModel` + `generate()` works), and marks the classes for
-`auto_map` so that `save_pretrained` writes checkpoints loadable with `trust_remote_code=True`.
+(both model keys map to the generation class, so `AutoModel` + `generate()` works) and `FusedLlavaProcessor` with
+`AutoProcessor`, and marks the classes for `auto_map` so that `save_pretrained` writes checkpoints loadable with
+`trust_remote_code=True`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_fused_llava import FUSER_TYPES, FusedLlavaConfig
 from .fusers import FuserOutput, build_fuser
 from .modeling_fused_llava import FusedLlavaForConditionalGeneration, FusedLlavaModel, FusedLlavaPreTrainedModel
+from .processing_fused_llava import FusedLlavaProcessor, instruction_from_conversation, instruction_from_prompt
 
 
 __version__ = "0.1.0"
@@ -19,6 +21,8 @@ AutoModel.register(FusedLlavaConfig, FusedLlavaForConditionalGeneration, exist_o
 AutoModelForImageTextToText.register(FusedLlavaConfig, FusedLlavaForConditionalGeneration, exist_ok=True)
 FusedLlavaConfig.register_for_auto_class()
 FusedLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+AutoProcessor.register(FusedLlavaConfig, FusedLlavaProcessor, exist_ok=True)
+FusedLlavaProcessor.register_for_auto_class()
 
 __all__ = [
     "FUSER_TYPES",
@@ -26,6 +30,9 @@ __all__ = [
     "FusedLlavaForConditionalGeneration",
     "FusedLlavaModel",
     "FusedLlavaPreTrainedModel",
+    "FusedLlavaProcessor",
     "FuserOutput",
     "build_fuser",
+    "instruction_from_conversation",
+    "instruction_from_prompt",
 ]

@@ -160,6 +160,40 @@ def reference_points(height: int, width: int, device=None) -> torch.Tensor:
     return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], -1)
 
 
+def _grid_sample(images: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(images, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def sample_levels_separately(
+    value: torch.Tensor, spatial_shapes: list[tuple[int, int]], grids: torch.Tensor
+) -> torch.Tensor:
+    """One `grid_sample` call per level (levels of any shapes). value `(batch, sum_l H_l * W_l, heads, head_dim)`,
+    grids `(batch, heads, levels, queries, points, 2)` in [-1, 1] -> `(batch * heads, levels, head_dim, queries,
+    points)`."""
+    batch, _, num_heads, head_dim = value.shape
+    num_queries, num_points = grids.shape[3:5]
+    per_level = []
+    for level, level_value in enumerate(value.split([h * w for h, w in spatial_shapes], dim=1)):
+        height, width = spatial_shapes[level]
+        level_value = level_value.permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, height, width)
+        level_grids = grids[:, :, level].reshape(batch * num_heads, num_queries, num_points, 2)
+        per_level.append(_grid_sample(level_value, level_grids))
+    return torch.stack(per_level, dim=1)
+
+
+def sample_levels_together(value: torch.Tensor, grid_shape: tuple[int, int], grids: torch.Tensor) -> torch.Tensor:
+    """`sample_levels_separately` for levels that share one grid (ViT layers): a single batched `grid_sample` over
+    (batch, head, level)."""
+    batch, _, num_heads, head_dim = value.shape
+    num_levels, num_queries, num_points = grids.shape[2:5]
+    height, width = grid_shape
+    levels = value.view(batch, num_levels, height, width, num_heads, head_dim).permute(0, 4, 1, 5, 2, 3)
+    sampled = _grid_sample(
+        levels.reshape(-1, head_dim, height, width), grids.reshape(-1, num_queries, num_points, 2)
+    )
+    return sampled.view(batch * num_heads, num_levels, head_dim, num_queries, num_points)
+
+
 def multi_scale_deformable_sampling(
     value: torch.Tensor,
     spatial_shapes: list[tuple[int, int]],
@@ -182,31 +216,9 @@ def multi_scale_deformable_sampling(
     # grid_sample wants (x, y) in [-1, 1] and one image per (batch, head[, level]).
     grids = (2 * sampling_locations - 1).permute(0, 2, 3, 1, 4, 5)  # (B, heads, L, Q, P, 2)
     if len(set(spatial_shapes)) == 1:
-        # All levels share one grid (ViT layers): one batched call over (batch, head, level).
-        height, width = spatial_shapes[0]
-        levels = value.view(batch, num_levels, height, width, num_heads, head_dim).permute(0, 4, 1, 5, 2, 3)
-        sampled = F.grid_sample(
-            levels.reshape(-1, head_dim, height, width),
-            grids.reshape(-1, num_queries, num_points, 2),
-            mode="bilinear",
-            padding_mode="zeros",
-            align_corners=False,
-        ).view(batch * num_heads, num_levels, head_dim, num_queries, num_points)
+        sampled = sample_levels_together(value, spatial_shapes[0], grids)
     else:
-        per_level = []
-        for level, level_value in enumerate(value.split([h * w for h, w in spatial_shapes], dim=1)):
-            height, width = spatial_shapes[level]
-            level_value = level_value.permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, height, width)
-            per_level.append(
-                F.grid_sample(
-                    level_value,
-                    grids[:, :, level].reshape(batch * num_heads, num_queries, num_points, 2),
-                    mode="bilinear",
-                    padding_mode="zeros",
-                    align_corners=False,
-                )
-            )
-        sampled = torch.stack(per_level, dim=1)
+        sampled = sample_levels_separately(value, spatial_shapes, grids)
     weights = attention_weights.permute(0, 2, 3, 1, 4).reshape(batch * num_heads, num_levels, 1, num_queries, num_points)
     output = (sampled * weights).sum(dim=(1, 4))  # (B * heads, head_dim, Q)
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)

@@ -9,9 +9,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import (
     AutoConfig,
     AutoModel,
-    CLIPImageProcessorPil,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
@@ -101,8 +101,9 @@ def build_tiny_instruction_tokenizer(vocab_size: int = 192) -> PreTrainedTokeniz
     )
 
 
-def tiny_image_processor() -> CLIPImageProcessorPil:
-    return CLIPImageProcessorPil(
+def tiny_image_processor() -> LlavaImageProcessorPil:
+    """LLaVA-1.5 preprocessing (pad to square, then CLIP resize and crop) at 32x32."""
+    return LlavaImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_pad=True, do_convert_rgb=True
     )
 

@@ -1,5 +1,6 @@
 """Shared tiny fixtures: every test builds from these, nothing is downloaded."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -47,6 +48,14 @@ def run_without_package(code: str, cwd) -> subprocess.CompletedProcess:
     )
 
 
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Non-zero random weights everywhere (gammas included), so no term of the math hides behind a zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava():
     """(plain LlavaForConditionalGeneration, LlavaProcessor), deterministic."""
@@ -73,3 +82,14 @@ def fused_models(tiny_llava, tiny_instruction_encoder):
 @pytest.fixture(scope="session")
 def image():
     return make_image(0)
+
+
+@pytest.fixture(scope="session")
+def trained_igva(fused_models):
+    """An igva model whose projector reads the fused half, as after training, so the instruction matters."""
+    model = copy.deepcopy(fused_models["igva"])
+    with torch.no_grad():
+        weight = model.model.multi_modal_projector.linear_1.weight
+        fused_columns = weight[:, weight.shape[1] // 2 :]
+        fused_columns.copy_(torch.randn(fused_columns.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    return model

@@ -4,19 +4,12 @@ import torch
 from hf_fusedvlm import FusedLlavaConfig, build_fuser
 from hf_fusedvlm.fusers import multi_scale_deformable_sampling
 
+from conftest import randomise
 from reference_math import bilinear_sample, igva_reference, mmfuser_reference
 from test_configuration import TINY_ENCODER, TINY_VISION
 
 
 NUM_IMAGES, NUM_TOKENS, WIDTH = 2, 17, 64  # CLS + 4x4 patches
-
-
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Non-zero random weights everywhere (gammas included), so no term of the math hides behind a zero."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
 
 
 def random_hidden_states(seed: int, num_tokens: int = NUM_TOKENS) -> tuple[torch.Tensor, ...]:
