@@ -1,5 +1,7 @@
 """PyTorch FusedLlava: LLaVA whose visual tokens fuse several vision-encoder layers."""
 
+import importlib.metadata
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +11,7 @@ from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel, L
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaModelOutputWithPast
+from transformers.utils import is_bitsandbytes_available
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_fused_llava import INSTRUCTION_FUSERS, FusedLlavaConfig
@@ -67,6 +70,29 @@ class FusedLlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
+# Oldest bitsandbytes that runs 4-bit on CPU; the `quantization` extra of pyproject.toml requires the same.
+BITSANDBYTES_MIN_VERSION = "0.48.0"
+
+
+def check_bitsandbytes(quantization_config) -> None:
+    """Raise a clear `ImportError` when `quantization_config` asks for bitsandbytes and it is missing or too old."""
+    if isinstance(quantization_config, dict):
+        quant_method = quantization_config.get("quant_method")
+    else:
+        quant_method = getattr(quantization_config, "quant_method", None)
+    if quant_method != "bitsandbytes" or is_bitsandbytes_available(min_version=BITSANDBYTES_MIN_VERSION):
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        found = "bitsandbytes is not installed"
+    else:
+        found = f"bitsandbytes {importlib.metadata.version('bitsandbytes')} is installed"
+    raise ImportError(
+        f"Loading a fused LLaVA in 4-bit or 8-bit needs bitsandbytes>={BITSANDBYTES_MIN_VERSION}, but {found}: "
+        'run `pip install "hf-fusedvlm[quantization]"` (or `pip install -U "bitsandbytes>='
+        f'{BITSANDBYTES_MIN_VERSION}"` where hf-fusedvlm is used through trust_remote_code).'
+    )
+
+
 class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: FusedLlavaConfig
     _no_split_modules = ["MMFuser", "IGVAFuser", "AverageFuser", "ConcatFuser", "SingleLayerFuser"]
@@ -74,6 +100,30 @@ class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         init_fuser_weights(module)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, first checking that a bitsandbytes `quantization_config` (passed, or in
+        the `config` that the Auto classes pass) can be honoured."""
+        check_bitsandbytes(
+            kwargs.get("quantization_config") or getattr(kwargs.get("config"), "quantization_config", None)
+        )
+        return super().from_pretrained(*args, **kwargs)
+
+    def fuser_memory_footprint(self, return_buffers: bool = True) -> dict[str, int | float]:
+        """How much of [`~PreTrainedModel.get_memory_footprint`] (same counting rule, so quantised weights count at
+        their storage size) the fusion adds: returns `total`, `fuser` and `instruction_encoder` in bytes, and
+        `share`, the fraction of `total` taken by the fuser and the instruction encoder together."""
+
+        def footprint(module: nn.Module | None) -> int:
+            if module is None:
+                return 0
+            tensors = [*module.parameters(), *(module.buffers() if return_buffers else ())]
+            return sum(tensor.nelement() * tensor.element_size() for tensor in tensors)
+
+        total = self.get_memory_footprint(return_buffers=return_buffers)
+        fuser, encoder = footprint(self.base_model.fuser), footprint(self.base_model.instruction_encoder)
+        return {"total": total, "fuser": fuser, "instruction_encoder": encoder, "share": (fuser + encoder) / total}
 
 
 class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
@@ -121,7 +171,9 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         if instruction_input_ids is None:
             raise ValueError(
                 f"fuser_type={self.config.fuser_type!r} reads the user's instruction: pass instruction_input_ids and "
-                "instruction_attention_mask (FusedLlavaProcessor returns them when it has an instruction_tokenizer)."
+                "instruction_attention_mask (FusedLlavaProcessor returns them when it has an instruction_tokenizer: "
+                "load the processor saved with the checkpoint via AutoProcessor.from_pretrained, or build one with "
+                "FusedLlavaProcessor.from_llava_processor(llava_processor, instruction_tokenizer=...))."
             )
         embeds = self.embed_instructions(instruction_input_ids, instruction_attention_mask)
         if image_sample_index is None:
