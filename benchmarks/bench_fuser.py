@@ -22,6 +22,7 @@ from transformers.models.deformable_detr.modeling_deformable_detr import MultiSc
 
 from hf_fusedvlm import FusedLlavaConfig, build_fuser
 from hf_fusedvlm.fusers import multi_scale_deformable_sampling, sample_levels_separately
+from llava_shapes import CLIP_L_336
 
 
 def median_seconds(function, repeats: int) -> float:
@@ -72,8 +73,7 @@ def clip_l_config(quick: bool) -> dict:
     if quick:
         return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                     image_size=96, patch_size=16)
-    return dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                image_size=336, patch_size=14)
+    return CLIP_L_336
 
 
 def bench_fuser_overhead(quick: bool, repeats: int) -> dict:

@@ -28,10 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModel,
     BitsAndBytesConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LogitsProcessor,
     LogitsProcessorList,
@@ -42,9 +40,9 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from hf_fusedvlm import FusedLlavaForConditionalGeneration
 from hf_fusedvlm.converting import fused_config_from_llava, fused_from_llava
 from hf_fusedvlm.tiny import build_tiny_llava
+from llava_shapes import IMAGE_TOKEN_INDEX, LLAMA_7B, llava_1_5_config
 
 
-LLAVA_7B_IMAGE_TOKEN = 32000
 
 
 class TokenClock(LogitsProcessor):
@@ -58,39 +56,6 @@ class TokenClock(LogitsProcessor):
         return scores
 
 
-def llava_7b_config(llm_layers: int) -> LlavaConfig:
-    """llava-hf/llava-1.5-7b-hf's shapes, with `llm_layers` decoder layers."""
-    vision_config = AutoConfig.for_model(
-        "clip_vision_model",
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text_config = AutoConfig.for_model(
-        "llama",
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=llm_layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32064,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-    )
-    return LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=LLAVA_7B_IMAGE_TOKEN,
-        image_seq_length=576,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-
-
 def build_shape(name: str, llm_layers: int):
     """(plain LLaVA, generate() inputs, load dtype) for one benchmark shape."""
     if name == "tiny":
@@ -99,9 +64,9 @@ def build_shape(name: str, llm_layers: int):
         inputs = processor(images=image, text="USER: <image>\nWhat is shown? ASSISTANT:", return_tensors="pt")
         return llava, dict(inputs), torch.float32
     torch.manual_seed(0)
-    config = llava_7b_config(llm_layers)
+    config = llava_1_5_config(text={**LLAMA_7B, "num_hidden_layers": llm_layers})
     llava = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
-    prompt = [1] + [LLAVA_7B_IMAGE_TOKEN] * 576 + list(range(400, 420))
+    prompt = [1] + [IMAGE_TOKEN_INDEX] * 576 + list(range(400, 420))
     inputs = {"input_ids": torch.tensor([prompt]), "pixel_values": torch.rand(1, 3, 336, 336)}
     return llava, inputs, torch.bfloat16
 
@@ -178,7 +143,7 @@ def bench_shape(name: str, args, workdir: Path) -> dict:
     if meta != result["footprint_4bit_bytes"]:
         raise RuntimeError(f"meta-device footprint {meta} disagrees with the measured {result['footprint_4bit_bytes']}")
     if name != "tiny":
-        full = llava_7b_config(32)
+        full = llava_1_5_config()
         result["full_depth_footprint_4bit_bytes"] = {
             "plain": meta_4bit_footprint(LlavaForConditionalGeneration, full, dtype),
             "fused": meta_4bit_footprint(

@@ -5,6 +5,8 @@ The parity rule (DESIGN.md): every source tensor is kept bit-identical; `mmfuser
 projector's first linear and the new input columns start at zero; `none` adds nothing.
 """
 
+import re
+
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedConfig, PreTrainedModel
 
@@ -16,6 +18,23 @@ from .modeling_fused_llava import FusedLlavaForConditionalGeneration
 PROJECTOR_INPUT_KEY = "model.multi_modal_projector.linear_1.weight"
 FUSER_PREFIX = "model.fuser."
 INSTRUCTION_ENCODER_PREFIX = "model.instruction_encoder."
+# llava-hf checkpoints store `LlavaForConditionalGeneration` under its pre-v4.52 names (transformers still saves them
+# that way and renames on load; the remote-code fused class gets no such renaming), so they are mapped to the
+# current module layout: (pattern, replacement), first match wins.
+LEGACY_LLAVA_KEY_RENAMES = (
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^language_model\.model\."), "model.language_model."),
+    (re.compile(r"^vision_tower\."), "model.vision_tower."),
+    (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+)
+
+
+def llava_checkpoint_key(name: str) -> str:
+    """The `LlavaForConditionalGeneration` parameter name of a llava-hf checkpoint key, legacy or current."""
+    for pattern, replacement in LEGACY_LLAVA_KEY_RENAMES:
+        if pattern.match(name):
+            return pattern.sub(replacement, name, count=1)
+    return name
 
 
 def fused_config_from_llava(
@@ -66,9 +85,18 @@ def expand_projector_input(weight: torch.Tensor, config: FusedLlavaConfig) -> to
     return widened
 
 
-def new_fuser_tensors(config: FusedLlavaConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Freshly initialised fuser parameters under their checkpoint names (`model.fuser.*`); empty for `none`."""
-    fuser = build_fuser(config)
+def new_fuser_tensors(
+    config: FusedLlavaConfig, dtype: torch.dtype | None = None, seed: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Freshly initialised fuser parameters under their checkpoint names (`model.fuser.*`); empty for `none`.
+
+    With `seed`, the random initialisation is reproducible (the global RNG state is left as it was)."""
+    if seed is None:
+        fuser = build_fuser(config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fuser = build_fuser(config)
     return {
         FUSER_PREFIX + name: (tensor if dtype is None else tensor.to(dtype)).detach().contiguous()
         for name, tensor in fuser.state_dict().items()

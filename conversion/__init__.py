@@ -1,0 +1,5 @@
+"""Command-line converters (thin entry points; the logic lives in the `hf_fusedvlm` package).
+
+Run them from the repository root, e.g. `python -m conversion.convert_llava_to_fused --help`; the installed console
+script `fusedvlm-convert` is the same command.
+"""
