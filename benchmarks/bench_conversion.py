@@ -45,20 +45,6 @@ def checkpoint_config(scale: float, quick: bool):
     return llava_1_5_config(text=dict(LLAMA_7B, num_hidden_layers=max(1, round(32 * scale))), dtype="bfloat16")
 
 
-def legacy_key(name: str) -> str:
-    """llava-hf checkpoints store the pre-v4.52 names (see hf_fusedvlm.converting.LEGACY_LLAVA_KEY_RENAMES)."""
-    renames = (
-        ("lm_head.", "language_model.lm_head."),
-        ("model.language_model.", "language_model.model."),
-        ("model.vision_tower.", "vision_tower."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-    )
-    for current, legacy in renames:
-        if name.startswith(current):
-            return legacy + name[len(current):]
-    return name
-
-
 def generate(folder: Path, scale: float, quick: bool, shard_bytes: int) -> dict:
     """Write the synthetic checkpoint: config, processor and bf16 shards filled from a random pool (views, so the
     generator itself never holds a shard in memory)."""
@@ -71,7 +57,7 @@ def generate(folder: Path, scale: float, quick: bool, shard_bytes: int) -> dict:
     config = checkpoint_config(scale, quick)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
-    shapes = {legacy_key(name): list(tensor.shape) for name, tensor in model.state_dict().items()}
+    shapes = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     pool = (torch.randn(64 * 2**20, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     shards, current, size, start = [], [], 0, 0
     for name, shape in shapes.items():
