@@ -8,6 +8,8 @@ from transformers.configuration_utils import SubConfigSpec
 FUSER_TYPES = ("mmfuser", "igva", "concat", "average", "none")
 # Fusers that need an embedding of the user's instruction.
 INSTRUCTION_FUSERS = ("igva",)
+# How the instruction encoder's token states become one sentence embedding (sentence-transformers' pooling modes).
+INSTRUCTION_POOLINGS = ("mean", "cls", "max")
 
 # Reference layouts for a 24-layer CLIP-L tower (hidden-state indices, 0 = embeddings).
 _REFERENCE_DEPTH = 24
@@ -76,8 +78,13 @@ class FusedLlavaConfig(LlavaConfig):
     instruction_encoder_config (`dict` or `PreTrainedConfig`, *optional*):
         Config of the text encoder that embeds the instruction for `igva` (any `AutoModel` text encoder, e.g. MPNet
         for all-mpnet-base-v2). Required for `igva`, ignored otherwise.
+    instruction_pooling (`str`, defaults to `"mean"`):
+        How the instruction encoder's last hidden state is pooled into the sentence embedding, as sentence-transformers'
+        `Pooling` module does: `"mean"` (mean over the attention mask, all-mpnet-base-v2), `"cls"` (the first token)
+        or `"max"` (channel-wise maximum over the attended tokens).
     instruction_embedding_normalize (`bool`, defaults to `True`):
-        Whether the mean-pooled instruction embedding is L2-normalised (as sentence-transformers' all-mpnet-base-v2).
+        Whether the pooled instruction embedding is L2-normalised (sentence-transformers' `Normalize` module, as in
+        all-mpnet-base-v2).
 
     Example:
 
@@ -106,6 +113,7 @@ class FusedLlavaConfig(LlavaConfig):
     aggregator_num_heads: int = 4
     balance_loss_weight: float | int = 0.02
     instruction_encoder_config: dict | PreTrainedConfig | None = None
+    instruction_pooling: str = "mean"
     instruction_embedding_normalize: bool = True
 
     def __post_init__(self, **kwargs):
@@ -196,6 +204,12 @@ class FusedLlavaConfig(LlavaConfig):
                 )
             if self.aggregator_num_layers < 1:
                 raise ValueError(f"aggregator_num_layers must be at least 1, got {self.aggregator_num_layers}.")
+            if self.instruction_pooling not in INSTRUCTION_POOLINGS:
+                raise ValueError(
+                    f"Unknown instruction_pooling {self.instruction_pooling!r}: choose one of "
+                    f"{', '.join(INSTRUCTION_POOLINGS)} (sentence-transformers' pooling_mode_mean_tokens, "
+                    "pooling_mode_cls_token, pooling_mode_max_tokens)."
+                )
         if self.balance_loss_weight < 0:
             raise ValueError(f"balance_loss_weight must be >= 0, got {self.balance_loss_weight}.")
 

@@ -171,14 +171,15 @@ class _SourceShard:
 
 @dataclass
 class _OutputTensor:
-    """A tensor to write: copied from `source` (bytes or, with `transform`, through torch) or given as `tensor`."""
+    """A tensor to write: copied from `source` (bytes or, with `transform`, through torch) or given as `tensor`
+    (through `transform` too when one is set, so that a lazily loaded tensor is only transformed when written)."""
 
     name: str
     dtype: str
     shape: list[int]
     nbytes: int
     source: _SourceTensor | None = None
-    transform: object = None  # callable(tensor) -> tensor, applied to the source tensor
+    transform: object = None  # callable(tensor) -> tensor, applied to the source tensor or to `tensor`
     tensor: torch.Tensor | None = None
 
 
@@ -251,11 +252,13 @@ def parse_fuser_options(items: list[str] | None) -> dict:
     return options
 
 
-def resolve_checkpoint(path_or_repo_id: str | os.PathLike, what: str = "--input") -> tuple[Path, str | None]:
+def resolve_checkpoint(
+    path_or_repo_id: str | os.PathLike, what: str = "--input", allow_patterns: list[str] | None = None
+) -> tuple[Path, str | None]:
     """A local folder for `path_or_repo_id` and the Hub repo id it came from (None for a local folder).
 
     A local folder is used as is; anything else is taken as a Hub repo id and its weights, configs, tokenizer and
-    processor files are downloaded (to the Hugging Face cache)."""
+    processor files (or the files matching `allow_patterns`) are downloaded (to the Hugging Face cache)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path.resolve(), _repo_id_of_cache_snapshot(path.resolve())
@@ -265,7 +268,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, what: str = "--input"
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", ""):
         raise ConversionError(f"{what} {text} does not exist: give an existing checkpoint folder or a Hub repo id.")
     try:
-        folder = snapshot_download(text, allow_patterns=_HUB_PATTERNS)
+        folder = snapshot_download(text, allow_patterns=allow_patterns or _HUB_PATTERNS)
     except Exception as error:  # huggingface_hub raises many kinds; all mean the same to the user
         raise ConversionError(
             f"{what} {text} is neither a local folder nor a Hub repo that could be downloaded "
@@ -526,15 +529,15 @@ def _write_shard(path: Path, entries: list[_OutputTensor], metadata: dict | None
     buffer = memoryview(bytearray(_COPY_CHUNK))
     source_context = open(source_path, "rb") if source_path else contextlib.nullcontext()
     with open(path, "wb") as out, source_context as source_file:
-        reader = safe_open(source_path, framework="pt") if source_path and any(e.transform for e in entries) else None
+        transformed_sources = any(entry.transform and entry.tensor is None for entry in entries)
+        reader = safe_open(source_path, framework="pt") if source_path and transformed_sources else None
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for entry in entries:
             if entry.tensor is not None or entry.transform is not None:
-                if entry.tensor is not None:
-                    tensor = entry.tensor
-                else:
-                    tensor = entry.transform(reader.get_tensor(entry.source.key))
+                tensor = entry.tensor if entry.tensor is not None else reader.get_tensor(entry.source.key)
+                if entry.transform is not None:
+                    tensor = entry.transform(tensor)
                 data = _tensor_bytes(tensor)
                 if data.nbytes != entry.nbytes:
                     raise ConversionError(
@@ -614,8 +617,12 @@ def render_model_card(
     instruction_encoder: str | None,
     new_parameters: int,
     convert_command: str,
+    training_summary: str | None = None,
+    imported_from: str | None = None,
 ) -> ModelCard:
-    """The model card of a converted checkpoint, from `model_cards/fused_llava.md`."""
+    """The model card of a converted checkpoint, from `model_cards/fused_llava.md`; with `training_summary`
+    (markdown), the card of a fine-tuned one, `convert_command` then being the training command; with `imported_from`
+    (the code it was trained with), the card of a trained checkpoint imported from the original LLaVA format."""
     fuser = config.fuser_type
     title, description, parity = FUSER_DESCRIPTIONS[fuser]
     tags = ["llava", "fused-llava", "multi-layer-visual-fusion", f"fuser-{fuser}", "custom_code"]
@@ -646,6 +653,8 @@ def render_model_card(
         dtype=str(config.dtype).removeprefix("torch.") if config.dtype is not None else "as the base model",
         widened=fuser in ("igva", "concat", "average"),
         convert_command=convert_command,
+        training_summary=training_summary,
+        imported_from=imported_from,
     )
 
 
@@ -978,21 +987,40 @@ def _sigterm_to_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def run_conversion_command(convert) -> int:
+    """Run `convert()` (which returns a `ConversionResult`) as a command: report the result, or print the error and
+    return the exit status (1 verification failed, 2 bad input, 130 interrupted, also by SIGTERM)."""
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:
+        _report(convert())
+        return 0
+    except VerificationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written to --output.", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-    try:
-        if args.demo:
-            run_demo(args)
-            return 0
-        required = (("--input", args.input), ("--output", args.output), ("--fuser", args.fuser))
-        missing = [flag for flag, value in required if value is None]
-        if missing:
-            parser.error(f"{', '.join(missing)} required (or --demo for the built-in example)")
-        if args.private and not args.push_to_hub:
-            parser.error("--private only applies with --push-to-hub")
-        result = convert_llava_checkpoint(
+    if args.demo:
+        run_demo(args)
+        return 0
+    required = (("--input", args.input), ("--output", args.output), ("--fuser", args.fuser))
+    missing = [flag for flag, value in required if value is None]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (or --demo for the built-in example)")
+    if args.private and not args.push_to_hub:
+        parser.error("--private only applies with --push-to-hub")
+    return run_conversion_command(
+        lambda: convert_llava_checkpoint(
             args.input,
             args.output,
             args.fuser,
@@ -1008,19 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
             base_model=args.base_model,
             progress=not args.no_progress,
         )
-        _report(result)
-        return 0
-    except VerificationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written to --output.", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    )
 
 
 def _report(result: ConversionResult) -> None:

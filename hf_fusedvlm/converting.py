@@ -20,10 +20,12 @@ FUSER_PREFIX = "model.fuser."
 INSTRUCTION_ENCODER_PREFIX = "model.instruction_encoder."
 # llava-hf checkpoints store `LlavaForConditionalGeneration` under its pre-v4.52 names (transformers still saves them
 # that way and renames on load; the remote-code fused class gets no such renaming), so they are mapped to the
-# current module layout: (pattern, replacement), first match wins.
+# current module layout: (pattern, replacement), first match wins. Published checkpoints also keep the CLIP/SigLIP
+# tower's `vision_model.` level, which transformers 5 drops from `CLIPVisionModel` / `SiglipVisionModel`.
 LEGACY_LLAVA_KEY_RENAMES = (
     (re.compile(r"^language_model\.lm_head\."), "lm_head."),
     (re.compile(r"^language_model\.model\."), "model.language_model."),
+    (re.compile(r"^(model\.)?vision_tower\.vision_model\."), "model.vision_tower."),
     (re.compile(r"^vision_tower\."), "model.vision_tower."),
     (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
 )

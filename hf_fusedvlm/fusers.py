@@ -160,38 +160,48 @@ def reference_points(height: int, width: int, device=None) -> torch.Tensor:
     return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], -1)
 
 
-def _grid_sample(images: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
-    return F.grid_sample(images, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
+def _axis_taps(coordinate: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear interpolation along one axis as `grid_sample` does it (`align_corners=False`: pixel centres at
+    `(i + 0.5) / size`; zeros padding). coordinate `(..., num_levels, num_points)` in [0, 1]; size the levels' common
+    size (an int) or their sizes `(num_levels, 1)`. Returns the lower neighbour's pixel index (float, no gradient) and
+    the weights of the lower and the upper neighbour, each 0 where that neighbour falls outside its level."""
+    pixel = coordinate * size - 0.5
+    lower = pixel.detach().floor()
+    upper_weight = pixel - lower
+    lower_weight = (1 - upper_weight) * ((lower >= 0) & (lower <= size - 1))
+    upper_weight = upper_weight * ((lower >= -1) & (lower <= size - 2))
+    return lower, lower_weight, upper_weight
 
 
-def sample_levels_separately(
-    value: torch.Tensor, spatial_shapes: list[tuple[int, int]], grids: torch.Tensor
-) -> torch.Tensor:
-    """One `grid_sample` call per level (levels of any shapes). value `(batch, sum_l H_l * W_l, heads, head_dim)`,
-    grids `(batch, heads, levels, queries, points, 2)` in [-1, 1] -> `(batch * heads, levels, head_dim, queries,
-    points)`."""
-    batch, _, num_heads, head_dim = value.shape
-    num_queries, num_points = grids.shape[3:5]
-    per_level = []
-    for level, level_value in enumerate(value.split([h * w for h, w in spatial_shapes], dim=1)):
-        height, width = spatial_shapes[level]
-        level_value = level_value.permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, height, width)
-        level_grids = grids[:, :, level].reshape(batch * num_heads, num_queries, num_points, 2)
-        per_level.append(_grid_sample(level_value, level_grids))
-    return torch.stack(per_level, dim=1)
+def bilinear_taps(
+    locations: torch.Tensor, spatial_shapes: list[tuple[int, int]], index_dtype: torch.dtype = torch.int64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four neighbours of every sampling point and their bilinear weights, as `grid_sample` reads them.
 
+    Args:
+        locations: `(..., num_levels, num_points, 2)`, (x, y) in [0, 1] of each level.
+        spatial_shapes: `(H_l, W_l)` of each level; the levels are concatenated row-major in this order.
+        index_dtype: integer dtype of the returned index.
 
-def sample_levels_together(value: torch.Tensor, grid_shape: tuple[int, int], grids: torch.Tensor) -> torch.Tensor:
-    """`sample_levels_separately` for levels that share one grid (ViT layers): a single batched `grid_sample` over
-    (batch, head, level)."""
-    batch, _, num_heads, head_dim = value.shape
-    num_levels, num_queries, num_points = grids.shape[2:5]
-    height, width = grid_shape
-    levels = value.view(batch, num_levels, height, width, num_heads, head_dim).permute(0, 4, 1, 5, 2, 3)
-    sampled = _grid_sample(
-        levels.reshape(-1, head_dim, height, width), grids.reshape(-1, num_queries, num_points, 2)
-    )
-    return sampled.view(batch * num_heads, num_levels, head_dim, num_queries, num_points)
+    Returns:
+        index `(..., num_levels, num_points, 4)`: rows of the concatenated levels, in the order top-left, top-right,
+        bottom-left, bottom-right (clamped into range: a neighbour outside its level has weight 0), and the weights,
+        of the same shape.
+    """
+    if len(set(spatial_shapes)) == 1:  # ViT layers share one grid: plain numbers broadcast fastest
+        height, width = spatial_shapes[0]
+        starts = torch.arange(len(spatial_shapes), device=locations.device).view(-1, 1) * (height * width)
+    else:
+        shapes = torch.tensor(spatial_shapes, device=locations.device, dtype=index_dtype).unsqueeze(1)  # (levels, 1, 2)
+        height, width = shapes[..., 0], shapes[..., 1]
+        starts = (height * width).cumsum(0) - height * width
+    x_lower, left, right = _axis_taps(locations[..., 0], width)
+    y_lower, top, bottom = _axis_taps(locations[..., 1], height)
+    weights = torch.stack([top * left, top * right, bottom * left, bottom * right], -1)
+    # Integer arithmetic in index_dtype: int32 halves the memory traffic where the rows fit.
+    top_left = (y_lower * width + x_lower).to(index_dtype) + starts.to(index_dtype)
+    index = torch.stack([top_left, top_left + 1, top_left + width, top_left + width + 1], -1)
+    return index.clamp_(0, sum(h * w for h, w in spatial_shapes) - 1), weights
 
 
 def multi_scale_deformable_sampling(
@@ -202,6 +212,10 @@ def multi_scale_deformable_sampling(
 ) -> torch.Tensor:
     """Deformable-DETR's sampling core (bilinear, zero padding, `align_corners=False`).
 
+    Every output row is a weighted sum of `4 * num_levels * num_points` value rows (the bilinear neighbours of each
+    sampling point, weighted by attention x bilinear weight), which is exactly one `embedding_bag` call over the value
+    rows: no sampled intermediate is materialised, and autograd reaches value, locations and weights.
+
     Args:
         value: `(batch, sum_l H_l * W_l, num_heads, head_dim)`, the levels concatenated in order.
         spatial_shapes: `(H_l, W_l)` of each level.
@@ -211,17 +225,23 @@ def multi_scale_deformable_sampling(
     Returns:
         `(batch, num_queries, num_heads * head_dim)`.
     """
-    batch, _, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    # grid_sample wants (x, y) in [-1, 1] and one image per (batch, head[, level]).
-    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 1, 4, 5)  # (B, heads, L, Q, P, 2)
-    if len(set(spatial_shapes)) == 1:
-        sampled = sample_levels_together(value, spatial_shapes[0], grids)
-    else:
-        sampled = sample_levels_separately(value, spatial_shapes, grids)
-    weights = attention_weights.permute(0, 2, 3, 1, 4).reshape(batch * num_heads, num_levels, 1, num_queries, num_points)
-    output = (sampled * weights).sum(dim=(1, 4))  # (B * heads, head_dim, Q)
-    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
+    batch, num_values, num_heads, head_dim = value.shape
+    num_queries = sampling_locations.shape[1]
+    index_dtype = torch.int32 if value.numel() // head_dim < 2**31 else torch.int64
+    index, tap_weights = bilinear_taps(sampling_locations, spatial_shapes, index_dtype)
+    # One embedding row per (image, value position, head): value's own memory layout, so no copy.
+    image = torch.arange(batch, device=value.device, dtype=index_dtype).view(batch, 1, 1, 1, 1, 1) * num_values
+    head = torch.arange(num_heads, device=value.device, dtype=index_dtype).view(1, 1, num_heads, 1, 1, 1)
+    rows = (index + image) * num_heads + head
+    weights = tap_weights * attention_weights.unsqueeze(-1)
+    num_bags = batch * num_queries * num_heads
+    output = F.embedding_bag(
+        rows.view(num_bags, -1),
+        value.reshape(-1, head_dim),
+        per_sample_weights=weights.reshape(num_bags, -1).to(value.dtype),
+        mode="sum",
+    )
+    return output.view(batch, num_queries, num_heads * head_dim)
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -237,6 +257,31 @@ class MultiScaleDeformableAttention(nn.Module):
         self.value_proj = nn.Linear(hidden_size, hidden_size)
         self.output_proj = nn.Linear(hidden_size, hidden_size)
 
+    def sampling(
+        self, query: torch.Tensor, reference: torch.Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each query samples and how much each sample counts, in float32.
+
+        Args:
+            query: `(batch, num_queries, hidden)`.
+            reference: `(num_queries, 2)`, each query's (x, y) in [0, 1].
+            spatial_shapes: `(H_l, W_l)` of each level.
+
+        Returns:
+            locations `(batch, num_queries, num_heads, num_levels, num_points, 2)`, (x, y) in [0, 1] of each level,
+            and attention weights `(batch, num_queries, num_heads, num_levels, num_points)`, a softmax over levels and
+            points per head.
+        """
+        batch, num_queries, _ = query.shape
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2).float()
+        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points).float()
+        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        # Offsets are in pixels of each level: divide by (W, H).
+        normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=query.device)
+        locations = reference[None, :, None, None, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        return locations, weights
+
     def forward(
         self,
         query: torch.Tensor,
@@ -248,15 +293,9 @@ class MultiScaleDeformableAttention(nn.Module):
         query `(batch, num_queries, hidden)`; reference `(num_queries, 2)` (x, y) in [0, 1];
         value_input `(batch, sum_l H_l * W_l, hidden)` -> `(batch, num_queries, hidden)`.
         """
-        batch, num_queries, hidden_size = query.shape
-        heads, levels, points = self.num_heads, self.num_levels, self.num_points
-        value = self.value_proj(value_input).view(batch, -1, heads, hidden_size // heads)
-        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2).float()
-        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points).float()
-        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
-        # Offsets are in pixels of each level: divide by (W, H).
-        normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=query.device)
-        locations = reference[None, :, None, None, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        batch, _, hidden_size = value_input.shape
+        locations, weights = self.sampling(query, reference, spatial_shapes)
+        value = self.value_proj(value_input).view(batch, -1, self.num_heads, hidden_size // self.num_heads)
         output = multi_scale_deformable_sampling(value.float(), spatial_shapes, locations, weights)
         return self.output_proj(output.to(self.output_proj.weight.dtype))
 

@@ -150,15 +150,24 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
     def embed_instructions(
         self, instruction_input_ids: torch.LongTensor, instruction_attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Sentence embeddings of the instructions: masked mean of the frozen encoder's last hidden state,
-        L2-normalised if `config.instruction_embedding_normalize`. Returns `(num_instructions, encoder_hidden)`."""
+        """Sentence embeddings of the instructions, pooled from the frozen encoder's last hidden state as
+        sentence-transformers does (`config.instruction_pooling`: masked mean, first token or masked channel-wise
+        max), then L2-normalised if `config.instruction_embedding_normalize`. Returns
+        `(num_instructions, encoder_hidden)`."""
         if instruction_attention_mask is None:
             instruction_attention_mask = torch.ones_like(instruction_input_ids)
         hidden = self.instruction_encoder(
             input_ids=instruction_input_ids, attention_mask=instruction_attention_mask
         ).last_hidden_state
         mask = instruction_attention_mask.unsqueeze(-1).to(hidden.dtype)
-        embeds = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        pooling = self.config.instruction_pooling
+        if pooling == "cls":
+            embeds = hidden[:, 0]
+        elif pooling == "max":
+            # Padding must never win the maximum; sentence-transformers fills it with -1e9 the same way.
+            embeds = hidden.masked_fill(mask == 0, -1e9).max(1).values
+        else:
+            embeds = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         if self.config.instruction_embedding_normalize:
             embeds = F.normalize(embeds, p=2, dim=-1)
         return embeds
@@ -336,18 +345,25 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
         image_sample_index: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         mm_encoder_outputs: dict | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> FusedLlavaCausalLMOutputWithPast:
         r"""
         [`LlavaForConditionalGeneration.forward`] with fused image features. With `labels`, IGVA's balance loss
         (`config.balance_loss_weight` times the negative mean entropy of the group weights) is added to the LM loss.
-        The extra inputs are those of [`FusedLlavaModel.get_image_features`].
+        The extra inputs are those of [`FusedLlavaModel.get_image_features`]; `logits_to_keep` is named so that
+        `generate()` passes it and prefill computes the logits of the last position only.
         """
         mm_encoder_outputs = self.model.encode_images_once(
             pixel_values, instruction_input_ids, instruction_attention_mask, image_sample_index, mm_encoder_outputs
         )
         outputs = super().forward(
-            input_ids=input_ids, labels=labels, mm_encoder_outputs=mm_encoder_outputs, return_dict=True, **kwargs
+            input_ids=input_ids,
+            labels=labels,
+            mm_encoder_outputs=mm_encoder_outputs,
+            logits_to_keep=logits_to_keep,
+            return_dict=True,
+            **kwargs,
         )
         image_outputs = mm_encoder_outputs.get("image")
         balance_loss = getattr(image_outputs, "balance_loss", None)

@@ -94,3 +94,46 @@ def igva_reference(fuser, hidden_states, instruction_embed, groups, base_layer, 
     start = 1 if has_cls else 0
     fused = sum(w * g[start:] for w, g in zip(weights, group_means))
     return weights, torch.cat([hidden_states[base_layer].double()[start:], fused], -1)
+
+
+def gelu(x):
+    """Exact (erf) GELU, `nn.GELU()`'s default, as LLaVA's mlp2x_gelu projector uses it."""
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def mlp_projector_reference(features, first, second):
+    """LLaVA's mlp2x_gelu projector: `second(gelu(first(features)))` in float64."""
+    return linear(gelu(linear(features.double(), first)), second)
+
+
+class StateView:
+    """The tensors under `prefix` of a state dict, addressed like the module that saved them (`view.ffn[0].weight`,
+    `view.cross_attn.value_proj.bias`, `for block in view.transformers`), with fixed `attributes` (`num_heads`,
+    `eps`, ...) that every sub-view inherits. It lets the references above read a checkpoint by its own key names."""
+
+    def __init__(self, state_dict: dict, prefix: str = "", **attributes):
+        self._state, self._prefix, self._attributes = state_dict, prefix, attributes
+
+    def _child(self, name: str):
+        key = self._prefix + name
+        if key in self._state:
+            return self._state[key]
+        if any(other.startswith(key + ".") for other in self._state):
+            return StateView(self._state, key + ".", **self._attributes)
+        raise AttributeError(f"the state dict has no {key!r}")
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._attributes:
+            return self._attributes[name]
+        return self._child(name)
+
+    def __getitem__(self, index: int):
+        return self._child(str(index))
+
+    def __iter__(self):
+        index = 0
+        while any(key.startswith(f"{self._prefix}{index}.") for key in self._state):
+            yield self[index]
+            index += 1

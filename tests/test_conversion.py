@@ -80,6 +80,23 @@ def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def add_vision_model_level(folder: Path) -> None:
+    """Rename `vision_tower.X` to `vision_tower.vision_model.X` in every shard and the index, as in the checkpoints
+    published on the Hub (saved before transformers 5 dropped that level)."""
+    def rename(key: str) -> str:
+        return "vision_tower.vision_model." + key.removeprefix("vision_tower.") if key.startswith("vision_tower.") else key
+
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as handle:
+            tensors = {rename(key): handle.get_tensor(key) for key in handle.keys()}
+            metadata = handle.metadata()
+        save_file(tensors, shard, metadata=metadata)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {rename(key): shard for key, shard in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index, indent=2))
+
+
 # ------------------------------------------------------------------------------------------------------ fixtures
 
 
@@ -90,11 +107,12 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def source(workdir, tiny_llava) -> Path:
-    """The tiny LLaVA saved as a llava-hf checkpoint (legacy key names, as transformers saves them) in >= 3 shards,
-    with a card carrying a license."""
+    """The tiny LLaVA saved as a published llava-hf checkpoint is laid out (legacy names, the vision tower under
+    `vision_tower.vision_model.`) in >= 3 shards, with a card carrying a license."""
     llava, processor = tiny_llava
     folder = workdir / "tiny-llava"
     llava.save_pretrained(folder, max_shard_size="500KB")
+    add_vision_model_level(folder)
     processor.save_pretrained(folder)
     (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny llava\n", encoding="utf-8")
     assert len(list(folder.glob("*.safetensors"))) >= 3

@@ -70,6 +70,16 @@ def test_vision_tower_and_instruction_encoder_run_once_per_generate(num_beams, t
     assert (len(tower_calls), len(encoder_calls)) == (1, 1)
 
 
+def test_prefill_computes_the_logits_of_the_last_position_only(fused_models, inputs):
+    """generate() passes `logits_to_keep` only to a forward that names it; without it prefill projects every
+    position through the LM head."""
+    model = copy.deepcopy(fused_models["mmfuser"])
+    head_positions = []
+    model.lm_head.register_forward_hook(lambda module, args, output: head_positions.append(args[0].shape[1]))
+    model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert head_positions == [1, 1, 1]
+
+
 def test_vision_tower_records_only_the_fuser_layers(fused_models, inputs):
     model = fused_models["concat"]
     with torch.no_grad():
