@@ -286,18 +286,21 @@ def _repo_id_of_cache_snapshot(path: Path) -> str | None:
     return None
 
 
-def read_llava_config(folder: Path) -> LlavaConfig:
-    """The source's `LlavaConfig`, or a `ConversionError` saying why it is not a llava-hf checkpoint."""
+def read_config_json(folder: Path, expected: str) -> dict:
+    """The raw config.json of a source checkpoint; `expected` (e.g. "a llava-hf checkpoint folder (or Hub repo) such
+    as llava-hf/llava-1.5-7b-hf") completes the error message when there is none."""
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ConversionError(
-            f"{folder} has no config.json: --input must be a llava-hf checkpoint folder (or Hub repo) such as "
-            "llava-hf/llava-1.5-7b-hf."
-        )
+        raise ConversionError(f"{folder} has no config.json: --input must be {expected}.")
     try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        return json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ConversionError(f"{config_file} is not valid JSON ({error}).") from error
+
+
+def read_llava_config(folder: Path) -> LlavaConfig:
+    """The source's `LlavaConfig`, or a `ConversionError` saying why it is not a llava-hf checkpoint."""
+    raw = read_config_json(folder, "a llava-hf checkpoint folder (or Hub repo) such as llava-hf/llava-1.5-7b-hf")
     model_type = raw.get("model_type")
     if model_type == FusedLlavaConfig.model_type:
         raise ConversionError(f"{folder} is already a fused LLaVA checkpoint (model_type 'fused_llava').")

@@ -88,6 +88,7 @@ from .convert_llava import (
     parse_fuser_options,
     parse_groups,
     parse_layers,
+    read_config_json,
     read_source_shards,
     render_model_card,
     resolve_checkpoint,
@@ -256,16 +257,9 @@ def resolve_original(path_or_repo_id: str | os.PathLike, what: str) -> tuple[Pat
 
 def read_original_config(folder: Path) -> dict:
     """The raw config.json of an original-format checkpoint, or a `ConversionError` saying what it is instead."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ConversionError(
-            f"{folder} has no config.json: --input must be an original-format LLaVA checkpoint folder (or Hub repo) "
-            "such as liuhaotian/llava-v1.5-7b."
-        )
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{config_file} is not valid JSON ({error}).") from error
+    raw = read_config_json(
+        folder, "an original-format LLaVA checkpoint folder (or Hub repo) such as liuhaotian/llava-v1.5-7b"
+    )
     model_type = raw.get("model_type")
     if model_type in ("llava", FusedLlavaConfig.model_type):
         raise ConversionError(
