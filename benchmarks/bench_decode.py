@@ -225,7 +225,7 @@ def main():
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated, of 4bit and fp32")
     parser.add_argument("--fuser", default="mmfuser", choices=["mmfuser", "igva", "concat", "average", "none"])
     parser.add_argument("--llm-layers", type=int, default=2, help="decoder layers of the measured 7B-shaped model")
-    parser.add_argument("--repeats", type=int, default=None, help="timed generate() calls per model (default 5)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed generate() calls per model (default 4)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 keeps medians steady on a shared machine)"
     )
@@ -236,7 +236,7 @@ def main():
     args.precisions = [precision.strip() for precision in args.precisions.split(",") if precision.strip()]
     if not args.precisions or set(args.precisions) - set(PRECISIONS):
         parser.error(f"--precisions takes a comma-separated list of {', '.join(PRECISIONS)}, got {args.precisions}")
-    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.repeats = args.repeats or (3 if args.quick else 4)
     args.new_tokens = {"tiny": 16 if args.quick else 64, "llava-7b": 24}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
