@@ -184,6 +184,15 @@ class _OutputTensor:
 
 
 @dataclass
+class PlannedShard:
+    """One output shard: its entries and the safetensors file (and metadata) their unchanged bytes come from, if any."""
+
+    entries: list[_OutputTensor]
+    source_path: Path | None = None
+    metadata: dict | None = None
+
+
+@dataclass
 class ConversionResult:
     """What `convert_llava_checkpoint` did."""
 
@@ -478,21 +487,33 @@ def _plan_source_tensor(source: _SourceTensor, config: FusedLlavaConfig, dtype: 
     return _OutputTensor(source.name, target, shape, nbytes, source=source, transform=transform)
 
 
-def _check_against_model(config: FusedLlavaConfig, shards: list[list[_OutputTensor]]) -> None:
-    """Refuse a plan whose tensors are not exactly the fused model's (names and shapes; a tied parameter may be
-    stored under one of its names only), before anything is written."""
+def plan_mismatches(
+    config: FusedLlavaConfig, planned: list[PlannedShard]
+) -> tuple[list[str], list[str], list[tuple[str, list[int], list[int]]]]:
+    """How a plan differs from the fused model's tensors: (unexpected names, missing names, (name, planned shape,
+    expected shape) of wrong shapes). A tied parameter may be stored under one of its names only."""
     with torch.device("meta"):
         model = FusedLlavaForConditionalGeneration(config)
     state = model.state_dict(keep_vars=True)
     aliases = {}
     for name, tensor in state.items():
         aliases.setdefault(id(tensor), []).append(name)
-    planned = {entry.name: entry.shape for shard in shards for entry in shard}
-    unexpected = sorted(set(planned) - set(state))
+    shapes = {entry.name: entry.shape for shard in planned for entry in shard.entries}
+    unexpected = sorted(set(shapes) - set(state))
     missing = [
-        name for name in sorted(set(state) - set(planned)) if not any(a in planned for a in aliases[id(state[name])])
+        name for name in sorted(set(state) - set(shapes)) if not any(a in shapes for a in aliases[id(state[name])])
     ]
-    wrong = sorted(name for name in set(planned) & set(state) if planned[name] != list(state[name].shape))
+    wrong = [
+        (name, shapes[name], list(state[name].shape))
+        for name in sorted(set(shapes) & set(state))
+        if shapes[name] != list(state[name].shape)
+    ]
+    return unexpected, missing, wrong
+
+
+def _check_against_model(config: FusedLlavaConfig, planned: list[PlannedShard]) -> None:
+    """Refuse a plan whose tensors are not exactly the fused model's (names and shapes), before anything is written."""
+    unexpected, missing, wrong = plan_mismatches(config, planned)
     if unexpected or missing or wrong:
         details = []
         if unexpected:
@@ -500,10 +521,9 @@ def _check_against_model(config: FusedLlavaConfig, shards: list[list[_OutputTens
         if missing:
             details.append(f"{len(missing)} parameters the checkpoint lacks (e.g. {missing[0]})")
         if wrong:
-            name = wrong[0]
+            name, planned_shape, expected_shape = wrong[0]
             details.append(
-                f"{len(wrong)} tensors of the wrong shape (e.g. {name}: {planned[name]}, expected "
-                f"{list(state[name].shape)})"
+                f"{len(wrong)} tensors of the wrong shape (e.g. {name}: {planned_shape}, expected {expected_shape})"
             )
         raise ConversionError(
             "The source checkpoint does not match its config.json: " + "; ".join(details) + ". Convert an unmodified "
@@ -564,6 +584,39 @@ def _write_shard(path: Path, entries: list[_OutputTensor], metadata: dict | None
 
 def _shard_name(index: int, total: int) -> str:
     return f"model-{index:05d}-of-{total:05d}.safetensors"
+
+
+def write_shards(folder: Path, planned: list[PlannedShard], progress: bool) -> int:
+    """Write the shards and their index into `folder`; returns the bytes written."""
+    total_bytes = sum(entry.nbytes for shard in planned for entry in shard.entries)
+    weight_map = {}
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+              desc="Converting") as bar:
+        for index, shard in enumerate(planned):
+            name = _shard_name(index + 1, len(planned))
+            bar.set_description(f"Shard {index + 1}/{len(planned)}")
+            _write_shard(folder / name, shard.entries, shard.metadata, shard.source_path, bar)
+            weight_map.update({entry.name: name for entry in shard.entries})
+    index_data = {
+        "metadata": {
+            "total_size": total_bytes,
+            "total_parameters": sum(math.prod(entry.shape) for shard in planned for entry in shard.entries),
+        },
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
+    return total_bytes
+
+
+def staging_folder(output: Path) -> Path:
+    """A new hidden folder beside `output` (same file system, so the final move is a rename), with the mode a plain
+    mkdir would give."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output's mode
+    return staging
 
 
 def _write_remote_code(config: FusedLlavaConfig, folder: Path) -> None:
@@ -830,7 +883,11 @@ def convert_llava_checkpoint(
 
     source_shards = read_source_shards(source)
     try:
-        planned = [[_plan_source_tensor(tensor, config, dtype) for tensor in shard.tensors] for shard in source_shards]
+        planned = [
+            PlannedShard([_plan_source_tensor(tensor, config, dtype) for tensor in shard.tensors], shard.path,
+                         shard.metadata)
+            for shard in source_shards
+        ]
     except ValueError as error:
         raise ConversionError(f"Cannot widen the projector for --fuser {fuser_type}: {error}") from error
     new_tensors = [_output_tensor(name, tensor) for name, tensor in new_fuser_tensors(config, seed=0).items()]
@@ -840,37 +897,12 @@ def convert_llava_checkpoint(
             _output_tensor(INSTRUCTION_ENCODER_PREFIX + name, tensor) for name, tensor in encoder.state_dict().items()
         ]
     if new_tensors:
-        planned.append(new_tensors)
+        planned.append(PlannedShard(new_tensors))
     _check_against_model(config, planned)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
+    staging = staging_folder(output)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output's mode
-        total_bytes = sum(entry.nbytes for shard in planned for entry in shard)
-        weight_map = {}
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-                  desc="Converting") as bar:
-            for index, entries in enumerate(planned):
-                name = _shard_name(index + 1, len(planned))
-                bar.set_description(f"Shard {index + 1}/{len(planned)}")
-                source_shard = source_shards[index] if index < len(source_shards) else None
-                _write_shard(
-                    staging / name,
-                    entries,
-                    source_shard.metadata if source_shard else None,
-                    source_shard.path if source_shard else None,
-                    bar,
-                )
-                weight_map.update({entry.name: name for entry in entries})
-        index_data = {
-            "metadata": {"total_size": total_bytes,
-                         "total_parameters": sum(math.prod(e.shape) for shard in planned for e in shard)},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (staging / SAFETENSORS_INDEX).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
+        total_bytes = write_shards(staging, planned, progress)
         _write_remote_code(config, staging)
         if (source / "generation_config.json").is_file():
             generation_config = GenerationConfig.from_pretrained(source)

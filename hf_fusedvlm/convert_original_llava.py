@@ -40,14 +40,12 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi
 from tokenizers import AddedToken
-from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -79,20 +77,22 @@ from .convert_llava import (
     _check_output,
     _move_into_place,
     _OutputTensor,
-    _shard_name,
+    PlannedShard,
     _source_license,
     _SourceTensor,
     _write_remote_code,
-    _write_shard,
     build_prompt,
     parse_fuser_options,
     parse_groups,
     parse_layers,
+    plan_mismatches,
     read_config_json,
     read_source_shards,
     render_model_card,
     resolve_checkpoint,
     run_conversion_command,
+    staging_folder,
+    write_shards,
     verification_image,
 )
 from .converting import (
@@ -103,7 +103,6 @@ from .converting import (
     fused_config_from_llava,
     new_fuser_tensors,
 )
-from .modeling_fused_llava import FusedLlavaForConditionalGeneration
 from .processing_fused_llava import FusedLlavaProcessor
 
 VARIANTS = ("llava", "mmfuser", "igva", "igva-average")
@@ -210,15 +209,6 @@ class OriginalShard:
     @property
     def is_safetensors(self) -> bool:
         return self.path.suffix == ".safetensors"
-
-
-@dataclass
-class PlannedShard:
-    """One output shard: its entries and the safetensors file their unchanged bytes are copied from (if any)."""
-
-    entries: list[_OutputTensor]
-    source_path: Path | None = None
-    metadata: dict | None = None
 
 
 @dataclass
@@ -718,24 +708,10 @@ def plan_new_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
 def check_keys(config: FusedLlavaConfig, planned: list[PlannedShard], variant: str, folder: Path) -> None:
     """Refuse, before anything is written, a plan that is not exactly the fused model's tensors: the error lists the
     unexpected and the missing keys under their original names, and the tensors of the wrong shape."""
-    with torch.device("meta"):
-        model = FusedLlavaForConditionalGeneration(config)
-    state = model.state_dict(keep_vars=True)
-    aliases = {}
-    for name, tensor in state.items():
-        aliases.setdefault(id(tensor), []).append(name)
-    shapes = {entry.name: entry.shape for shard in planned for entry in shard.entries}
-    unexpected = [original_key(name, variant) for name in shapes if name not in state]
-    missing = [
-        original_key(name, variant)
-        for name in state
-        if name not in shapes and not any(alias in shapes for alias in aliases[id(state[name])])
-    ]
-    wrong = [
-        f"{original_key(name, variant)} {shapes[name]} (expected {list(state[name].shape)})"
-        for name in shapes
-        if name in state and shapes[name] != list(state[name].shape)
-    ]
+    unexpected, missing, wrong = plan_mismatches(config, planned)
+    unexpected = [original_key(name, variant) for name in unexpected]
+    missing = [original_key(name, variant) for name in missing]
+    wrong = [f"{original_key(name, variant)} {shape} (expected {expected})" for name, shape, expected in wrong]
     if unexpected or missing or wrong:
         details = []
         if unexpected:
@@ -912,13 +888,9 @@ def convert_original_checkpoint(
         planned.append(PlannedShard(new_tensors))
     check_keys(config, planned, variant, source)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
+    staging = staging_folder(output)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output's mode
-        total_bytes = _write_shards(staging, planned, progress)
+        total_bytes = write_shards(staging, planned, progress)
         _write_remote_code(config, staging)
         generation_config = (
             GenerationConfig.from_pretrained(source)
@@ -1018,28 +990,6 @@ def _load_tokenizer(source: Path):
             "checkpoints ship tokenizer.model or tokenizer.json with tokenizer_config.json; download them with the "
             "weights."
         ) from error
-
-
-def _write_shards(folder: Path, planned: list[PlannedShard], progress: bool) -> int:
-    """Write the shards and their index; returns the bytes written."""
-    total_bytes = sum(entry.nbytes for shard in planned for entry in shard.entries)
-    weight_map = {}
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-              desc="Converting") as bar:
-        for index, shard in enumerate(planned):
-            name = _shard_name(index + 1, len(planned))
-            bar.set_description(f"Shard {index + 1}/{len(planned)}")
-            _write_shard(folder / name, shard.entries, shard.metadata, shard.source_path, bar)
-            weight_map.update({entry.name: name for entry in shard.entries})
-    index_data = {
-        "metadata": {
-            "total_size": total_bytes,
-            "total_parameters": sum(math.prod(entry.shape) for shard in planned for entry in shard.entries),
-        },
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
-    return total_bytes
 
 
 def _card_command(input, vision_tower, instruction_encoder, fuser_type, variant) -> str:
