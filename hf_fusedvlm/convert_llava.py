@@ -941,15 +941,19 @@ def convert_llava_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    origin = base_model or repo_id or source.name
+    return publish_result(result, push_to_hub, private, f"Add {fuser_type} fused LLaVA from {origin}")
+
+
+def publish_result(result: ConversionResult, push_to_hub: str | None, private: bool, commit_message: str):
+    """List the files of a finished conversion and, with `push_to_hub`, upload its folder in one commit."""
+    output = result.output
     result.files = sorted(path.relative_to(output).as_posix() for path in output.rglob("*") if path.is_file())
     if push_to_hub:
         from .hub import push_folder_to_hub
 
         try:
-            origin = base_model or repo_id or source.name
-            commit = push_folder_to_hub(
-                output, push_to_hub, private=private, commit_message=f"Add {fuser_type} fused LLaVA from {origin}"
-            )
+            commit = push_folder_to_hub(output, push_to_hub, private=private, commit_message=commit_message)
         except Exception as error:
             raise ConversionError(
                 f"The conversion succeeded ({output}) but pushing to {push_to_hub} failed "

@@ -86,6 +86,7 @@ from .convert_llava import (
     parse_groups,
     parse_layers,
     plan_mismatches,
+    publish_result,
     read_config_json,
     read_source_shards,
     render_model_card,
@@ -950,22 +951,7 @@ def convert_original_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    result.files = sorted(path.relative_to(output).as_posix() for path in output.rglob("*") if path.is_file())
-    if push_to_hub:
-        from .hub import push_folder_to_hub
-
-        try:
-            commit = push_folder_to_hub(
-                output, push_to_hub, private=private, commit_message=f"Import {variant} LLaVA from {origin}"
-            )
-        except Exception as error:
-            raise ConversionError(
-                f"The conversion succeeded ({output}) but pushing to {push_to_hub} failed "
-                f"({type(error).__name__}: {error}). Log in with `hf auth login` (or set HF_TOKEN) and upload it with "
-                f"`hf upload {push_to_hub} {output} .`."
-            ) from error
-        result.commit_url = commit.commit_url
-    return result
+    return publish_result(result, push_to_hub, private, f"Import {variant} LLaVA from {origin}")
 
 
 def _fuser_for_variant(variant: str, fuser_type: str | None) -> str:

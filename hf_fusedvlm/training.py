@@ -381,11 +381,11 @@ def _is_4bit(weight) -> bool:
 
 
 def _dense_weight(linear: torch.nn.Module) -> torch.Tensor:
-    """A linear layer's weight in full precision (bitsandbytes 4-bit weights dequantised)."""
+    """A linear layer's weight in full precision (bitsandbytes 4-bit weights dequantised by transformers' helper)."""
     if _is_4bit(linear.weight):
-        from bitsandbytes.functional import dequantize_4bit
+        from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
-        return dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+        return dequantize_bnb_weight(linear.weight)
     return linear.weight.detach()
 
 

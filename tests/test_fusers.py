@@ -56,7 +56,7 @@ def test_mmfuser_matches_float64_reference_with_nonzero_gammas():
 
 
 @pytest.mark.parametrize("shapes", [[(4, 4)] * 3, [(4, 4), (2, 3), (5, 2)]])
-def test_deformable_sampling_batched_and_per_level_paths_match_reference(shapes):
+def test_deformable_sampling_matches_float64_bilinear_reference(shapes):
     generator = torch.Generator().manual_seed(3)
     batch, heads, head_dim, queries, points = 2, 2, 3, 5, 2
     value = torch.randn(batch, sum(h * w for h, w in shapes), heads, head_dim, generator=generator)
