@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
 
-from hf_fusedvlm import FusedLlavaConfig, build_fuser
-from hf_fusedvlm.fusers import multi_scale_deformable_sampling
+from hf_fusedvlm import FUSERS, FusedLlavaConfig, build_fuser
+from hf_fusedvlm.deformable_attention import multi_scale_deformable_sampling
 from hf_fusedvlm.modeling_fused_llava import FusedLlavaMultiModalProjector
 from llava_shapes import CLIP_L_336, LLAMA_7B
 
 
-FUSER_TYPES = ("mmfuser", "igva", "concat", "average")
+FUSER_TYPES = tuple(name for name in FUSERS if name != "none")
 TEXT_TOKENS = 40  # a short LLaVA-1.5 prompt around the image
 
 

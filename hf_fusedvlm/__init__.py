@@ -9,7 +9,7 @@ Importing the package registers `fused_llava` with `AutoConfig`, `AutoModel` and
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_fused_llava import FUSER_TYPES, FusedLlavaConfig
-from .fusers import FuserOutput, build_fuser
+from .fusers import FUSERS, Fuser, FuserOutput, build_fuser, fuser_class, register_fuser
 from .modeling_fused_llava import FusedLlavaForConditionalGeneration, FusedLlavaModel, FusedLlavaPreTrainedModel
 from .processing_fused_llava import FusedLlavaProcessor, instruction_from_conversation, instruction_from_prompt
 
@@ -25,7 +25,9 @@ AutoProcessor.register(FusedLlavaConfig, FusedLlavaProcessor, exist_ok=True)
 FusedLlavaProcessor.register_for_auto_class()
 
 __all__ = [
+    "FUSERS",
     "FUSER_TYPES",
+    "Fuser",
     "FusedLlavaConfig",
     "FusedLlavaForConditionalGeneration",
     "FusedLlavaModel",
@@ -33,6 +35,8 @@ __all__ = [
     "FusedLlavaProcessor",
     "FuserOutput",
     "build_fuser",
+    "fuser_class",
     "instruction_from_conversation",
     "instruction_from_prompt",
+    "register_fuser",
 ]

@@ -46,7 +46,7 @@ from transformers import (
 )
 from transformers.dynamic_module_utils import custom_object_save
 
-from .configuration_fused_llava import FUSER_TYPES, INSTRUCTION_FUSERS, FusedLlavaConfig
+from .configuration_fused_llava import FusedLlavaConfig
 from .converting import (
     INSTRUCTION_ENCODER_PREFIX,
     PROJECTOR_INPUT_KEY,
@@ -55,6 +55,7 @@ from .converting import (
     llava_checkpoint_key,
     new_fuser_tensors,
 )
+from .fusers import FUSERS, fuser_class
 from .modeling_fused_llava import FusedLlavaForConditionalGeneration
 from .processing_fused_llava import FusedLlavaProcessor
 
@@ -102,41 +103,6 @@ FUSER_OPTIONS = (
     "balance_loss_weight",
     "instruction_embedding_normalize",
 )
-
-FUSER_DESCRIPTIONS = {
-    "mmfuser": (
-        "MMFuser (Cao et al., arXiv 2410.11829)",
-        "The deepest selected layer is the query of a deformable cross-attention that samples the shallower layers, "
-        "followed by a deformable self-attention; the result is added to the query through per-channel layer-scale "
-        "gammas, and the usual LLaVA MLP projector follows.",
-        "the layer-scale gammas start at 0, so the block returns its query layer, the base model's layer",
-    ),
-    "igva": (
-        "the instruction-guided vision aggregator of IGVA (Li, Zheng et al., arXiv 2501.08443)",
-        "A frozen sentence encoder embeds the user's instruction; with the CLS features of K groups of layers it "
-        "gives softmax weights over the groups. The weighted mean of the groups' patch features is concatenated "
-        "after the base layer's patch features and projected.",
-        "the projector's new input columns, which read the fused groups, start at zero",
-    ),
-    "concat": (
-        "channel concatenation of several layers",
-        "The patch features of the chosen layers are concatenated along channels (as transformers' "
-        "`vision_feature_layer=[...]` and DenseConnector-SCI do) and projected.",
-        "the projector's input columns for the layers other than the base layer start at zero",
-    ),
-    "average": (
-        "a uniform average of layer groups",
-        "The mean of the layer groups' patch features is concatenated after the base layer's patch features and "
-        "projected (IGVA's pre-training mode, close to DenseConnector-DCI).",
-        "the projector's new input columns, which read the averaged groups, start at zero",
-    ),
-    "none": (
-        "a single layer (plain LLaVA)",
-        "Only the base layer is projected, as in LLaVA: the parity baseline for comparisons with the other fusers.",
-        "nothing is added",
-    ),
-}
-
 
 class ConversionError(ValueError):
     """A conversion that cannot proceed; the message names the problem and the fix."""
@@ -680,9 +646,10 @@ def render_model_card(
     (markdown), the card of a fine-tuned one, `convert_command` then being the training command; with `imported_from`
     (the code it was trained with), the card of a trained checkpoint imported from the original LLaVA format."""
     fuser = config.fuser_type
-    title, description, parity = FUSER_DESCRIPTIONS[fuser]
+    described = fuser_class(fuser)
     tags = ["llava", "fused-llava", "multi-layer-visual-fusion", f"fuser-{fuser}", "custom_code"]
-    tags += {"mmfuser": ["mmfuser"], "igva": ["igva", "instruction-guided"]}.get(fuser, [])
+    if described.reads_instruction:
+        tags.append("instruction-guided")
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
@@ -691,23 +658,23 @@ def render_model_card(
         license_link=license_link,
         tags=tags,
     )
-    layers = config.fuser_layers if fuser in ("mmfuser", "concat") else None
-    groups = config.fuser_layer_groups if fuser in ("igva", "average") else None
+    layers = config.fuser_layers if "fuser_layers" in described.layer_fields else None
+    groups = config.fuser_layer_groups if "fuser_layer_groups" in described.layer_fields else None
     return ModelCard.from_template(
         card_data,
         template_path=str(model_card_template()),
         model_id=model_id,
         fuser_type=fuser,
-        fuser_title=title,
-        fuser_description=description,
-        parity_reason=parity,
+        fuser_title=described.title,
+        fuser_description=described.description,
+        parity_reason=described.parity,
         base_layer=config.base_layer,
         fuser_layers=layers,
         fuser_layer_groups=groups,
         instruction_encoder=instruction_encoder,
         new_parameters=f"{new_parameters:,}",
         dtype=str(config.dtype).removeprefix("torch.") if config.dtype is not None else "as the base model",
-        widened=fuser in ("igva", "concat", "average"),
+        widened=described.projector_slots(config)[1] > 1,
         convert_command=convert_command,
         training_summary=training_summary,
         imported_from=imported_from,
@@ -837,20 +804,21 @@ def convert_llava_checkpoint(
         base_model: Hub id of the source for the model card, when `input` is a local folder.
         progress: show a progress bar of shards and bytes.
     """
-    if fuser_type not in FUSER_TYPES:
-        raise ConversionError(f"Unknown fuser {fuser_type!r}: choose one of {', '.join(FUSER_TYPES)}.")
+    if fuser_type not in FUSERS:
+        raise ConversionError(f"Unknown fuser {fuser_type!r}: choose one of {', '.join(FUSERS)}.")
+    reads_instruction = FUSERS[fuser_type].reads_instruction
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConversionError(f"Unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
         dtype = DTYPES[dtype]
-    if fuser_type in INSTRUCTION_FUSERS and instruction_encoder is None:
+    if reads_instruction and instruction_encoder is None:
         raise ConversionError(
             f"--fuser {fuser_type} embeds the user's instruction: pass --instruction-encoder with a sentence encoder "
             "folder or Hub repo id (IGVA uses sentence-transformers/all-mpnet-base-v2)."
         )
-    if fuser_type not in INSTRUCTION_FUSERS and instruction_encoder is not None:
+    if not reads_instruction and instruction_encoder is not None:
         raise ConversionError(
-            f"--instruction-encoder is only used by --fuser {', '.join(INSTRUCTION_FUSERS)}, not {fuser_type}: "
+            f"--instruction-encoder is only used by --fuser {', '.join(n for n, f in FUSERS.items() if f.reads_instruction)}, not {fuser_type}: "
             "drop it."
         )
     output = Path(output).expanduser().resolve()
@@ -1000,7 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--input", help="llava-hf checkpoint folder or Hub repo id (e.g. llava-hf/llava-1.5-7b-hf)")
     parser.add_argument("--output", help="folder to create (a temporary one with --demo when omitted)")
-    parser.add_argument("--fuser", choices=FUSER_TYPES, default=None, help="fuser type (default with --demo: mmfuser)")
+    parser.add_argument("--fuser", choices=list(FUSERS), default=None, help="fuser type (default with --demo: mmfuser)")
     parser.add_argument("--fuser-layers", help="vision hidden-state indices for mmfuser/concat, e.g. 3,8,13,18,23")
     parser.add_argument("--fuser-groups", help='layer groups for igva/average, e.g. "1,2,3;4,5,6"')
     parser.add_argument("--fuser-option", action="append", metavar="NAME=VALUE",
@@ -1110,7 +1078,7 @@ def run_demo(args) -> None:
             llava_processor.save_pretrained(source)
             shards = sorted(path.name for path in source.glob("*.safetensors"))
             print(f"      saved a llava-hf checkpoint in {len(shards)} shards to {source}")
-            if fuser in INSTRUCTION_FUSERS and encoder is None:
+            if FUSERS[fuser].reads_instruction and encoder is None:
                 text_encoder, text_tokenizer = build_tiny_instruction_encoder(seed=0)
                 encoder = work / "tiny-instruction-encoder"
                 text_encoder.save_pretrained(encoder)
@@ -1165,7 +1133,7 @@ def run_demo(args) -> None:
     print(
         "To convert a real checkpoint: fusedvlm-convert --input llava-hf/llava-1.5-7b-hf --output ./llava-1.5-7b-"
         f"{fuser} --fuser {fuser}"
-        + (" --instruction-encoder sentence-transformers/all-mpnet-base-v2" if fuser in INSTRUCTION_FUSERS else "")
+        + (" --instruction-encoder sentence-transformers/all-mpnet-base-v2" if FUSERS[fuser].reads_instruction else "")
         + " --verify  (add --demo to also load it and answer --question about --image)"
     )
 

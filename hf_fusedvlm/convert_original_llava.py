@@ -61,7 +61,7 @@ from transformers import (
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .configuration_fused_llava import FUSER_TYPES, INSTRUCTION_FUSERS, FusedLlavaConfig
+from .configuration_fused_llava import FusedLlavaConfig
 from .convert_llava import (
     _HUB_PATTERNS,
     _SAFETENSORS_DTYPES,
@@ -104,6 +104,7 @@ from .converting import (
     fused_config_from_llava,
     new_fuser_tensors,
 )
+from .fusers import FUSERS, fuser_class
 from .processing_fused_llava import FusedLlavaProcessor
 
 VARIANTS = ("llava", "mmfuser", "igva", "igva-average")
@@ -650,7 +651,7 @@ def plan_checkpoint(
 ) -> list[PlannedShard]:
     """Per source shard, the fused entries of its tensors (renamed, embeddings grown, projector widened)."""
     new_vocab = config.text_config.vocab_size
-    widen_projector = variant == "llava" and config.fuser_type not in ("mmfuser", "none")
+    widen_projector = variant == "llava" and fuser_class(config.fuser_type).projector_slots(config)[1] > 1
 
     def widen(weight):
         return expand_projector_input(weight, config)
@@ -806,8 +807,8 @@ def convert_original_checkpoint(
         if dtype not in DTYPES:
             raise ConversionError(f"Unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
         dtype = DTYPES[dtype]
-    if fuser_type is not None and fuser_type not in FUSER_TYPES:
-        raise ConversionError(f"Unknown fuser {fuser_type!r}: choose one of {', '.join(FUSER_TYPES)}.")
+    if fuser_type is not None and fuser_type not in FUSERS:
+        raise ConversionError(f"Unknown fuser {fuser_type!r}: choose one of {', '.join(FUSERS)}.")
     output = Path(output).expanduser().resolve()
     local_input = Path(input).expanduser()
     _check_output(output, overwrite, [local_input.resolve()] if local_input.is_dir() else [])
@@ -836,7 +837,7 @@ def convert_original_checkpoint(
     image_processor.do_pad = raw.get("image_aspect_ratio") == "pad"
 
     encoder = encoder_name = None
-    if fuser_type in INSTRUCTION_FUSERS:
+    if FUSERS[fuser_type].reads_instruction:
         if instruction_encoder is None:
             trained = raw.get("sentence_embedder")
             trained = f" (the checkpoint was trained with {trained})" if trained else ""
@@ -1011,7 +1012,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="folder to create")
     parser.add_argument("--vision-tower", help="the CLIP model named by mm_vision_tower: folder or Hub repo id")
     parser.add_argument("--instruction-encoder", help="IGVA's sentence-transformers encoder: folder or Hub repo id")
-    parser.add_argument("--fuser", choices=FUSER_TYPES, help="fuser for a plain LLaVA (default none); fixed otherwise")
+    parser.add_argument("--fuser", choices=list(FUSERS), help="fuser for a plain LLaVA (default none); fixed otherwise")
     parser.add_argument("--fuser-layers", help="with --fuser mmfuser/concat: vision hidden-state indices")
     parser.add_argument("--fuser-groups", help='with --fuser igva/average: layer groups, e.g. "1,2,3;4,5,6"')
     parser.add_argument("--fuser-option", action="append", metavar="NAME=VALUE", help="other fuser config fields")

@@ -10,8 +10,8 @@ import re
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedConfig, PreTrainedModel
 
-from .configuration_fused_llava import INSTRUCTION_FUSERS, FusedLlavaConfig
-from .fusers import build_fuser
+from .configuration_fused_llava import FusedLlavaConfig
+from .fusers import build_fuser, fuser_class
 from .modeling_fused_llava import FusedLlavaForConditionalGeneration
 
 
@@ -54,7 +54,7 @@ def fused_config_from_llava(
     fields = llava_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
         fields.pop(key, None)
-    if fuser_type in INSTRUCTION_FUSERS:
+    if fuser_class(fuser_type).reads_instruction:
         fields["instruction_encoder_config"] = instruction_encoder_config
     config = FusedLlavaConfig(**fields, fuser_type=fuser_type, **fuser_kwargs)
     config.architectures = [FusedLlavaForConditionalGeneration.__name__]
@@ -63,25 +63,22 @@ def fused_config_from_llava(
 
 def expand_projector_input(weight: torch.Tensor, config: FusedLlavaConfig) -> torch.Tensor:
     """The source projector's `linear_1.weight` `(text_hidden, vision_hidden)` widened to the fuser's output with
-    zero columns, the source columns where the fuser puts the base layer."""
+    zero columns, the source columns in the fuser's base-layer slot (`Fuser.projector_slots`)."""
     vision_size = config.vision_config.hidden_size
     if weight.shape[-1] != vision_size:
         raise ValueError(
             f"{PROJECTOR_INPUT_KEY} has {weight.shape[-1]} input columns, expected the vision hidden size "
             f"{vision_size}: the source is not a single-layer LLaVA projector."
         )
-    if config.fuser_type in ("mmfuser", "none"):
+    slot, num_slots = fuser_class(config.fuser_type).projector_slots(config)
+    if slot is None:
+        fields = " / ".join(fuser_class(config.fuser_type).layer_fields) or "its layers"
+        raise ValueError(
+            f"A {config.fuser_type} fuser whose {fields} leave out the source's vision_feature_layer "
+            f"({config.base_layer}) cannot reproduce the source: include that layer."
+        )
+    if num_slots == 1:
         return weight
-    if config.fuser_type == "concat":
-        if config.base_layer not in config.fuser_layers:
-            raise ValueError(
-                f"For parity, concat's fuser_layers {config.fuser_layers} must include the source's "
-                f"vision_feature_layer ({config.base_layer})."
-            )
-        slot = config.fuser_layers.index(config.base_layer)
-        num_slots = len(config.fuser_layers)
-    else:  # igva, average: base layer first, then the fused groups
-        slot, num_slots = 0, 2
     widened = weight.new_zeros(weight.shape[0], vision_size * num_slots)
     widened[:, slot * vision_size : (slot + 1) * vision_size] = weight
     return widened
@@ -119,7 +116,13 @@ def fused_from_llava(
         instruction_encoder: the sentence encoder for `igva` (its weights are copied in and frozen).
         fuser_kwargs: further `FusedLlavaConfig` fuser fields (`fuser_layers`, `fuser_layer_groups`, ...).
     """
-    if fuser_type in INSTRUCTION_FUSERS and instruction_encoder is None:
+    if isinstance(llava, FusedLlavaForConditionalGeneration) or isinstance(llava.config, FusedLlavaConfig):
+        raise TypeError(
+            f"fused_from_llava converts a plain LlavaForConditionalGeneration; got a fused model (fuser_type="
+            f"{llava.config.fuser_type!r}): convert its plain source instead, or load it with from_pretrained."
+        )
+    reads_instruction = fuser_class(fuser_type).reads_instruction
+    if reads_instruction and instruction_encoder is None:
         raise ValueError(f"fuser_type={fuser_type!r} needs an instruction_encoder (a text encoder model).")
     config = fused_config_from_llava(
         llava.config,
@@ -130,7 +133,7 @@ def fused_from_llava(
     state_dict = dict(llava.state_dict())
     state_dict[PROJECTOR_INPUT_KEY] = expand_projector_input(state_dict[PROJECTOR_INPUT_KEY], config)
     state_dict.update(new_fuser_tensors(config, dtype=llava.dtype))
-    if fuser_type in INSTRUCTION_FUSERS:
+    if reads_instruction:
         state_dict.update(
             {INSTRUCTION_ENCODER_PREFIX + name: tensor for name, tensor in instruction_encoder.state_dict().items()}
         )

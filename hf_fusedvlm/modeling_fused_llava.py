@@ -14,7 +14,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.utils import is_bitsandbytes_available
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_fused_llava import INSTRUCTION_FUSERS, FusedLlavaConfig
+from .configuration_fused_llava import FusedLlavaConfig
 from .fusers import build_fuser, init_fuser_weights
 
 
@@ -95,7 +95,6 @@ def check_bitsandbytes(quantization_config) -> None:
 
 class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: FusedLlavaConfig
-    _no_split_modules = ["MMFuser", "IGVAFuser", "AverageFuser", "ConcatFuser", "SingleLayerFuser"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -137,9 +136,12 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         super(LlavaModel, self).__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.fuser = build_fuser(config)
+        # The fuser reads all its layers at once: a device map must keep it on one device. `post_init` merges this
+        # per-instance list into the model's.
+        self._no_split_modules = [type(self.fuser).__name__]
         self.multi_modal_projector = FusedLlavaMultiModalProjector(config, self.fuser.output_size)
         self.language_model = AutoModel.from_config(config.text_config)
-        if config.fuser_type in INSTRUCTION_FUSERS:
+        if self.fuser.reads_instruction:
             self.instruction_encoder = AutoModel.from_config(config.instruction_encoder_config)
             self.instruction_encoder.requires_grad_(False)
         else:

@@ -4,6 +4,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +16,14 @@ from hf_fusedvlm.converting import fused_from_llava
 from hf_fusedvlm.tiny import build_tiny_instruction_encoder, build_tiny_llava
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-FUSER_TYPES = ("mmfuser", "igva", "concat", "average", "none")
+# The built-in fusers, as registered (a test that registers its own removes it again).
+FUSER_TYPES = tuple(hf_fusedvlm.FUSERS)
 
 
 def make_image(seed: int = 0, size: int = 32) -> Image.Image:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hf_fusedvlm import FusedLlavaConfig, build_fuser
-from hf_fusedvlm.fusers import multi_scale_deformable_sampling
+from hf_fusedvlm.deformable_attention import multi_scale_deformable_sampling
 
 from conftest import randomise
 from reference_math import bilinear_sample, igva_reference, mmfuser_reference

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from hf_fusedvlm import FusedLlavaProcessor, interpretability
-from hf_fusedvlm.fusers import multi_scale_deformable_sampling
+from hf_fusedvlm.deformable_attention import multi_scale_deformable_sampling
 from hf_fusedvlm.interpretability import (
     group_labels,
     igva_group_weights,
