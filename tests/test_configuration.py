@@ -19,7 +19,7 @@ TINY_ENCODER = {"model_type": "bert", "hidden_size": 64, "intermediate_size": 12
 
 
 def tiny_config(**kwargs):
-    return FusedLlavaConfig(vision_config=TINY_VISION, **{"fuser_num_heads": 4, **kwargs})
+    return FusedLlavaConfig(**{"vision_config": TINY_VISION, "fuser_num_heads": 4, **kwargs})
 
 
 def test_clip_l_defaults_follow_the_papers():
@@ -82,9 +82,26 @@ def test_round_trip_through_save_and_autoconfig(tmp_path):
         ({"fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER, "aggregator_hidden_size": 64,
           "aggregator_num_heads": 3}, "aggregator_num_heads=3 must divide aggregator_hidden_size=64"),
         ({"balance_loss_weight": -1.0}, "balance_loss_weight must be >= 0"),
+        ({"fuser_layer_norm_eps": -1.0}, "fuser_layer_norm_eps must be > 0, got -1.0"),
+        ({"fuser_layer_norm_eps": 0.0}, "fuser_layer_norm_eps must be > 0"),
+        ({"fuser_type": "average", "fuser_layer_groups": [[1, 2], [2, 1]]}, "must not repeat a group"),
+        ({"fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER, "aggregator_hidden_size": 64,
+          "fuser_layer_groups": [[1, 2, 3]]}, "needs at least two fuser_layer_groups"),
+        ({"fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER, "aggregator_hidden_size": 0},
+         "aggregator_hidden_size must be at least 1, got 0"),
+        ({"fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER, "aggregator_hidden_size": 64,
+          "instruction_pooling": "weightedmean"}, "Unknown instruction_pooling 'weightedmean'"),
+        ({"vision_config": {**TINY_VISION, "model_type": "siglip_vision_model"}},
+         "has no class token, so vision_feature_select_strategy='default' would drop a real patch"),
     ],
 )
 def test_invalid_values_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError) as error:
         tiny_config(**kwargs)
     assert message in str(error.value)
+
+
+def test_a_misspelt_fuser_field_warns_with_the_field_it_resembles():
+    with pytest.warns(UserWarning, match="unknown keyword 'fuser_layer'.*Did you mean 'fuser_layers'"):
+        config = tiny_config(fuser_type="concat", fuser_layer=[1, 5])
+    assert config.fuser_layers == default_fuser_layers(6)  # the misspelt keyword was not applied
