@@ -32,13 +32,9 @@ from transformers import (
 )
 
 from hf_fusedvlm.configuration_fused_llava import FusedLlavaConfig
-from hf_fusedvlm.convert_llava import ConversionError
-from hf_fusedvlm.convert_original_llava import (
-    LLAVA_V1_SYSTEM,
-    convert_original_checkpoint,
-    main,
-    parse_select_layer,
-)
+from hf_fusedvlm.conversion import ConversionError, convert_original_checkpoint, main
+from hf_fusedvlm.conversion.original_layout import parse_select_layer
+from hf_fusedvlm.conversion.original_processor import LLAVA_V1_SYSTEM
 from hf_fusedvlm.tiny import build_tiny_instruction_encoder, tiny_llava_config
 
 ORIGINAL_VOCAB = 100  # the LLM's vocabulary before <image> and <pad>; 102 rows padded to 128
