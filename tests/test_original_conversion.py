@@ -101,15 +101,24 @@ def write_tower(folder, vision_state: dict) -> None:
 
 
 def original_config(llava: LlavaForConditionalGeneration, **mm_keys) -> dict:
-    """A flat original config: the Llama config with the original vocabulary and the `mm_*` keys."""
+    """A flat original config with the fields of liuhaotian/llava-v1.5-7b's config.json: the Llama config with the
+    original vocabulary, `"model_type": "llava"` (saved before the `llava_llama` rename) and the `mm_*`, adapter and
+    tokenizer keys of the LLaVA trainer."""
     config = llava.config.text_config.to_dict()
     for key in ("transformers_version", "architectures", "dtype", "pad_token_id"):
         config.pop(key, None)
     config.update(
-        model_type="llava_llama",
+        model_type="llava",
         architectures=["LlavaLlamaForCausalLM"],
+        _name_or_path="./checkpoints/vicuna-7b-v1-5",
         vocab_size=ORIGINAL_VOCAB,
+        pad_token_id=0,
+        pretraining_tp=1,
         torch_dtype="float32",
+        transformers_version="4.31.0",
+        freeze_mm_mlp_adapter=False,
+        tune_mm_mlp_adapter=False,
+        mm_projector_lr=None,
         mm_vision_tower=TOWER_NAME,
         mm_hidden_size=64,
         mm_vision_select_layer=-2,
@@ -120,6 +129,7 @@ def original_config(llava: LlavaForConditionalGeneration, **mm_keys) -> dict:
         mm_use_im_patch_token=False,
         mm_patch_merge_type="flat",
         use_mm_proj=True,
+        tokenizer_model_max_length=2048,
         tokenizer_padding_side="right",
     )
     config.update(mm_keys)
@@ -250,14 +260,16 @@ def checkpoints(tmp_path_factory):
                **random_tensors({"model.mm_projector.1.weight": (64, 64), "model.mm_projector.1.bias": (64,),
                                  "model.mm_projector.3.weight": (64, 64), "model.mm_projector.3.bias": (64,)}, seed=4)}
     layers = "list" + "/".join(map(str, MMFUSER_LAYERS))
-    write_original(root / "mmfuser", original_config(llava, mm_vision_select_layer=layers), mmfuser)
+    write_original(root / "mmfuser", original_config(llava, model_type="llava_llama", mm_vision_select_layer=layers),
+                   mmfuser)
 
     encoder, encoder_tokenizer = build_tiny_instruction_encoder(seed=0)
     igva_projector = random_tensors({"model.mm_projector.0.weight": (64, 128), "model.mm_projector.0.bias": (64,),
                                      "model.mm_projector.2.weight": (64, 64), "model.mm_projector.2.bias": (64,)}, 5)
     embedder = {f"model.sentence_embedder.0.auto_model.{key}": value for key, value in encoder.state_dict().items()}
     igva = {**llm, **random_tensors(igva_aggregator_shapes(), seed=6), **igva_projector, **embedder}
-    igva_keys = {"vit_base_layer": -2, "vit_aggregate_groups": str(IGVA_GROUPS), "sentence_embed_dim": 64,
+    igva_keys = {"model_type": "llava_llama", "vit_base_layer": -2, "vit_aggregate_groups": str(IGVA_GROUPS),
+                 "sentence_embed_dim": 64,
                  "sentence_embedder": "sentence-transformers/all-mpnet-base-v2"}
     igva_config = original_config(
         llava, **igva_keys, aggregate_by_average=False, aggregator_hidden_dim=AGGREGATOR["hidden"],
