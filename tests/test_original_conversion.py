@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from hf_fusedvlm.configuration_fused_llava import FusedLlavaConfig
-from hf_fusedvlm.conversion import ConversionError, convert_original_checkpoint, main
+from hf_fusedvlm.conversion import ConversionError, checkpoint_format, convert_original_checkpoint, main, main_original
 from hf_fusedvlm.conversion.original_layout import parse_select_layer
 from hf_fusedvlm.conversion.original_processor import LLAVA_V1_SYSTEM
 from hf_fusedvlm.tiny import build_tiny_instruction_encoder, tiny_llava_config
@@ -574,3 +574,18 @@ def test_cli_converts_and_verifies(checkpoints, tmp_path, capsys):
     assert "verified: max |logit difference|" in report
     assert json.loads((tmp_path / "out" / "config.json").read_text())["fuser_type"] == "average"
     assert math.isfinite(float(report.split("difference| = ")[1].split()[0]))
+
+
+def test_formats_are_told_apart_by_structure(checkpoints, tiny_llava, tmp_path):
+    """liuhaotian/llava-v1.5-7b saves `"model_type": "llava"` in a flat config, the model type of llava-hf's nested
+    one: the structure decides."""
+    raw = json.loads((checkpoints.root / "llava" / "config.json").read_text())
+    assert raw["model_type"] == "llava" and raw["architectures"] == ["LlavaLlamaForCausalLM"]
+    assert checkpoint_format(raw, checkpoints.root / "llava") == "original"
+    tiny_llava[0].config.save_pretrained(tmp_path / "hf")
+    assert checkpoint_format(json.loads((tmp_path / "hf" / "config.json").read_text()), tmp_path / "hf") == "llava-hf"
+    # The old command name converts llava-hf checkpoints too.
+    tiny_llava[1].save_pretrained(tmp_path / "hf")
+    tiny_llava[0].save_pretrained(tmp_path / "hf")
+    assert main_original(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "out"), "--fuser", "none",
+                          "--no-progress"]) == 0
