@@ -9,6 +9,7 @@ tower and the new tensors, and check the plan against the fused model. write: sh
 folder. verify (optional): text-only logits against the source LLM. Then the folder moves into place."""
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -208,6 +209,82 @@ def require_vision_tower(vision_tower, raw: dict, keys, source: Path):
     )
 
 
+@dataclass
+class OriginalSource:
+    """What the checkpoint says: its folder, config, shards (key -> shape in `keys`), variant and resulting fuser."""
+
+    folder: Path
+    repo_id: str | None
+    raw: dict
+    shards: list[StoredShard]
+    keys: dict[str, list[int]]
+    variant: str
+    fuser_type: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.keys[EMBED_KEY][0]
+
+
+@dataclass
+class FusedTarget:
+    """What the result is made of besides the checkpoint's tensors: its config and processor parts."""
+
+    config: FusedLlavaConfig
+    text_config: object
+    tokenizer: object
+    image_processor: object
+    tower_folder: Path
+    tower_name: str
+    encoder: SentenceEncoder | None
+
+
+def read_source(input, fuser_type: str | None, instruction_encoder, fixed_layers: bool) -> OriginalSource:
+    """Resolve and read the checkpoint, recognise its variant and check the fuser arguments against it."""
+    folder, repo_id = resolve_checkpoint(input, "--input", allow_pickles=True)
+    raw = read_original_config(folder)
+    shards = read_shards(folder, "--input", allow_pickles=True)
+    keys = {tensor.key: tensor.shape for shard in shards for tensor in shard.tensors}
+    variant = detect_variant(raw, set(keys))
+    fuser_type = fuser_for_variant(variant, fuser_type)
+    trained = f" (the checkpoint was trained with {raw['sentence_embedder']})" if raw.get("sentence_embedder") else ""
+    check_fuser_choice(fuser_type, instruction_encoder, trained)
+    if variant != "llava" and fixed_layers:
+        raise ConversionError(f"The layers of a trained {variant} checkpoint are fixed by its config: drop "
+                              "--fuser-layers and --fuser-groups.")
+    if EMBED_KEY not in keys:
+        raise ConversionError(f"{folder} has no {EMBED_KEY}: it is not a LLaVA checkpoint ({listed(keys)}).")
+    return OriginalSource(folder, repo_id, raw, shards, keys, variant, fuser_type)
+
+
+def build_target(source: OriginalSource, vision_tower, instruction_encoder, settings: dict, dtype) -> FusedTarget:
+    """The fused config, tokenizer (with `<image>` and `<pad>`), image processor, tower and sentence encoder."""
+    tower_folder, tower_repo = require_vision_tower(vision_tower, source.raw, source.keys, source.folder)
+    vision_config, image_processor = read_vision_tower(tower_folder, str(vision_tower))
+    image_processor.do_pad = source.raw.get("image_aspect_ratio") == "pad"
+    encoder = load_sentence_encoder(instruction_encoder, dtype) if instruction_encoder is not None else None
+    tokenizer = load_llm_tokenizer(source.folder)
+    image_token_index, pad_token_id, new_vocab = add_llava_tokens(tokenizer, source.vocab_size)
+    text_config = text_config_from_original(source.raw, new_vocab, pad_token_id)
+    config = fused_config_from_original(source.raw, source.variant, source.keys, text_config, vision_config,
+                                        image_token_index, source.fuser_type, encoder, settings)
+    source_dtype = source.raw.get("torch_dtype") or source.raw.get("dtype")
+    config.dtype = dtype or (parse_dtype(source_dtype) if source_dtype in ("float32", "float16", "bfloat16") else None)
+    return FusedTarget(config, text_config, tokenizer, image_processor, tower_folder, tower_repo or tower_folder.name,
+                       encoder)
+
+
+def original_card(source: OriginalSource, target: FusedTarget, model_id: str, origin: str | None,
+                  new_parameters: int, command: str):
+    license, license_link = source_license(source.folder)
+    return render_model_card(
+        target.config, model_id=model_id, base_model=origin, license=license, license_link=license_link,
+        instruction_encoder=target.encoder.name if target.encoder else None, new_parameters=new_parameters,
+        convert_command=command,
+        imported_from=None if source.variant == "llava" else VARIANT_ORIGINS[source.variant],
+    )
+
+
 def convert_original_checkpoint(
     input: str | os.PathLike,
     output: str | os.PathLike,
@@ -248,60 +325,33 @@ def convert_original_checkpoint(
         fuser_class_or_error(fuser_type)
     settings = fuser_settings(fuser_layers, fuser_layer_groups, fuser_options)
     output = prepare_output(input, output, overwrite, push_to_hub)
+    source = read_source(input, fuser_type, instruction_encoder, fixed_layers=fuser_layers is not None
+                         or fuser_layer_groups is not None)
+    target = build_target(source, vision_tower, instruction_encoder, settings, dtype)
+    planned, new_tensors = plan_conversion(source.shards, source.variant, source.keys, target.config,
+                                           target.tower_folder, target.encoder, source.vocab_size, dtype, source.folder)
 
-    source, repo_id = resolve_checkpoint(input, "--input", allow_pickles=True)
-    raw = read_original_config(source)
-    shards = read_shards(source, "--input", allow_pickles=True)
-    keys = {tensor.key: tensor.shape for shard in shards for tensor in shard.tensors}
-    variant = detect_variant(raw, set(keys))
-    fuser_type = fuser_for_variant(variant, fuser_type)
-    trained = f" (the checkpoint was trained with {raw['sentence_embedder']})" if raw.get("sentence_embedder") else ""
-    check_fuser_choice(fuser_type, instruction_encoder, trained)
-    if variant != "llava" and (fuser_layers is not None or fuser_layer_groups is not None):
-        raise ConversionError(f"The layers of a trained {variant} checkpoint are fixed by its config: drop "
-                              "--fuser-layers and --fuser-groups.")
-    if EMBED_KEY not in keys:
-        raise ConversionError(f"{source} has no {EMBED_KEY}: it is not a LLaVA checkpoint ({listed(keys)}).")
-
-    tower_folder, tower_repo = require_vision_tower(vision_tower, raw, keys, source)
-    vision_config, image_processor = read_vision_tower(tower_folder, str(vision_tower))
-    image_processor.do_pad = raw.get("image_aspect_ratio") == "pad"
-    encoder = load_sentence_encoder(instruction_encoder, dtype) if instruction_encoder is not None else None
-    source_vocab = keys[EMBED_KEY][0]
-    tokenizer = load_llm_tokenizer(source)
-    image_token_index, pad_token_id, new_vocab = add_llava_tokens(tokenizer, source_vocab)
-    text_config = text_config_from_original(raw, new_vocab, pad_token_id)
-    config = fused_config_from_original(
-        raw, variant, keys, text_config, vision_config, image_token_index, fuser_type, encoder, settings
-    )
-    source_dtype = raw.get("torch_dtype") or raw.get("dtype")
-    config.dtype = dtype or (parse_dtype(source_dtype) if source_dtype in ("float32", "float16", "bfloat16") else None)
-    planned, new_tensors = plan_conversion(shards, variant, keys, config, tower_folder, encoder, source_vocab, dtype,
-                                           source)
-
-    origin = base_model or repo_id
+    origin = base_model or source.repo_id
     # The fuser's size: fresh weights for a plain LLaVA, the trained ones for MMFuser and IGVA.
     new_parameters = count_parameters(planned, FUSER_PREFIX)
-    license, license_link = source_license(source)
-    card = render_model_card(
-        config, model_id=push_to_hub or output.name, base_model=origin, license=license, license_link=license_link,
-        instruction_encoder=encoder.name if encoder else None, new_parameters=new_parameters,
-        convert_command=card_command(
-            origin or source.name, vision_tower=tower_repo or tower_folder.name,
-            fuser_type=fuser_type if variant == "llava" and fuser_type != "none" else None,
-            fuser_layers=fuser_layers, fuser_layer_groups=fuser_layer_groups, fuser_options=fuser_options,
-            instruction_encoder=encoder.name if encoder else None, dtype=dtype,
-        ),
-        imported_from=None if variant == "llava" else VARIANT_ORIGINS[variant],
+    command = card_command(
+        origin or source.folder.name, vision_tower=target.tower_name,
+        fuser_type=target.config.fuser_type if source.variant == "llava" and source.fuser_type != "none" else None,
+        fuser_layers=fuser_layers, fuser_layer_groups=fuser_layer_groups, fuser_options=fuser_options,
+        instruction_encoder=target.encoder.name if target.encoder else None, dtype=dtype,
     )
+    card = original_card(source, target, output.name if push_to_hub is None else push_to_hub, origin,
+                         new_parameters, command)
     with staged_output(output, overwrite) as staging:
         total_bytes = write_shards(staging, planned, progress)
-        write_companions(staging, source, config, text_config, tokenizer, image_processor, encoder, card)
-        result = describe_result(output, config, planned, sum(len(shard.tensors) for shard in shards),
+        write_companions(staging, source.folder, target.config, target.text_config, target.tokenizer,
+                         target.image_processor, target.encoder, card)
+        result = describe_result(output, target.config, planned, sum(len(shard.tensors) for shard in source.shards),
                                  len(new_tensors), new_parameters, total_bytes)
         if verify:
-            source_text_config = text_config_from_original(raw, source_vocab, raw.get("pad_token_id"))
+            source_text_config = text_config_from_original(source.raw, source.vocab_size, source.raw.get("pad_token_id"))
             result.verify_max_abs_diff, result.verify_tolerance = verify_against_llm(
-                staging, source, source_text_config, dtype
+                staging, source.folder, source_text_config, dtype
             )
-    return publish_result(result, push_to_hub, private, f"Import {variant} LLaVA from {origin or source.name}")
+    origin = origin or source.folder.name
+    return publish_result(result, push_to_hub, private, f"Import {source.variant} LLaVA from {origin}")
