@@ -172,16 +172,31 @@ def test_bad_input_is_a_clear_error_and_loses_nothing(case, source, tmp_path, mo
 
 
 def test_negative_layers_need_no_equals_sign(source, tmp_path):
-    assert main(["--input", str(source), "--output", str(tmp_path / "out"), "--fuser", "concat",
-                 "--fuser-layers", "-5,-3,-2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--input",
+                str(source),
+                "--output",
+                str(tmp_path / "out"),
+                "--fuser",
+                "concat",
+                "--fuser-layers",
+                "-5,-3,-2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "out" / "config.json").read_text())["fuser_layers"] == [2, 4, 5]  # of 7 hidden states
 
 
 def test_overwrite_replaces_an_earlier_fused_output(source, tmp_path):
     out = tmp_path / "out"
     convert_llava_checkpoint(source, out, "none", progress=False)
-    assert main(["--input", str(source), "--output", str(out), "--fuser", "average", "--overwrite",
-                 "--no-progress"]) == 0
+    assert (
+        main(["--input", str(source), "--output", str(out), "--fuser", "average", "--overwrite", "--no-progress"]) == 0
+    )
     assert json.loads((out / "config.json").read_text())["fuser_type"] == "average"
     (tmp_path / "empty").mkdir()
     assert main(["--input", str(source), "--output", str(tmp_path / "empty"), "--fuser", "none", "--no-progress"]) == 0
@@ -193,16 +208,19 @@ def test_stale_staging_folders_are_removed_or_reported(source, tmp_path, capsys)
     stale.mkdir()
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"half a shard")
     # The owner file of a process that has exited (this interpreter's pid can only be alive, so take a finished one).
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True).stdout.strip()
-    (stale / staging_module.OWNER_FILE).write_text(json.dumps({"host": staging_module.socket.gethostname(),
-                                                               "pid": int(finished)}))
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    (stale / staging_module.OWNER_FILE).write_text(
+        json.dumps({"host": staging_module.socket.gethostname(), "pid": int(finished)})
+    )
     unknown = tmp_path / ".out.converting-unknown1"
     unknown.mkdir()
     running = tmp_path / ".out.converting-running1"
     running.mkdir()
-    (running / staging_module.OWNER_FILE).write_text(json.dumps({"host": staging_module.socket.gethostname(),
-                                                                 "pid": os.getpid()}))
+    (running / staging_module.OWNER_FILE).write_text(
+        json.dumps({"host": staging_module.socket.gethostname(), "pid": os.getpid()})
+    )
     assert main(["--input", str(source), "--output", str(out), "--fuser", "none", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert not stale.exists() and f"removed {stale}" in printed

@@ -56,25 +56,40 @@ def write_old_format(folder, encoder, tokenizer, pooling: str, normalize: bool):
     sentence_bert_config.json, module types under sentence_transformers.models."""
     encoder.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         (folder / "2_Normalize").mkdir()
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "1_Pooling").mkdir()
-    modes = {f"pooling_mode_{mode}": mode == pooling for mode in
-             ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")}
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": EMBEDDING_DIMENSION, **modes}))
+    modes = {
+        f"pooling_mode_{mode}": mode == pooling
+        for mode in (
+            "cls_token",
+            "mean_tokens",
+            "max_tokens",
+            "mean_sqrt_len_tokens",
+            "weightedmean_tokens",
+            "lasttoken",
+        )
+    }
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": EMBEDDING_DIMENSION, **modes})
+    )
     (folder / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": MAX_SEQ_LENGTH, "do_lower_case": False}))
+        json.dumps({"max_seq_length": MAX_SEQ_LENGTH, "do_lower_case": False})
+    )
     return folder
 
 
 def fused_embeddings(llava_dir, encoder_dir, output):
     """Convert to igva with `encoder_dir`, load the result and embed SENTENCES as the processor tokenises them."""
-    convert_llava_checkpoint(llava_dir, output, "igva", instruction_encoder=encoder_dir, fuser_options=SMALL_IGVA,
-                             progress=False)
+    convert_llava_checkpoint(
+        llava_dir, output, "igva", instruction_encoder=encoder_dir, fuser_options=SMALL_IGVA, progress=False
+    )
     model = FusedLlavaForConditionalGeneration.from_pretrained(output).eval()
     tokenizer = model_tokenizer(output)
     batch = tokenizer(SENTENCES, padding=True, truncation=True, return_tensors="pt")
@@ -96,8 +111,7 @@ def encode(folder) -> torch.Tensor:
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "no-normalize"])
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
 def test_installed_sentence_transformers_folders(workdir, transformer_dir, llava_dir, pooling, normalize):
-    folder = save_with_sentence_transformers(workdir / f"st-{pooling}-{normalize}", transformer_dir, pooling,
-                                             normalize)
+    folder = save_with_sentence_transformers(workdir / f"st-{pooling}-{normalize}", transformer_dir, pooling, normalize)
     pooling_config = json.loads((folder / "1_Pooling" / "config.json").read_text())
     assert pooling_config["pooling_mode"] == pooling  # the 5/6 format, not the old booleans
     assert "pooling_mode_mean_tokens" not in pooling_config
@@ -125,7 +139,9 @@ def test_plain_transformers_folder_pools_as_sentence_transformers_does(transform
 def test_pooling_the_model_cannot_compute_is_refused_by_name(workdir, transformer_dir, pooling):
     name = pooling if isinstance(pooling, str) else "-".join(pooling)
     folder = save_with_sentence_transformers(workdir / f"refused-{name}", transformer_dir, pooling, normalize=False)
-    with pytest.raises(ConversionError, match=r"sets pooling modes \[.*" + (pooling if isinstance(pooling, str) else "max")):
+    with pytest.raises(
+        ConversionError, match=r"sets pooling modes \[.*" + (pooling if isinstance(pooling, str) else "max")
+    ):
         load_sentence_encoder(folder)
 
 
@@ -133,8 +149,9 @@ def test_other_modules_and_non_encoders_are_refused(workdir, transformer_dir, ll
     transformer = models.Transformer(str(transformer_dir))
     dimension = EMBEDDING_DIMENSION
     folder = workdir / "with-dense"
-    SentenceTransformer(modules=[transformer, models.Pooling(dimension), models.Dense(dimension, 32)],
-                        device="cpu").save(str(folder))
+    SentenceTransformer(
+        modules=[transformer, models.Pooling(dimension), models.Dense(dimension, 32)], device="cpu"
+    ).save(str(folder))
     with pytest.raises(ConversionError, match="module .*Dense.* is not supported"):
         load_sentence_encoder(folder)
     with pytest.raises(ConversionError, match="is a 'llava' model .*not a text encoder"):

@@ -19,7 +19,13 @@ from .hub import folder_files, push_folder_to_hub
 from .llava_hf import convert_llava_checkpoint
 from .model_card import render_model_card
 from .original import convert_original_checkpoint
-from .parity import expand_projector_input, fused_config_from_llava, fused_from_llava, llava_checkpoint_key, new_fuser_tensors
+from .parity import (
+    expand_projector_input,
+    fused_config_from_llava,
+    fused_from_llava,
+    llava_checkpoint_key,
+    new_fuser_tensors,
+)
 from .sentence_encoder import SentenceEncoder, load_sentence_encoder
 from .verify import VERIFY_TOLERANCES
 from .writing import ConversionResult, OutputTensor, PlannedShard, shard_name, write_shard, write_shards

@@ -48,7 +48,7 @@ def parse_groups(text: str | None) -> list[list[int]] | None:
         except ValueError:
             raise ConversionError(
                 f"--fuser-groups must be groups of comma-separated integers separated by ';' such as "
-                f"\"1,2,3;4,5,6\", got {text!r}."
+                f'"1,2,3;4,5,6", got {text!r}.'
             ) from None
     return groups
 
@@ -104,27 +104,41 @@ def build_parser(prog: str = "fusedvlm-convert") -> argparse.ArgumentParser:
     )
     parser.add_argument("--input", help="LLaVA checkpoint folder or Hub repo id, llava-hf or original format")
     parser.add_argument("--output", help="folder to create (a temporary one with --demo when omitted)")
-    parser.add_argument("--fuser", choices=list(FUSERS), default=None,
-                        help="fuser to add (llava-hf: required; original plain LLaVA: default none; fixed for trained "
-                             "MMFuser / IGVA checkpoints; --demo: default mmfuser)")
+    parser.add_argument(
+        "--fuser",
+        choices=list(FUSERS),
+        default=None,
+        help="fuser to add (llava-hf: required; original plain LLaVA: default none; fixed for trained "
+        "MMFuser / IGVA checkpoints; --demo: default mmfuser)",
+    )
     parser.add_argument("--fuser-layers", help="vision hidden-state indices, e.g. 3,8,13,18,23 or -22,-17,-12,-7,-2")
     parser.add_argument("--fuser-groups", help='layer groups, e.g. "1,2,3;4,5,6"')
-    parser.add_argument("--fuser-option", action="append", metavar="NAME=VALUE",
-                        help=f"other fuser config fields, repeatable: {', '.join(FUSER_OPTIONS)}")
-    parser.add_argument("--instruction-encoder",
-                        help=f"sentence-transformers folder or Hub repo id, e.g. {INSTRUCTION_ENCODER_EXAMPLE} (igva)")
+    parser.add_argument(
+        "--fuser-option",
+        action="append",
+        metavar="NAME=VALUE",
+        help=f"other fuser config fields, repeatable: {', '.join(FUSER_OPTIONS)}",
+    )
+    parser.add_argument(
+        "--instruction-encoder",
+        help=f"sentence-transformers folder or Hub repo id, e.g. {INSTRUCTION_ENCODER_EXAMPLE} (igva)",
+    )
     parser.add_argument("--vision-tower", help="original format: the CLIP model named by mm_vision_tower")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating weights (default: keep the source's)")
     parser.add_argument("--verify", action="store_true", help="check the result computes what the source does")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --output, only if it is an earlier fused LLaVA output")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output, only if it is an earlier fused LLaVA output",
+    )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the result to this Hub repo in one commit")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private (with --push-to-hub)")
     parser.add_argument("--base-model", metavar="REPO_ID", help="Hub id of a local --input, for the model card")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo = parser.add_argument_group("demo")
-    demo.add_argument("--demo", action="store_true",
-                      help="convert (the built-in tiny LLaVA without --input), then load and generate")
+    demo.add_argument(
+        "--demo", action="store_true", help="convert (the built-in tiny LLaVA without --input), then load and generate"
+    )
     demo.add_argument("--image", help="image file for --demo (default: a generated test image)")
     demo.add_argument("--question", default="What is shown in the image?", help="question for --demo")
     demo.add_argument("--max-new-tokens", type=int, default=12, help="tokens to generate in --demo")
@@ -185,8 +199,14 @@ def main(argv: list[str] | None = None, prog: str = "fusedvlm-convert") -> int:
         parser.error(f"{', '.join(missing)} required (or --demo for the built-in example)")
     return run_conversion_command(
         lambda: convert_checkpoint(
-            args.input, args.output, args.fuser, vision_tower=args.vision_tower, verify=args.verify,
-            push_to_hub=args.push_to_hub, private=args.private, **conversion_options(args),
+            args.input,
+            args.output,
+            args.fuser,
+            vision_tower=args.vision_tower,
+            verify=args.verify,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
+            **conversion_options(args),
         )
     )
 

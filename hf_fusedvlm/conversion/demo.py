@@ -25,7 +25,9 @@ def load_demo_image(path: str | None):
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError:
-        raise ConversionError(f"--image {path} does not exist: give an image file, or omit --image for a test image.") from None
+        raise ConversionError(
+            f"--image {path} does not exist: give an image file, or omit --image for a test image."
+        ) from None
     except (UnidentifiedImageError, OSError) as error:
         raise ConversionError(f"--image {path} is not an image Pillow can read ({error}).") from error
 
@@ -55,13 +57,15 @@ def generate_answer(output: Path, image, question: str, max_new_tokens: int):
     print(f"[3/4] Loading {output} with AutoModel + AutoProcessor (trust_remote_code=True)")
     model = AutoModel.from_pretrained(output, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
-    print(f"      {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"fuser {model.config.fuser_type} over vision layers {model.config.vision_layers_needed}")
+    print(
+        f"      {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"fuser {model.config.fuser_type} over vision layers {model.config.vision_layers_needed}"
+    )
     prompt = build_prompt(processor, question)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     with torch.inference_mode():
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    answer = processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return prompt, generated, answer
 
 
@@ -81,8 +85,9 @@ def run_demo(args, options: dict):
             print(f"[1/4] Source: {source}")
         output = Path(args.output) if args.output else work / f"fused-{fuser}"
         print(f"[2/4] Converting to fuser {fuser!r} with --verify")
-        result = convert_checkpoint(source, output, fuser, vision_tower=args.vision_tower, instruction_encoder=encoder,
-                                    verify=True, **options)
+        result = convert_checkpoint(
+            source, output, fuser, vision_tower=args.vision_tower, instruction_encoder=encoder, verify=True, **options
+        )
         print(result.summary())
         prompt, generated, answer = generate_answer(output, image, args.question, args.max_new_tokens)
         print(f"[4/4] Generated for {args.image or 'a generated test image'} and {args.question!r}")
@@ -96,7 +101,9 @@ def run_demo(args, options: dict):
             print(f"      same tokens as the source LLaVA: {torch.equal(expected, generated)}")
         if args.output is None:
             print("      (the converted checkpoint was written to a temporary folder; pass --output to keep it)")
-    encoder_flag = f" --instruction-encoder {INSTRUCTION_ENCODER_EXAMPLE}" if fuser_class(fuser).reads_instruction else ""
+    encoder_flag = (
+        f" --instruction-encoder {INSTRUCTION_ENCODER_EXAMPLE}" if fuser_class(fuser).reads_instruction else ""
+    )
     print(
         f"To convert a real checkpoint: fusedvlm-convert --input llava-hf/llava-1.5-7b-hf --output ./llava-1.5-7b-"
         f"{fuser} --fuser {fuser}{encoder_flag} --verify  (add --demo to also load it and answer --question about "

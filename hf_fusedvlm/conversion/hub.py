@@ -67,7 +67,9 @@ def check_hub_login(repo_id: str, token: str | None = None) -> None:
         if api.token is None and not os.environ.get("HF_TOKEN"):
             reason = "no Hugging Face token is set"
         else:
-            reason = f"the Hub at {constants.ENDPOINT} could not be reached or refused the token ({type(error).__name__})"
+            reason = (
+                f"the Hub at {constants.ENDPOINT} could not be reached or refused the token ({type(error).__name__})"
+            )
         raise ConversionError(
             f"--push-to-hub {repo_id}: {reason}. Log in with `hf auth login` (or set HF_TOKEN), check your connection "
             "and HF_ENDPOINT, or drop --push-to-hub and upload later with `hf upload`. Nothing was converted."

@@ -71,16 +71,23 @@ def plan_source_shards(shards: list[StoredShard], config: FusedLlavaConfig, dtyp
         for tensor in shard.tensors:
             name = llava_checkpoint_key(tensor.key)
             if name in seen:
-                raise ConversionError(f"{tensor.key!r} in {shard.path.name} and {seen[name]!r} are the same tensor "
-                                      f"({name}): the checkpoint is inconsistent; re-save it.")
+                raise ConversionError(
+                    f"{tensor.key!r} in {shard.path.name} and {seen[name]!r} are the same tensor "
+                    f"({name}): the checkpoint is inconsistent; re-save it."
+                )
             seen[name] = tensor.key
             if name == PROJECTOR_INPUT_KEY:
                 try:
                     widened_shape = expand_projector_input(torch.empty(tensor.shape, device="meta"), config).shape
                 except ValueError as error:
-                    raise ConversionError(f"Cannot widen the projector for --fuser {config.fuser_type}: {error}") from error
-                entries.append(plan_tensor(name, tensor, dtype, widened_shape,
-                                           lambda weight: expand_projector_input(weight, config)))
+                    raise ConversionError(
+                        f"Cannot widen the projector for --fuser {config.fuser_type}: {error}"
+                    ) from error
+                entries.append(
+                    plan_tensor(
+                        name, tensor, dtype, widened_shape, lambda weight: expand_projector_input(weight, config)
+                    )
+                )
             else:
                 entries.append(plan_tensor(name, tensor, dtype))
         planned.append(planned_shard(entries, shard))
@@ -97,7 +104,9 @@ def check_plan(config: FusedLlavaConfig, planned: list[PlannedShard]) -> None:
         details.append(f"{len(missing)} parameters the checkpoint lacks (e.g. {missing[0]})")
     if wrong:
         name, planned_shape, expected_shape = wrong[0]
-        details.append(f"{len(wrong)} tensors of the wrong shape (e.g. {name}: {planned_shape}, expected {expected_shape})")
+        details.append(
+            f"{len(wrong)} tensors of the wrong shape (e.g. {name}: {planned_shape}, expected {expected_shape})"
+        )
     if details:
         raise ConversionError(
             "The source checkpoint does not match its config.json: " + "; ".join(details) + ". Convert an unmodified "
@@ -139,8 +148,14 @@ def write_processor(source: Path, folder: Path, instruction_tokenizer) -> None:
     processor.save_pretrained(folder)
 
 
-def write_companions(staging: Path, source: Path, llava_config: LlavaConfig, config: FusedLlavaConfig,
-                     encoder: SentenceEncoder | None, card) -> None:
+def write_companions(
+    staging: Path,
+    source: Path,
+    llava_config: LlavaConfig,
+    config: FusedLlavaConfig,
+    encoder: SentenceEncoder | None,
+    card,
+) -> None:
     """Everything beside the weights: config and remote code, generation config, processor, model card."""
     write_remote_code(config, staging)
     if (source / "generation_config.json").is_file():
@@ -179,7 +194,8 @@ def convert_llava_checkpoint(
         output: folder to create: new, empty, or with `overwrite` an earlier fused LLaVA output.
         fuser_type: a registered fuser (`hf_fusedvlm.FUSERS`).
         fuser_layers, fuser_layer_groups: `FusedLlavaConfig` fields (defaults scale the papers' layouts to the tower).
-        fuser_options: further `FusedLlavaConfig` fuser fields (`pipeline.FUSER_OPTIONS`), e.g. `{"fuser_num_heads": 8}`.
+        fuser_options: further `FusedLlavaConfig` fuser fields (`pipeline.FUSER_OPTIONS`), such as
+            `{"fuser_num_heads": 8}`.
         instruction_encoder: sentence-transformers folder or Hub repo id of the instruction encoder (igva); its
             pooling and normalisation are carried into the config.
         dtype: `"float32"`, `"bfloat16"` or `"float16"` to cast floating tensors; default keeps the source's bytes.
@@ -201,7 +217,9 @@ def convert_llava_checkpoint(
     encoder = load_sentence_encoder(instruction_encoder, dtype) if instruction_encoder is not None else None
     try:
         config = fused_config_from_llava(
-            llava_config, fuser_type, instruction_encoder_config=encoder.model.config if encoder else None,
+            llava_config,
+            fuser_type,
+            instruction_encoder_config=encoder.model.config if encoder else None,
             **{**(encoder.config_fields if encoder else {}), **settings},
         )
     except ValueError as error:
@@ -214,16 +232,29 @@ def convert_llava_checkpoint(
     new_parameters = count_parameters([PlannedShard(new_tensors)], FUSER_PREFIX)
     license, license_link = source_license(source)
     card = render_model_card(
-        config, model_id=push_to_hub or output.name, base_model=origin, license=license, license_link=license_link,
-        instruction_encoder=encoder.name if encoder else None, new_parameters=new_parameters,
-        convert_command=card_command(origin or source.name, fuser_type=fuser_type, fuser_layers=fuser_layers,
-                                     fuser_layer_groups=fuser_layer_groups, fuser_options=fuser_options,
-                                     instruction_encoder=encoder.name if encoder else None, dtype=dtype),
+        config,
+        model_id=push_to_hub or output.name,
+        base_model=origin,
+        license=license,
+        license_link=license_link,
+        instruction_encoder=encoder.name if encoder else None,
+        new_parameters=new_parameters,
+        convert_command=card_command(
+            origin or source.name,
+            fuser_type=fuser_type,
+            fuser_layers=fuser_layers,
+            fuser_layer_groups=fuser_layer_groups,
+            fuser_options=fuser_options,
+            instruction_encoder=encoder.name if encoder else None,
+            dtype=dtype,
+        ),
     )
     with staged_output(output, overwrite) as staging:
         total_bytes = write_shards(staging, planned, progress)
         write_companions(staging, source, llava_config, config, encoder, card)
         result = describe_result(output, config, planned, num_copied, len(new_tensors), new_parameters, total_bytes)
         if verify:
-            result.verify_max_abs_diff, result.verify_tolerance = verify_against_llava(source, staging, as_torch_dtype(config.dtype))
+            result.verify_max_abs_diff, result.verify_tolerance = verify_against_llava(
+                source, staging, as_torch_dtype(config.dtype)
+            )
     return publish_result(result, push_to_hub, private, f"Add {fuser_type} fused LLaVA from {origin or source.name}")

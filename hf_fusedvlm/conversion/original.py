@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
 
 from ..configuration_fused_llava import FusedLlavaConfig
-from ..processing_fused_llava import FusedLlavaProcessor
 from .checkpoint import resolve_checkpoint
 from .errors import ConversionError, listed, parse_dtype
 from .hub import publish_result
@@ -26,18 +24,24 @@ from .original_layout import (
     EMBEDDING_KEYS,
     RECOMPUTED_BUFFER,
     TOWER_PREFIX,
-    VARIANT_FUSERS,
     VARIANT_ORIGINS,
     VARIANTS,
     detect_variant,
+    fuser_for_variant,
     fused_config_from_original,
     map_original_key,
     original_key,
     read_original_config,
     text_config_from_original,
 )
-from .original_processor import LLAVA_V1_CHAT_TEMPLATE, add_llava_tokens, load_llm_tokenizer, read_vision_tower
-from .parity import FUSER_PREFIX, INSTRUCTION_ENCODER_PREFIX, PROJECTOR_INPUT_KEY, expand_projector_input, new_fuser_tensors
+from .original_processor import add_llava_tokens, load_llm_tokenizer, read_vision_tower, write_companions
+from .parity import (
+    FUSER_PREFIX,
+    INSTRUCTION_ENCODER_PREFIX,
+    PROJECTOR_INPUT_KEY,
+    expand_projector_input,
+    new_fuser_tensors,
+)
 from .pipeline import check_fuser_choice, describe_result, fuser_class_or_error, fuser_settings, prepare_output
 from .sentence_encoder import SentenceEncoder, load_sentence_encoder
 from .shards import StoredShard, read_shards
@@ -50,7 +54,6 @@ from .writing import (
     plan_new_tensors,
     plan_tensor,
     planned_shard,
-    write_remote_code,
     write_shards,
 )
 
@@ -72,8 +75,9 @@ def append_mean_rows(new_size: int):
     return grow
 
 
-def plan_checkpoint(shards: list[StoredShard], variant: str, config: FusedLlavaConfig, source_vocab: int,
-                    dtype) -> list[PlannedShard]:
+def plan_checkpoint(
+    shards: list[StoredShard], variant: str, config: FusedLlavaConfig, source_vocab: int, dtype
+) -> list[PlannedShard]:
     """Per source shard, the fused entries of its tensors (renamed, embeddings grown, projector widened for a plain
     LLaVA converted to a wider fuser; a trained fusion's projector already has its width)."""
     new_vocab = config.text_config.vocab_size
@@ -91,7 +95,9 @@ def plan_checkpoint(shards: list[StoredShard], variant: str, config: FusedLlavaC
                 try:
                     shape = expand_projector_input(torch.empty(tensor.shape, device="meta"), config).shape
                 except ValueError as error:
-                    raise ConversionError(f"Cannot widen the projector for --fuser {config.fuser_type}: {error}") from error
+                    raise ConversionError(
+                        f"Cannot widen the projector for --fuser {config.fuser_type}: {error}"
+                    ) from error
                 entry = plan_tensor(name, tensor, dtype, shape, lambda weight: expand_projector_input(weight, config))
             else:
                 entry = plan_tensor(name, tensor, dtype)
@@ -104,11 +110,14 @@ def plan_vision_tower(shards: list[StoredShard], dtype) -> list[PlannedShard]:
     """The vision tensors of a CLIP checkpoint (a full CLIPModel, or a CLIPVisionModel with or without the
     `vision_model.` prefix of older transformers) as the fused tower."""
     return [
-        planned_shard([
-            plan_tensor(TOWER_PREFIX + tensor.key.removeprefix("vision_model."), tensor, dtype)
-            for tensor in shard.tensors
-            if tensor.key.split(".")[0] not in CLIP_TEXT_PARTS and not RECOMPUTED_BUFFER.search(tensor.key)
-        ], shard)
+        planned_shard(
+            [
+                plan_tensor(TOWER_PREFIX + tensor.key.removeprefix("vision_model."), tensor, dtype)
+                for tensor in shard.tensors
+                if tensor.key.split(".")[0] not in CLIP_TEXT_PARTS and not RECOMPUTED_BUFFER.search(tensor.key)
+            ],
+            shard,
+        )
         for shard in shards
     ]
 
@@ -156,43 +165,7 @@ def plan_conversion(shards, variant, keys, config, tower_folder, encoder, source
 # ---------------------------------------------------------------------------------------------------------- write
 
 
-def write_companions(staging: Path, source: Path, config: FusedLlavaConfig, text_config, tokenizer, image_processor,
-                     encoder: SentenceEncoder | None, card) -> None:
-    """Everything beside the weights: config and remote code, generation config, processor, model card."""
-    write_remote_code(config, staging)
-    generation_config = (
-        GenerationConfig.from_pretrained(source)
-        if (source / "generation_config.json").is_file()
-        else GenerationConfig.from_model_config(text_config)
-    )
-    generation_config.pad_token_id = text_config.pad_token_id
-    generation_config.save_pretrained(staging)
-    FusedLlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        instruction_tokenizer=encoder.tokenizer if encoder else None,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        chat_template=LLAVA_V1_CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    ).save_pretrained(staging)
-    card.save(staging / "README.md")
-
-
 # -------------------------------------------------------------------------------------------------------- convert
-
-
-def fuser_for_variant(variant: str, fuser_type: str | None) -> str:
-    """The fuser of the result: fixed by a trained fusion checkpoint, the user's choice (default none) for LLaVA."""
-    if variant == "llava":
-        return fuser_type or "none"
-    fixed = VARIANT_FUSERS[variant]
-    if fuser_type not in (None, fixed):
-        raise ConversionError(
-            f"The checkpoint is a trained {variant} model ({VARIANT_ORIGINS[variant]}): it converts to fuser {fixed}, "
-            f"not {fuser_type}. Drop --fuser."
-        )
-    return fixed
 
 
 def require_vision_tower(vision_tower, raw: dict, keys, source: Path):
@@ -250,8 +223,10 @@ def read_source(input, fuser_type: str | None, instruction_encoder, fixed_layers
     trained = f" (the checkpoint was trained with {raw['sentence_embedder']})" if raw.get("sentence_embedder") else ""
     check_fuser_choice(fuser_type, instruction_encoder, trained)
     if variant != "llava" and fixed_layers:
-        raise ConversionError(f"The layers of a trained {variant} checkpoint are fixed by its config: drop "
-                              "--fuser-layers and --fuser-groups.")
+        raise ConversionError(
+            f"The layers of a trained {variant} checkpoint are fixed by its config: drop "
+            "--fuser-layers and --fuser-groups."
+        )
     if EMBED_KEY not in keys:
         raise ConversionError(f"{folder} has no {EMBED_KEY}: it is not a LLaVA checkpoint ({listed(keys)}).")
     return OriginalSource(folder, repo_id, raw, shards, keys, variant, fuser_type)
@@ -266,20 +241,36 @@ def build_target(source: OriginalSource, vision_tower, instruction_encoder, sett
     tokenizer = load_llm_tokenizer(source.folder)
     image_token_index, pad_token_id, new_vocab = add_llava_tokens(tokenizer, source.vocab_size)
     text_config = text_config_from_original(source.raw, new_vocab, pad_token_id)
-    config = fused_config_from_original(source.raw, source.variant, source.keys, text_config, vision_config,
-                                        image_token_index, source.fuser_type, encoder, settings)
+    config = fused_config_from_original(
+        source.raw,
+        source.variant,
+        source.keys,
+        text_config,
+        vision_config,
+        image_token_index,
+        source.fuser_type,
+        encoder,
+        settings,
+    )
     source_dtype = source.raw.get("torch_dtype") or source.raw.get("dtype")
     config.dtype = dtype or (parse_dtype(source_dtype) if source_dtype in ("float32", "float16", "bfloat16") else None)
-    return FusedTarget(config, text_config, tokenizer, image_processor, tower_folder, tower_repo or tower_folder.name,
-                       encoder)
+    return FusedTarget(
+        config, text_config, tokenizer, image_processor, tower_folder, tower_repo or tower_folder.name, encoder
+    )
 
 
-def original_card(source: OriginalSource, target: FusedTarget, model_id: str, origin: str | None,
-                  new_parameters: int, command: str):
+def original_card(
+    source: OriginalSource, target: FusedTarget, model_id: str, origin: str | None, new_parameters: int, command: str
+):
     license, license_link = source_license(source.folder)
     return render_model_card(
-        target.config, model_id=model_id, base_model=origin, license=license, license_link=license_link,
-        instruction_encoder=target.encoder.name if target.encoder else None, new_parameters=new_parameters,
+        target.config,
+        model_id=model_id,
+        base_model=origin,
+        license=license,
+        license_link=license_link,
+        instruction_encoder=target.encoder.name if target.encoder else None,
+        new_parameters=new_parameters,
         convert_command=command,
         imported_from=None if source.variant == "llava" else VARIANT_ORIGINS[source.variant],
     )
@@ -325,31 +316,63 @@ def convert_original_checkpoint(
         fuser_class_or_error(fuser_type)
     settings = fuser_settings(fuser_layers, fuser_layer_groups, fuser_options)
     output = prepare_output(input, output, overwrite, push_to_hub)
-    source = read_source(input, fuser_type, instruction_encoder, fixed_layers=fuser_layers is not None
-                         or fuser_layer_groups is not None)
+    source = read_source(
+        input, fuser_type, instruction_encoder, fixed_layers=fuser_layers is not None or fuser_layer_groups is not None
+    )
     target = build_target(source, vision_tower, instruction_encoder, settings, dtype)
-    planned, new_tensors = plan_conversion(source.shards, source.variant, source.keys, target.config,
-                                           target.tower_folder, target.encoder, source.vocab_size, dtype, source.folder)
+    planned, new_tensors = plan_conversion(
+        source.shards,
+        source.variant,
+        source.keys,
+        target.config,
+        target.tower_folder,
+        target.encoder,
+        source.vocab_size,
+        dtype,
+        source.folder,
+    )
 
     origin = base_model or source.repo_id
     # The fuser's size: fresh weights for a plain LLaVA, the trained ones for MMFuser and IGVA.
     new_parameters = count_parameters(planned, FUSER_PREFIX)
     command = card_command(
-        origin or source.folder.name, vision_tower=target.tower_name,
+        origin or source.folder.name,
+        vision_tower=target.tower_name,
         fuser_type=target.config.fuser_type if source.variant == "llava" and source.fuser_type != "none" else None,
-        fuser_layers=fuser_layers, fuser_layer_groups=fuser_layer_groups, fuser_options=fuser_options,
-        instruction_encoder=target.encoder.name if target.encoder else None, dtype=dtype,
+        fuser_layers=fuser_layers,
+        fuser_layer_groups=fuser_layer_groups,
+        fuser_options=fuser_options,
+        instruction_encoder=target.encoder.name if target.encoder else None,
+        dtype=dtype,
     )
-    card = original_card(source, target, output.name if push_to_hub is None else push_to_hub, origin,
-                         new_parameters, command)
+    card = original_card(
+        source, target, output.name if push_to_hub is None else push_to_hub, origin, new_parameters, command
+    )
     with staged_output(output, overwrite) as staging:
         total_bytes = write_shards(staging, planned, progress)
-        write_companions(staging, source.folder, target.config, target.text_config, target.tokenizer,
-                         target.image_processor, target.encoder, card)
-        result = describe_result(output, target.config, planned, sum(len(shard.tensors) for shard in source.shards),
-                                 len(new_tensors), new_parameters, total_bytes)
+        write_companions(
+            staging,
+            source.folder,
+            target.config,
+            target.text_config,
+            target.tokenizer,
+            target.image_processor,
+            target.encoder,
+            card,
+        )
+        result = describe_result(
+            output,
+            target.config,
+            planned,
+            sum(len(shard.tensors) for shard in source.shards),
+            len(new_tensors),
+            new_parameters,
+            total_bytes,
+        )
         if verify:
-            source_text_config = text_config_from_original(source.raw, source.vocab_size, source.raw.get("pad_token_id"))
+            source_text_config = text_config_from_original(
+                source.raw, source.vocab_size, source.raw.get("pad_token_id")
+            )
             result.verify_max_abs_diff, result.verify_tolerance = verify_against_llm(
                 staging, source.folder, source_text_config, dtype
             )

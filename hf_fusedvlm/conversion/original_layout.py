@@ -122,7 +122,7 @@ def parse_select_layer(value) -> int | list[int]:
             pass
     raise ConversionError(
         f"mm_vision_select_layer {value!r} is neither a layer index such as -2 nor a list such as "
-        "\"list-22/-17/-12/-7/-2\"."
+        '"list-22/-17/-12/-7/-2".'
     )
 
 
@@ -209,7 +209,7 @@ def fused_config_from_original(
         if not isinstance(layers, list):
             raise ConversionError(
                 f"An MMFuser checkpoint selects several layers (mm_vision_select_layer such as "
-                f"\"list-22/-17/-12/-7/-2\"), got {layers!r}."
+                f'"list-22/-17/-12/-7/-2"), got {layers!r}.'
             )
         heads = fuser_kwargs.setdefault("fuser_num_heads", MMFUSER_NUM_HEADS)
         points = fuser_kwargs.setdefault("fuser_num_points", MMFUSER_NUM_POINTS)
@@ -271,3 +271,14 @@ def fused_config_from_original(
     return config
 
 
+def fuser_for_variant(variant: str, fuser_type: str | None) -> str:
+    """The fuser of the result: fixed by a trained fusion checkpoint, the user's choice (default none) for LLaVA."""
+    if variant == "llava":
+        return fuser_type or "none"
+    fixed = VARIANT_FUSERS[variant]
+    if fuser_type not in (None, fixed):
+        raise ConversionError(
+            f"The checkpoint is a trained {variant} model ({VARIANT_ORIGINS[variant]}): it converts to fuser {fixed}, "
+            f"not {fuser_type}. Drop --fuser."
+        )
+    return fixed

@@ -1,16 +1,20 @@
 """The processor of an imported original-format checkpoint, made as llava-hf made LLaVA-1.5's: the LLM tokenizer with
 `<image>` (the original code's -200 placeholder) and `<pad>` added, the CLIP image processor of `--vision-tower`
 padding to a square (`image_aspect_ratio: pad`), and the `llava_v1` conversation the models were trained with as chat
-template."""
+template; and the files written beside the weights."""
 
 import math
 from pathlib import Path
 
 from tokenizers import AddedToken
-from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, LlavaImageProcessorPil
+from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, GenerationConfig, LlavaImageProcessorPil
 from transformers.image_processing_utils import ImageProcessingMixin
 
+from ..configuration_fused_llava import FusedLlavaConfig
+from ..processing_fused_llava import FusedLlavaProcessor
 from .errors import ConversionError
+from .sentence_encoder import SentenceEncoder
+from .writing import write_remote_code
 
 
 IMAGE_TOKEN = "<image>"
@@ -43,7 +47,6 @@ LLAVA_V1_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-
 
 
 def read_vision_tower(folder: Path, name: str) -> tuple[CLIPVisionConfig, LlavaImageProcessorPil]:
@@ -88,8 +91,6 @@ def add_llava_tokens(tokenizer, vocab_size: int) -> tuple[int, int, int]:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id, new_size
 
 
-
-
 def load_llm_tokenizer(source: Path):
     try:
         return AutoTokenizer.from_pretrained(source)
@@ -99,3 +100,34 @@ def load_llm_tokenizer(source: Path):
             "checkpoints ship tokenizer.model or tokenizer.json with tokenizer_config.json; download them with the "
             "weights."
         ) from error
+
+
+def write_companions(
+    staging: Path,
+    source: Path,
+    config: FusedLlavaConfig,
+    text_config,
+    tokenizer,
+    image_processor,
+    encoder: SentenceEncoder | None,
+    card,
+) -> None:
+    """Everything beside the weights: config and remote code, generation config, processor, model card."""
+    write_remote_code(config, staging)
+    generation_config = (
+        GenerationConfig.from_pretrained(source)
+        if (source / "generation_config.json").is_file()
+        else GenerationConfig.from_model_config(text_config)
+    )
+    generation_config.pad_token_id = text_config.pad_token_id
+    generation_config.save_pretrained(staging)
+    FusedLlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        instruction_tokenizer=encoder.tokenizer if encoder else None,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=LLAVA_V1_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    ).save_pretrained(staging)
+    card.save(staging / "README.md")

@@ -64,8 +64,9 @@ def fuser_settings(fuser_layers=None, fuser_layer_groups=None, fuser_options=Non
     return settings
 
 
-def prepare_output(input: str | os.PathLike, output: str | os.PathLike, overwrite: bool,
-                   push_to_hub: str | None) -> Path:
+def prepare_output(
+    input: str | os.PathLike, output: str | os.PathLike, overwrite: bool, push_to_hub: str | None
+) -> Path:
     """The absolute `output`, checked before anything is read or downloaded: not the input nor inside it, a folder
     `--overwrite` may replace, a writable parent, and a reachable Hub when pushing."""
     output = Path(output).expanduser().resolve()
@@ -77,8 +78,15 @@ def prepare_output(input: str | os.PathLike, output: str | os.PathLike, overwrit
     return output
 
 
-def describe_result(output: Path, config, planned: list[PlannedShard], num_copied: int, num_new: int,
-                    new_parameters: int, total_bytes: int) -> ConversionResult:
+def describe_result(
+    output: Path,
+    config,
+    planned: list[PlannedShard],
+    num_copied: int,
+    num_new: int,
+    new_parameters: int,
+    total_bytes: int,
+) -> ConversionResult:
     return ConversionResult(
         output=output,
         fuser_type=config.fuser_type,

@@ -23,8 +23,14 @@ from .errors import ConversionError
 
 
 # sentence-transformers pooling mode (both spellings) -> `instruction_pooling`.
-SUPPORTED_POOLING = {"mean": "mean", "mean_tokens": "mean", "cls": "cls", "cls_token": "cls", "max": "max",
-                     "max_tokens": "max"}
+SUPPORTED_POOLING = {
+    "mean": "mean",
+    "mean_tokens": "mean",
+    "cls": "cls",
+    "cls_token": "cls",
+    "max": "max",
+    "max_tokens": "max",
+}
 EXAMPLE = "sentence-transformers/all-mpnet-base-v2"
 
 
@@ -49,7 +55,9 @@ def _read_json(path: Path, what: str) -> dict | list:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise ConversionError(f"--instruction-encoder: {path} ({what}) is missing or not valid JSON ({error}).") from error
+        raise ConversionError(
+            f"--instruction-encoder: {path} ({what}) is missing or not valid JSON ({error})."
+        ) from error
 
 
 def read_pooling(config_file: Path) -> str:
@@ -59,8 +67,11 @@ def read_pooling(config_file: Path) -> str:
         modes = config["pooling_mode"]
         modes = [modes] if isinstance(modes, str) else list(modes)
     else:
-        modes = [name.removeprefix("pooling_mode_") for name, value in config.items()
-                 if name.startswith("pooling_mode_") and value is True]
+        modes = [
+            name.removeprefix("pooling_mode_")
+            for name, value in config.items()
+            if name.startswith("pooling_mode_") and value is True
+        ]
     if len(modes) != 1 or modes[0] not in SUPPORTED_POOLING:
         raise ConversionError(
             f"{config_file} sets pooling modes {modes}: the fused model computes exactly one of mean, cls or max "
@@ -118,9 +129,12 @@ def _check_text_encoder(transformer_path: Path, folder: Path) -> None:
             f"--instruction-encoder {folder}: its config.json could not be read ({type(error).__name__}: {error})."
         ) from error
     architectures = config.architectures or []
-    if (getattr(config, "is_encoder_decoder", False) or config.sub_configs
-            or any(name.endswith(("ForCausalLM", "ForConditionalGeneration")) for name in architectures)
-            or not hasattr(config, "hidden_size")):
+    if (
+        getattr(config, "is_encoder_decoder", False)
+        or config.sub_configs
+        or any(name.endswith(("ForCausalLM", "ForConditionalGeneration")) for name in architectures)
+        or not hasattr(config, "hidden_size")
+    ):
         kind = ", ".join(architectures) or "no architectures"
         raise ConversionError(
             f"--instruction-encoder {folder} is a {config.model_type!r} model ({kind}), not a text encoder: give a "

@@ -97,9 +97,13 @@ def _check_spans(path: Path, header: dict, data_size: int) -> None:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
             expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
         except (KeyError, TypeError, ValueError) as error:
-            raise ConversionError(f"{path}: tensor {key!r} has a corrupt or unsupported entry {info!r}: {_FIX}.") from error
+            raise ConversionError(
+                f"{path}: tensor {key!r} has a corrupt or unsupported entry {info!r}: {_FIX}."
+            ) from error
         if end - begin != expected or begin < 0:
-            raise ConversionError(f"{path}: tensor {key!r} spans {end - begin} bytes, its shape needs {expected}: {_FIX}.")
+            raise ConversionError(
+                f"{path}: tensor {key!r} spans {end - begin} bytes, its shape needs {expected}: {_FIX}."
+            )
         spans.append((begin, end))
     position = 0
     for begin, end in sorted(spans):
@@ -150,9 +154,13 @@ def read_safetensors_shards(folder: Path) -> list[StoredShard]:
                     "shard is corrupt or from another checkpoint; re-download it."
                 )
         tensors = [
-            StoredTensor(key, SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"]),
-                         begin=data_start + info["data_offsets"][0],
-                         nbytes=info["data_offsets"][1] - info["data_offsets"][0])
+            StoredTensor(
+                key,
+                SAFETENSORS_DTYPES[info["dtype"]],
+                list(info["shape"]),
+                begin=data_start + info["data_offsets"][0],
+                nbytes=info["data_offsets"][1] - info["data_offsets"][0],
+            )
             for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
         ]
         shards.append(StoredShard(path, metadata, tensors))

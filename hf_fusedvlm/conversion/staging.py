@@ -41,9 +41,7 @@ def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
     for source in inputs:
         if output == source or output.is_relative_to(source) or source.is_relative_to(output):
             where = "is" if output == source else "is inside" if output.is_relative_to(source) else "contains"
-            raise ConversionError(
-                f"--output {output} {where} the input {source}: choose a folder outside the input."
-            )
+            raise ConversionError(f"--output {output} {where} the input {source}: choose a folder outside the input.")
     if output.exists() and not output.is_dir():
         raise ConversionError(f"--output {output} is a file: give a folder path.")
     contents = sorted(path.name for path in output.iterdir()) if output.is_dir() else []
@@ -132,8 +130,9 @@ def check_writable(output: Path) -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConversionError(f"--output {output}: {parent} is not writable (read-only or no permission): choose "
-                              "another folder.")
+        raise ConversionError(
+            f"--output {output}: {parent} is not writable (read-only or no permission): choose another folder."
+        )
 
 
 @contextmanager

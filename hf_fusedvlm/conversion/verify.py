@@ -69,7 +69,9 @@ def verify_against_llava(source: Path, output: Path, dtype: torch.dtype | None =
     return compare_logits(actual, expected, dtype, "the converted model's logits and the source's")
 
 
-def verify_against_llm(output: Path, source: Path, text_config, dtype: torch.dtype | None = None) -> tuple[float, float]:
+def verify_against_llm(
+    output: Path, source: Path, text_config, dtype: torch.dtype | None = None
+) -> tuple[float, float]:
     """Original-format sources (whose code is not at hand): the converted model answers an image prompt with finite
     logits, and on text alone gives the logits of the source's LLM loaded with transformers from the source folder
     (its original vocabulary, `text_config`)."""

@@ -21,7 +21,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from ..configuration_fused_llava import FusedLlavaConfig
 from ..modeling_fused_llava import FusedLlavaForConditionalGeneration
 from .errors import ConversionError
-from .shards import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, TORCH_TO_SAFETENSORS, StoredShard, StoredTensor
+from .shards import SAFETENSORS_INDEX, TORCH_TO_SAFETENSORS, StoredShard, StoredTensor
 
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
@@ -84,8 +84,10 @@ class ConversionResult:
             f"({self.new_parameters:,} fuser parameters), {self.num_shards} shards, {self.total_bytes / 2**20:.1f} MiB",
         ]
         if self.verify_max_abs_diff is not None:
-            lines.append(f"  verified: max |logit difference| = {self.verify_max_abs_diff:.3g} "
-                         f"(tolerance {self.verify_tolerance:g})")
+            lines.append(
+                f"  verified: max |logit difference| = {self.verify_max_abs_diff:.3g} "
+                f"(tolerance {self.verify_tolerance:g})"
+            )
         if self.commit_url:
             lines.append(f"  pushed: {self.commit_url}")
         return "\n".join(lines)
@@ -186,7 +188,9 @@ def write_shard(path: Path, entries: list[OutputTensor], metadata: dict | None, 
     header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
     for entry in entries:
         header[entry.name] = {
-            "dtype": TORCH_TO_SAFETENSORS[entry.dtype], "shape": entry.shape, "data_offsets": [offset, offset + entry.nbytes]
+            "dtype": TORCH_TO_SAFETENSORS[entry.dtype],
+            "shape": entry.shape,
+            "data_offsets": [offset, offset + entry.nbytes],
         }
         offset += entry.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -221,8 +225,9 @@ def write_shards(folder: Path, planned: list[PlannedShard], progress: bool) -> i
     """Write the shards and their index into `folder`; returns the bytes written."""
     total_bytes = sum(entry.nbytes for shard in planned for entry in shard.entries)
     weight_map = {}
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-              desc="Converting") as bar:
+    with tqdm(
+        total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, desc="Converting"
+    ) as bar:
         for index, shard in enumerate(planned):
             name = shard_name(index + 1, len(planned))
             bar.set_description(f"Shard {index + 1}/{len(planned)}")
