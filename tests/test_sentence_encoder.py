@@ -2,6 +2,7 @@
 writes (5/6 format) and hand-written ones in the older boolean format. The fused model's instruction embeddings must
 equal `SentenceTransformer.encode`."""
 
+import copy
 import json
 
 import pytest
@@ -24,8 +25,19 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def transformer_dir(workdir, tiny_instruction_encoder):
+def encoder_and_tokenizer(tiny_instruction_encoder):
+    """The tiny encoder with a copy of its tokenizer as a plain encoder folder has it: a processor that saved the
+    shared tokenizer in another test has set its processor_class."""
     encoder, tokenizer = tiny_instruction_encoder
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.init_kwargs.pop("processor_class", None)
+    tokenizer._processor_class = None
+    return encoder, tokenizer
+
+
+@pytest.fixture(scope="module")
+def transformer_dir(workdir, encoder_and_tokenizer):
+    encoder, tokenizer = encoder_and_tokenizer
     folder = workdir / "bert"
     encoder.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -121,8 +133,8 @@ def test_installed_sentence_transformers_folders(workdir, transformer_dir, llava
 
 
 @pytest.mark.parametrize("pooling", ["mean_tokens", "cls_token", "max_tokens"])
-def test_older_format_folders(workdir, tiny_instruction_encoder, llava_dir, pooling):
-    folder = write_old_format(workdir / f"old-{pooling}", *tiny_instruction_encoder, pooling, normalize=True)
+def test_older_format_folders(workdir, encoder_and_tokenizer, llava_dir, pooling):
+    folder = write_old_format(workdir / f"old-{pooling}", *encoder_and_tokenizer, pooling, normalize=True)
     encoder = load_sentence_encoder(folder)
     assert (encoder.pooling, encoder.normalize) == (pooling.split("_")[0], True)
     assert encoder.tokenizer.model_max_length == MAX_SEQ_LENGTH
