@@ -1,0 +1,158 @@
+"""transformers' own common model tests (`ModelTesterMixin` of the installed release) for every fuser type.
+
+The tester follows transformers' `tests/models/llava/test_modeling_llava.py`: a tiny Llama and CLIP tower, three
+images, the image tokens at the start of each row. Tests that cannot apply to a fused LLaVA are skipped through
+`NOT_APPLICABLE`, each with its reason.
+"""
+
+import unittest
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from hf_fusedvlm import FusedLlavaConfig, FusedLlavaForConditionalGeneration, FusedLlavaModel
+
+from conftest import FUSER_TYPES
+from transformers_sdist import load_test_modeling_common
+
+
+pytest.importorskip("parameterized", reason="transformers' common tests need `parameterized` (the test extra)")
+common = load_test_modeling_common()
+
+
+# Test name -> why it cannot apply to a fused LLaVA (the same for every fuser unless listed in NOT_APPLICABLE_FOR).
+NOT_APPLICABLE = {
+    "test_generation_tester_mixin_inheritance": (
+        "GenerationTesterMixin lives in tests/generation/, which the transformers sdist does not ship; generate() is "
+        "tested in tests/test_modeling.py"
+    ),
+    # Same skips, same reasons as transformers' own LLaVA tester.
+    "test_training_gradient_checkpointing": "LLaVA architecture: gradient checkpointing skipped as in transformers' tester",
+    "test_training_gradient_checkpointing_use_reentrant": "LLaVA architecture: skipped as in transformers' tester",
+    "test_training_gradient_checkpointing_use_reentrant_false": "LLaVA architecture: skipped as in transformers' tester",
+    "test_flash_attention_2_padding_matches_padding_free_with_position_ids": (
+        "VLM inputs cannot be made padding-free; skipped as in transformers' LLaVA tester"
+    ),
+}
+NOT_APPLICABLE_FOR: dict[str, dict[str, str]] = {}
+
+
+class FusedLlavaModelTester:
+    """Tiny configs and inputs for one fuser type, shaped like transformers' LLaVA tester."""
+
+    def __init__(self, parent, fuser_type: str):
+        self.parent = parent
+        self.fuser_type = fuser_type
+        self.batch_size = 3
+        self.is_training = True
+        self.image_token_index = 0
+        self.pad_token_id = 1
+        self.vocab_size = 99
+        self.hidden_size = 32
+        self.num_hidden_layers = 2
+        self.num_attention_heads = 4
+        self.image_size, self.patch_size = 8, 2
+        self.num_image_tokens = (self.image_size // self.patch_size) ** 2
+        self.seq_length = 7 + self.num_image_tokens
+        self.encoder_seq_length = self.seq_length
+        self.instruction_length = 5
+        self.instruction_vocab_size = 50
+
+    def get_config(self) -> FusedLlavaConfig:
+        text_config = {
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": 37,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "initializer_range": 0.02,
+            "pad_token_id": self.pad_token_id,
+        }
+        vision_config = {
+            "model_type": "clip_vision_model",
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": 3,
+            "hidden_size": 32,
+            "projection_dim": 32,
+            # Three layers, so that the fusers have layers to fuse besides the base layer (-2).
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "intermediate_size": 37,
+            "dropout": 0.1,
+            "attention_dropout": 0.1,
+            "initializer_range": 0.02,
+        }
+        instruction_encoder_config = None
+        if self.fuser_type == "igva":
+            instruction_encoder_config = AutoConfig.for_model(
+                "bert",
+                vocab_size=self.instruction_vocab_size,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=37,
+                max_position_embeddings=64,
+                pad_token_id=0,
+            )
+        return FusedLlavaConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            image_token_index=self.image_token_index,
+            projector_hidden_act="gelu",
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            image_seq_length=self.num_image_tokens,
+            fuser_type=self.fuser_type,
+            fuser_num_heads=4,
+            fuser_num_points=2,
+            aggregator_hidden_size=32,
+            aggregator_num_layers=1,
+            aggregator_num_heads=2,
+            instruction_encoder_config=instruction_encoder_config,
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        config = self.get_config()
+        pixel_values = common.floats_tensor([self.batch_size, 3, self.image_size, self.image_size])
+        input_ids = common.ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 2) + 2
+        input_ids[:, : self.num_image_tokens] = self.image_token_index
+        inputs = {
+            "pixel_values": pixel_values,
+            "input_ids": input_ids,
+            "attention_mask": torch.ones(input_ids.shape, dtype=torch.long),
+        }
+        if self.fuser_type == "igva":
+            inputs["instruction_input_ids"] = common.ids_tensor(
+                [self.batch_size, self.instruction_length], self.instruction_vocab_size - 1
+            ) + 1
+            inputs["instruction_attention_mask"] = torch.ones(
+                self.batch_size, self.instruction_length, dtype=torch.long
+            )
+        return config, inputs
+
+
+class FusedLlavaCommonTest(common.ModelTesterMixin):
+    """transformers' `ModelTesterMixin` on both fused classes; subclassed once per fuser type below."""
+
+    fuser_type: str
+    all_model_classes = (FusedLlavaModel, FusedLlavaForConditionalGeneration)
+    _is_composite = True
+
+    def setUp(self):
+        self.model_tester = FusedLlavaModelTester(self, self.fuser_type)
+        reason = NOT_APPLICABLE_FOR.get(self.fuser_type, {}).get(self._testMethodName) or NOT_APPLICABLE.get(
+            self._testMethodName
+        )
+        if reason is not None:
+            self.skipTest(reason)
+
+
+for _fuser_type in FUSER_TYPES:
+    _name = f"FusedLlava{_fuser_type.title()}CommonTest"
+    globals()[_name] = type(_name, (FusedLlavaCommonTest, unittest.TestCase), {"fuser_type": _fuser_type})
+del _fuser_type, _name
