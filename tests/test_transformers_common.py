@@ -19,6 +19,13 @@ from transformers_sdist import load_test_modeling_common
 
 pytest.importorskip("parameterized", reason="transformers' common tests need `parameterized` (the test extra)")
 common = load_test_modeling_common()
+# The mixin picks base models and label shapes from transformers' static auto-mapping names, which an in-tree model
+# would be listed in; rebinding the names inside the test module leaves transformers' own tables untouched.
+common.MODEL_MAPPING_NAMES = {**common.MODEL_MAPPING_NAMES, "fused_llava": "FusedLlavaModel"}
+common.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES = {
+    **common.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    "fused_llava": "FusedLlavaForConditionalGeneration",
+}
 
 
 # Test name -> why it cannot apply to a fused LLaVA (the same for every fuser unless listed in NOT_APPLICABLE_FOR).
@@ -27,10 +34,6 @@ NOT_APPLICABLE = {
         "GenerationTesterMixin lives in tests/generation/, which the transformers sdist does not ship; generate() is "
         "tested in tests/test_modeling.py"
     ),
-    # Same skips, same reasons as transformers' own LLaVA tester.
-    "test_training_gradient_checkpointing": "LLaVA architecture: gradient checkpointing skipped as in transformers' tester",
-    "test_training_gradient_checkpointing_use_reentrant": "LLaVA architecture: skipped as in transformers' tester",
-    "test_training_gradient_checkpointing_use_reentrant_false": "LLaVA architecture: skipped as in transformers' tester",
     "test_flash_attention_2_padding_matches_padding_free_with_position_ids": (
         "VLM inputs cannot be made padding-free; skipped as in transformers' LLaVA tester"
     ),
@@ -59,8 +62,7 @@ class FusedLlavaModelTester:
         self.instruction_length = 5
         self.instruction_vocab_size = 50
 
-    def get_config(self) -> FusedLlavaConfig:
-        text_config = {
+        self.text_config = {
             "model_type": "llama",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -72,7 +74,7 @@ class FusedLlavaModelTester:
             "initializer_range": 0.02,
             "pad_token_id": self.pad_token_id,
         }
-        vision_config = {
+        self.vision_config = {
             "model_type": "clip_vision_model",
             "image_size": self.image_size,
             "patch_size": self.patch_size,
@@ -87,6 +89,8 @@ class FusedLlavaModelTester:
             "attention_dropout": 0.1,
             "initializer_range": 0.02,
         }
+
+    def get_config(self) -> FusedLlavaConfig:
         instruction_encoder_config = None
         if self.fuser_type == "igva":
             instruction_encoder_config = AutoConfig.for_model(
@@ -100,8 +104,8 @@ class FusedLlavaModelTester:
                 pad_token_id=0,
             )
         return FusedLlavaConfig(
-            text_config=text_config,
-            vision_config=vision_config,
+            text_config=self.text_config,
+            vision_config=self.vision_config,
             image_token_index=self.image_token_index,
             projector_hidden_act="gelu",
             vision_feature_select_strategy="default",
@@ -142,6 +146,8 @@ class FusedLlavaCommonTest(common.ModelTesterMixin):
     fuser_type: str
     all_model_classes = (FusedLlavaModel, FusedLlavaForConditionalGeneration)
     _is_composite = True
+    # The base layer is -2, as in LLaVA-1.5: the vision tower's last layer and post-layernorm never reach the output.
+    test_all_params_have_gradient = False
 
     def setUp(self):
         self.model_tester = FusedLlavaModelTester(self, self.fuser_type)
@@ -151,8 +157,20 @@ class FusedLlavaCommonTest(common.ModelTesterMixin):
         if reason is not None:
             self.skipTest(reason)
 
+    def _image_features_prepare_config_and_inputs(self):
+        """The mixin keeps only inputs named like images; the instruction is an input of the fused image features
+        too (as `qformer_input_ids` is for InstructBLIP)."""
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        return config, {key: value for key, value in inputs.items() if key.startswith(("pixel", "instruction"))}
+
 
 for _fuser_type in FUSER_TYPES:
     _name = f"FusedLlava{_fuser_type.title()}CommonTest"
     globals()[_name] = type(_name, (FusedLlavaCommonTest, unittest.TestCase), {"fuser_type": _fuser_type})
 del _fuser_type, _name
+
+
+def test_not_applicable_names_existing_common_tests():
+    """Every skip names a test the mixin defines, so the list cannot go stale silently."""
+    names = set(NOT_APPLICABLE) | {name for reasons in NOT_APPLICABLE_FOR.values() for name in reasons}
+    assert names and all(hasattr(common.ModelTesterMixin, name) for name in names), names
