@@ -34,9 +34,6 @@ NOT_APPLICABLE = {
         "GenerationTesterMixin lives in tests/generation/, which the transformers sdist does not ship; generate() is "
         "tested in tests/test_modeling.py"
     ),
-    "test_flash_attention_2_padding_matches_padding_free_with_position_ids": (
-        "VLM inputs cannot be made padding-free; skipped as in transformers' LLaVA tester"
-    ),
 }
 NOT_APPLICABLE_FOR: dict[str, dict[str, str]] = {}
 
@@ -81,8 +78,7 @@ class FusedLlavaModelTester:
             "num_channels": 3,
             "hidden_size": 32,
             "projection_dim": 32,
-            # Three layers, so that the fusers have layers to fuse besides the base layer (-2).
-            "num_hidden_layers": 3,
+            "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "intermediate_size": 37,
             "dropout": 0.1,
@@ -109,7 +105,9 @@ class FusedLlavaModelTester:
             image_token_index=self.image_token_index,
             projector_hidden_act="gelu",
             vision_feature_select_strategy="default",
-            vision_feature_layer=-2,
+            # The last layer is the base, as in transformers' LLaVA tester; mmfuser and concat fuse both layers.
+            vision_feature_layer=-1,
+            fuser_layers=[1, 2],
             image_seq_length=self.num_image_tokens,
             fuser_type=self.fuser_type,
             fuser_num_heads=4,
@@ -146,7 +144,8 @@ class FusedLlavaCommonTest(common.ModelTesterMixin):
     fuser_type: str
     all_model_classes = (FusedLlavaModel, FusedLlavaForConditionalGeneration)
     _is_composite = True
-    # The base layer is -2, as in LLaVA-1.5: the vision tower's last layer and post-layernorm never reach the output.
+    # LLaVA reads the tower's hidden states, which come before CLIP's post-layernorm: that norm never gets a gradient
+    # (transformers' LLaVA tester skips the gradient-checkpointing tests for the same reason).
     test_all_params_have_gradient = False
 
     def setUp(self):
