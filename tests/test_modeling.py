@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from hf_fusedvlm import FusedLlavaForConditionalGeneration
+from hf_fusedvlm import FusedLlavaForConditionalGeneration, FusedLlavaModel
 
 from conftest import FUSER_TYPES, instruction_inputs, randomise, run_without_package
 
@@ -179,3 +179,115 @@ def test_saved_checkpoint_loads_with_remote_code_without_the_package(fused_model
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
     assert json.loads(line[len("RESULT"):]) == expected
+
+
+def deformable_attentions(model):
+    from hf_fusedvlm.fusers import MultiScaleDeformableAttention
+
+    return [module for module in model.model.fuser.modules() if isinstance(module, MultiScaleDeformableAttention)]
+
+
+def assert_deformable_detr_init(model):
+    """Offsets start on Deformable-DETR's ring (bias of head h, point p: p * direction_h) with zero weights, the
+    attention-weight projection at zero (uniform weights), and the layer scales at zero."""
+    attentions = deformable_attentions(model)
+    assert len(attentions) == 2
+    for attention in attentions:
+        heads, points = attention.num_heads, attention.num_points
+        ring = attention.sampling_offsets.bias.detach().view(heads, attention.num_levels, points, 2)
+        assert torch.equal(ring[:, :, 1], 2 * ring[:, :, 0])  # radius grows with the point index
+        assert torch.equal(ring[0, 0, 0], torch.tensor([1.0, 0.0]))  # head 0 points along +x
+        assert ring.abs().amax(-1).min() >= 1.0
+        assert torch.count_nonzero(attention.sampling_offsets.weight) == 0
+        assert torch.count_nonzero(attention.attention_weights.weight) == 0
+        assert torch.count_nonzero(attention.attention_weights.bias) == 0
+    assert torch.count_nonzero(model.model.fuser.gamma1) == torch.count_nonzero(model.model.fuser.gamma2) == 0
+
+
+def test_mmfuser_gets_deformable_detr_init_on_every_construction_path(fused_models, tmp_path):
+    config = fused_models["mmfuser"].config
+    assert_deformable_detr_init(FusedLlavaForConditionalGeneration(config))
+    assert_deformable_detr_init(FusedLlavaForConditionalGeneration._from_config(config))
+    assert_deformable_detr_init(AutoModel.from_config(config))
+    # A checkpoint without the fuser's weights (e.g. saved before the fuser was added): the fuser is initialised.
+    trained = copy.deepcopy(fused_models["mmfuser"])
+    randomise(trained.model.fuser, seed=1)
+    trained.save_pretrained(tmp_path, state_dict={
+        name: tensor for name, tensor in trained.state_dict().items() if ".fuser." not in name
+    })
+    loaded = FusedLlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert_deformable_detr_init(loaded)
+    # Weights that are in the checkpoint are loaded, not re-initialised.
+    trained.save_pretrained(tmp_path / "full")
+    reloaded = FusedLlavaForConditionalGeneration.from_pretrained(tmp_path / "full")
+    for name, tensor in trained.model.fuser.state_dict().items():
+        assert torch.equal(reloaded.model.fuser.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("fuser_type", FUSER_TYPES)
+def test_fp32_module_lists_name_only_existing_modules(fuser_type, fused_models):
+    model = fused_models[fuser_type]
+    has_fuser_weights = fuser_type in ("mmfuser", "igva")
+    encoder = ["instruction_encoder"] if fuser_type == "igva" else []
+    fuser = ["fuser"] if has_fuser_weights else []
+    assert model.model._keep_in_fp32_modules == set(encoder)
+    assert model.model._keep_in_fp32_modules_strict == set(fuser)
+    # The generation class names them under `model.` (quantisers match from the start of the full module name).
+    assert model._keep_in_fp32_modules == set(encoder) | {f"model.{name}" for name in encoder}
+    assert model._keep_in_fp32_modules_strict == set(fuser) | {f"model.{name}" for name in fuser}
+    assert not model._keep_in_fp32_modules & model._keep_in_fp32_modules_strict
+
+
+def test_get_image_features_accepts_output_flags_as_plain_llava(tiny_llava, fused_models, inputs):
+    llava, _ = tiny_llava
+    fused = fused_models["concat"]
+    pixel_values = inputs["pixel_values"]
+    with torch.no_grad():
+        default = fused.get_image_features(pixel_values)
+        for flags in ({"output_hidden_states": True}, {"output_hidden_states": False}, {"output_attentions": True}):
+            plain = llava.get_image_features(pixel_values, **flags)
+            output = fused.get_image_features(pixel_values, **flags)
+            torch.testing.assert_close(output.pooler_output, default.pooler_output)
+            recorded = [state is not None for state in output.hidden_states]
+            assert all(recorded) == all(state is not None for state in plain.hidden_states), flags
+            assert (output.attentions is None) == (plain.attentions is None), flags
+
+
+def test_changed_vision_feature_layer_gives_a_clear_error(fused_models, inputs):
+    for fuser_type in ("mmfuser", "none"):
+        model = copy.deepcopy(fused_models[fuser_type])
+        model.config.vision_feature_layer = [-2, -1]
+        with pytest.raises(ValueError, match=r"fuser_type='concat' \(or 'mmfuser'\) and fuser_layers=\[-2, -1\]"):
+            model(**inputs)
+        model.config.vision_feature_layer = -1
+        with pytest.raises(ValueError, match="differs from the base layer 5 this model's fuser was built for"):
+            model(**inputs)
+    model = fused_models["average"]
+    with pytest.raises(ValueError, match="vision_feature_layer=-1 \\(from the call\\) differs"):
+        model(**inputs, vision_feature_layer=-1)
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full' \\(from the call\\)"):
+        model.get_image_features(inputs["pixel_values"], vision_feature_select_strategy="full")
+    # The config's own values are accepted, as LlavaForConditionalGeneration accepts them.
+    model(**inputs, vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def test_forward_names_llava_parameters(fused_models):
+    import inspect
+
+    from transformers import LlavaForConditionalGeneration, LlavaModel
+
+    for fused_class, plain_class in (
+        (FusedLlavaForConditionalGeneration, LlavaForConditionalGeneration),
+        (FusedLlavaModel, LlavaModel),
+    ):
+        plain = [name for name in inspect.signature(plain_class.forward).parameters if name != "kwargs"]
+        fused = list(inspect.signature(fused_class.forward).parameters)
+        assert fused[: len(plain)] == plain, fused_class
+
+
+def test_from_pretrained_refuses_a_plain_llava_checkpoint(tiny_llava, tmp_path):
+    llava, _ = tiny_llava
+    llava.save_pretrained(tmp_path)
+    for loader in (FusedLlavaForConditionalGeneration, FusedLlavaModel):
+        with pytest.raises(ValueError, match=rf"model_type='llava'.*fusedvlm-convert --input {tmp_path} --output"):
+            loader.from_pretrained(tmp_path)

@@ -1,0 +1,175 @@
+"""transformers' own common model tests (`ModelTesterMixin` of the installed release) for every fuser type.
+
+The tester follows transformers' `tests/models/llava/test_modeling_llava.py`: a tiny Llama and CLIP tower, three
+images, the image tokens at the start of each row. Tests that cannot apply to a fused LLaVA are skipped through
+`NOT_APPLICABLE`, each with its reason.
+"""
+
+import unittest
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from hf_fusedvlm import FusedLlavaConfig, FusedLlavaForConditionalGeneration, FusedLlavaModel
+
+from conftest import FUSER_TYPES
+from transformers_sdist import load_test_modeling_common
+
+
+pytest.importorskip("parameterized", reason="transformers' common tests need `parameterized` (the test extra)")
+common = load_test_modeling_common()
+# The mixin picks base models and label shapes from transformers' static auto-mapping names, which an in-tree model
+# would be listed in; rebinding the names inside the test module leaves transformers' own tables untouched.
+common.MODEL_MAPPING_NAMES = {**common.MODEL_MAPPING_NAMES, "fused_llava": "FusedLlavaModel"}
+common.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES = {
+    **common.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    "fused_llava": "FusedLlavaForConditionalGeneration",
+}
+
+
+# Test name -> why it cannot apply to a fused LLaVA (the same for every fuser unless listed in NOT_APPLICABLE_FOR).
+NOT_APPLICABLE = {
+    "test_generation_tester_mixin_inheritance": (
+        "GenerationTesterMixin lives in tests/generation/, which the transformers sdist does not ship; generate() is "
+        "tested in tests/test_modeling.py"
+    ),
+}
+NOT_APPLICABLE_FOR: dict[str, dict[str, str]] = {}
+
+
+class FusedLlavaModelTester:
+    """Tiny configs and inputs for one fuser type, shaped like transformers' LLaVA tester."""
+
+    def __init__(self, parent, fuser_type: str):
+        self.parent = parent
+        self.fuser_type = fuser_type
+        self.batch_size = 3
+        self.is_training = True
+        self.image_token_index = 0
+        self.pad_token_id = 1
+        self.vocab_size = 99
+        self.hidden_size = 32
+        self.num_hidden_layers = 2
+        self.num_attention_heads = 4
+        self.image_size, self.patch_size = 8, 2
+        self.num_image_tokens = (self.image_size // self.patch_size) ** 2
+        self.seq_length = 7 + self.num_image_tokens
+        self.encoder_seq_length = self.seq_length
+        self.instruction_length = 5
+        self.instruction_vocab_size = 50
+
+        self.text_config = {
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": 37,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "initializer_range": 0.02,
+            "pad_token_id": self.pad_token_id,
+        }
+        self.vision_config = {
+            "model_type": "clip_vision_model",
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": 3,
+            "hidden_size": 32,
+            "projection_dim": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 37,
+            "dropout": 0.1,
+            "attention_dropout": 0.1,
+            "initializer_range": 0.02,
+        }
+
+    def get_config(self) -> FusedLlavaConfig:
+        instruction_encoder_config = None
+        if self.fuser_type == "igva":
+            instruction_encoder_config = AutoConfig.for_model(
+                "bert",
+                vocab_size=self.instruction_vocab_size,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=37,
+                max_position_embeddings=64,
+                pad_token_id=0,
+            )
+        return FusedLlavaConfig(
+            text_config=self.text_config,
+            vision_config=self.vision_config,
+            image_token_index=self.image_token_index,
+            projector_hidden_act="gelu",
+            vision_feature_select_strategy="default",
+            # The last layer is the base, as in transformers' LLaVA tester; mmfuser and concat fuse both layers.
+            vision_feature_layer=-1,
+            fuser_layers=[1, 2],
+            image_seq_length=self.num_image_tokens,
+            fuser_type=self.fuser_type,
+            fuser_num_heads=4,
+            fuser_num_points=2,
+            aggregator_hidden_size=32,
+            aggregator_num_layers=1,
+            aggregator_num_heads=2,
+            instruction_encoder_config=instruction_encoder_config,
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        config = self.get_config()
+        pixel_values = common.floats_tensor([self.batch_size, 3, self.image_size, self.image_size])
+        input_ids = common.ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 2) + 2
+        input_ids[:, : self.num_image_tokens] = self.image_token_index
+        inputs = {
+            "pixel_values": pixel_values,
+            "input_ids": input_ids,
+            "attention_mask": torch.ones(input_ids.shape, dtype=torch.long),
+        }
+        if self.fuser_type == "igva":
+            inputs["instruction_input_ids"] = common.ids_tensor(
+                [self.batch_size, self.instruction_length], self.instruction_vocab_size - 1
+            ) + 1
+            inputs["instruction_attention_mask"] = torch.ones(
+                self.batch_size, self.instruction_length, dtype=torch.long
+            )
+        return config, inputs
+
+
+class FusedLlavaCommonTest(common.ModelTesterMixin):
+    """transformers' `ModelTesterMixin` on both fused classes; subclassed once per fuser type below."""
+
+    fuser_type: str
+    all_model_classes = (FusedLlavaModel, FusedLlavaForConditionalGeneration)
+    _is_composite = True
+    # LLaVA reads the tower's hidden states, which come before CLIP's post-layernorm: that norm never gets a gradient
+    # (transformers' LLaVA tester skips the gradient-checkpointing tests for the same reason).
+    test_all_params_have_gradient = False
+
+    def setUp(self):
+        self.model_tester = FusedLlavaModelTester(self, self.fuser_type)
+        reason = NOT_APPLICABLE_FOR.get(self.fuser_type, {}).get(self._testMethodName) or NOT_APPLICABLE.get(
+            self._testMethodName
+        )
+        if reason is not None:
+            self.skipTest(reason)
+
+    def _image_features_prepare_config_and_inputs(self):
+        """The mixin keeps only inputs named like images; the instruction is an input of the fused image features
+        too (as `qformer_input_ids` is for InstructBLIP)."""
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        return config, {key: value for key, value in inputs.items() if key.startswith(("pixel", "instruction"))}
+
+
+for _fuser_type in FUSER_TYPES:
+    _name = f"FusedLlava{_fuser_type.title()}CommonTest"
+    globals()[_name] = type(_name, (FusedLlavaCommonTest, unittest.TestCase), {"fuser_type": _fuser_type})
+del _fuser_type, _name
+
+
+def test_not_applicable_names_existing_common_tests():
+    """Every skip names a test the mixin defines, so the list cannot go stale silently."""
+    names = set(NOT_APPLICABLE) | {name for reasons in NOT_APPLICABLE_FOR.values() for name in reasons}
+    assert names and all(hasattr(common.ModelTesterMixin, name) for name in names), names
