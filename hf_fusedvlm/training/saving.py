@@ -35,6 +35,14 @@ def unwrapped_name(name: str) -> str:
     return WRAPPER_SEGMENTS.sub("", name.removeprefix("module."))
 
 
+def gathered(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` with every DTensor replaced by its full tensor. FSDP2's full state dict should hold none, but
+    torch's gather leaves them sharded when the device mesh is the CPU's. A collective: call it on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    return {key: value.full_tensor() if isinstance(value, DTensor) else value for key, value in state_dict.items()}
+
+
 def live_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """`model.state_dict()` of a model held whole in this process, with bitsandbytes 4-bit weights dequantised (and
     their quantisation-state entries left out)."""

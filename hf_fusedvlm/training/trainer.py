@@ -10,7 +10,7 @@ from transformers import Trainer
 
 from ..convert_llava import render_model_card
 from .recording import recorded_arguments, shown_path
-from .saving import save_fused_checkpoint
+from .saving import gathered, save_fused_checkpoint
 from .stages import STAGES, format_parameter_table, trainable_parameters
 
 
@@ -40,6 +40,8 @@ class FusedLlavaTrainer(Trainer):
         # Under FSDP and DeepSpeed `state_dict` is the full state dict Trainer gathered from the shards (on every rank;
         # complete on the writing one); the live parameters are shards then, so the weights must come from it.
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is not None:
+            state_dict = gathered(state_dict)  # collective: before the non-writing ranks leave
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -48,7 +50,8 @@ class FusedLlavaTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         record = {**recorded_arguments(self.run_arguments, self.args), "world_size": self.args.world_size,
-                  "parallel_mode": self.args.parallel_mode.value}
+                  "parallel_mode": self.args.parallel_mode.value,
+                  "distributed_type": self.accelerator.distributed_type.value}
         Path(output_dir, ARGUMENTS_RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
@@ -76,7 +79,7 @@ class FusedLlavaTrainer(Trainer):
             ),
         ]
         if args.world_size > 1:
-            lines.append(f"- {args.world_size} processes ({args.parallel_mode.value})")
+            lines.append(f"- {args.world_size} processes ({self.accelerator.distributed_type.value})")
         if history:
             lines.append(f"- training loss: {history[0]:.4f} (first log) -> {history[-1]:.4f} (last log)")
         lines += ["", format_parameter_table(self.parameter_counts)]
