@@ -394,6 +394,7 @@ def test_push_to_hub_through_trainer(workspace, tmp_path):
             sys.executable, "-m", "hf_fusedvlm.training", "--model_name_or_path", str(workspace / "igva"),
             "--data_path", str(workspace / "data" / "data.json"), "--output_dir", str(output), "--stage", "stage1",
             "--max_steps", "2", "--save_steps", "2", *TRAIN_OPTIONS, "--push_to_hub", "--hub_model_id", "user/trained",
+            "--hub_token", "hf_fake_token_123",
         ]
         completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert completed.returncode == 0, completed.stderr[-4000:]
@@ -405,3 +406,13 @@ def test_push_to_hub_through_trainer(workspace, tmp_path):
     card = files["README.md"].decode()
     assert "Trained fuser" in card and "stage: `stage1`" in card and "fusedvlm-train" in card
     assert files["model.safetensors"] == (output / "model.safetensors").read_bytes()
+    # Issue 14: the token is written nowhere (card, argument record, any pushed or local file); no pickle is
+    # published; the card names folders by name, not by this machine's absolute paths.
+    assert "training_args.bin" not in files and "training_args.json" in files
+    local_files = [path for path in output.rglob("*") if path.is_file()]
+    for content in [*files.values(), *(path.read_bytes() for path in local_files)]:
+        assert b"hf_fake_token_123" not in content
+    assert str(workspace) not in card and str(tmp_path) not in card
+    assert "--model_name_or_path igva" in card and "--output_dir push" in card and "--hub_token" not in card
+    record = json.loads(files["training_args.json"])
+    assert record["model_name_or_path"] == "igva" and not any("token" in key for key in record)

@@ -3,10 +3,14 @@ record of the run (no pickle, no secret) and, for the Hub, the package's model c
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from huggingface_hub import ModelCard
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
+from transformers.utils.hub import PushInProgress, hf_api
 
 from ..convert_llava import render_model_card
 from .recording import recorded_arguments, shown_path
@@ -55,14 +59,35 @@ class FusedLlavaTrainer(Trainer):
         Path(output_dir, ARGUMENTS_RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # Trainer copies only the weights and configs into output_dir before pushing; the remote code and the card
-        # must go along, or the pushed config's auto_map names files the repo lacks.
-        if self.is_world_process_zero():
-            for path in [*Path(checkpoint_folder).glob("*.py"), Path(checkpoint_folder) / ARGUMENTS_RECORD_NAME]:
-                if path.is_file():
-                    (Path(self.args.output_dir) / path.name).write_bytes(path.read_bytes())
-            self.create_model_card()
-        super()._push_from_checkpoint(checkpoint_folder)
+        # Trainer's version copies only weights and configs into output_dir (the pushed config's auto_map would name
+        # remote-code files the repo lacks) and writes the pickled arguments there, which may hold --hub_token. A
+        # checkpoint of this trainer is a whole fused checkpoint: copy its files (not Trainer's resume state), the
+        # processor and the card, and upload without any pickle.
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        for path in Path(checkpoint_folder).iterdir():
+            if path.is_file() and path.suffix in (".json", ".safetensors", ".py") and path.name != TRAINER_STATE_NAME:
+                shutil.copy(path, Path(self.args.output_dir) / path.name)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(self.args.output_dir)
+        self.create_model_card()
+        message = f"Training in progress, step {self.state.global_step}"
+        upload = {"repo_id": self.hub_model_id, "token": self.args.hub_token, "run_as_future": True,
+                  "revision": self.args.hub_revision, "ignore_patterns": ["_*", f"{PREFIX_CHECKPOINT_DIR}-*", "*.bin"]}
+        jobs = [hf_api().upload_folder(folder_path=self.args.output_dir, commit_message=message, **upload)]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else Path(
+                checkpoint_folder).name
+            upload["ignore_patterns"] = ["*.bin"]
+            jobs.append(hf_api().upload_folder(folder_path=checkpoint_folder, path_in_repo=in_repo,
+                                               commit_message=message + ", checkpoint", **upload))
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
 
     def training_summary(self) -> str:
         """Markdown: stage, data, steps, final loss and the trainable parameters per part."""
