@@ -217,6 +217,12 @@ def test_lora_checkpoint_is_the_merged_model(workspace, processor):
     from hf_fusedvlm.training import save_fused_checkpoint
 
     save_fused_checkpoint(peft_model, merged_folder)
+    # The same merge from a gathered state dict, keys as a wrapper (FSDP1 here) prefixes them: what sharded runs save.
+    wrapped_state = {f"_fsdp_wrapped_module.{key}": value for key, value in peft_model.state_dict().items()}
+    save_fused_checkpoint(peft_model, workspace / "merged-from-state-dict", state_dict=wrapped_state)
+    from_state_dict, from_model = read_weights(workspace / "merged-from-state-dict"), read_weights(merged_folder)
+    assert from_state_dict.keys() == from_model.keys()
+    assert all(torch.equal(from_state_dict[key], from_model[key]) for key in from_model)
     dataset = LlavaConversationDataset(workspace / "data" / "data.json")
     batch = FusedLlavaDataCollator(processor)([dataset[index] for index in range(4)])
     with torch.no_grad():
