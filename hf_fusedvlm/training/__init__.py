@@ -1,0 +1,80 @@
+"""Training a fused LLaVA with `transformers.Trainer` (`fusedvlm-train`): from a converted checkpoint to a published one.
+
+The recipe of the papers in Transformers terms:
+
+- Data: LLaVA conversation JSON (`image`, `conversations` with `from: human|gpt`, `<image>` marking the image in the
+  human turn), images from a folder. [`FusedLlavaDataCollator`] renders each conversation with the processor's chat
+  template, sends the user's instruction to the fuser (`instruction_input_ids`), pads on the right and keeps in
+  `labels` only the assistant answers.
+- Stages ([`STAGES`]): `stage1` trains the fuser and the projector (LLaVA pre-training / alignment); `stage2` adds the
+  whole LLM (instruction tuning); `stage2-lora` puts LoRA adapters (PEFT) on the LLM's linear layers instead;
+  `qlora` does the same on a 4-bit bitsandbytes base, the fuser and projector kept in full precision. The vision tower
+  and the instruction encoder are always frozen. The trainable parameters per part are printed before training.
+- Saving: every checkpoint and the final model are fused checkpoints (weights, config, remote code, processor) that
+  load with `AutoModel.from_pretrained(..., trust_remote_code=True)`. LoRA adapters are merged into the LLM weights at
+  save time (for `qlora` into the dequantised base weights), so every stage saves the same kind of full-precision
+  checkpoint; load it with a `BitsAndBytesConfig` to run it in 4-bit again. `--push_to_hub` uses Trainer's own upload
+  and writes the package's model card with a training summary. No pickle is written: the run's arguments go to
+  `training_args.json`, without tokens.
+
+Distributed training is accelerate's: `accelerate launch [--num_processes N] -m hf_fusedvlm.training ...` runs the
+same command under DDP, FSDP or DeepSpeed, as configured with `accelerate config`; under FSDP and DeepSpeed the saves
+are built from the full state dict Trainer gathers.
+
+Modules: `data` (data set, its checks, collator), `stages` (which parts train, LoRA / QLoRA, loading), `saving`
+(fused checkpoints from a live model or a gathered state dict), `recording` (what a checkpoint records about its run,
+secrets and local paths removed), `trainer` ([`FusedLlavaTrainer`]), `cli` (arguments, input checks, `main`).
+"""
+
+
+from .cli import DataArguments, ModelArguments, check_output_dir, check_source, main, parse_arguments
+from .data import (
+    IGNORE_INDEX,
+    ROLES,
+    FusedLlavaDataCollator,
+    LlavaConversationDataset,
+    conversation_to_messages,
+    render_with_answer_spans,
+    validate_records,
+)
+from .errors import InvalidTrainingInput
+from .saving import fused_state_dict, full_precision_state_dict, save_fused_checkpoint
+from .stages import (
+    LORA_STAGES,
+    STAGES,
+    format_parameter_table,
+    freeze_for_stage,
+    load_model_for_stage,
+    parameter_part,
+    trainable_parameters,
+)
+from .trainer import FusedLlavaTrainer
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LORA_STAGES",
+    "ROLES",
+    "STAGES",
+    "DataArguments",
+    "FusedLlavaDataCollator",
+    "FusedLlavaTrainer",
+    "InvalidTrainingInput",
+    "LlavaConversationDataset",
+    "ModelArguments",
+    "check_output_dir",
+    "check_source",
+    "conversation_to_messages",
+    "format_parameter_table",
+    "freeze_for_stage",
+    "full_precision_state_dict",
+    "fused_state_dict",
+    "load_model_for_stage",
+    "main",
+    "parameter_part",
+    "parse_arguments",
+    "render_with_answer_spans",
+    "save_fused_checkpoint",
+    "trainable_parameters",
+    "validate_records",
+]

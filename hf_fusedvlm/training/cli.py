@@ -1,0 +1,205 @@
+"""`fusedvlm-train`: the command-line arguments, the checks of what they name (before anything loads or trains) and
+`main`."""
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers import AutoProcessor, HfArgumentParser, PretrainedConfig, TrainingArguments
+
+from ..configuration_fused_llava import FusedLlavaConfig
+from .data import FusedLlavaDataCollator, LlavaConversationDataset
+from .errors import InvalidTrainingInput
+from .recording import recorded_command
+from .stages import LORA_STAGES, STAGES, format_parameter_table, load_model_for_stage, trainable_parameters
+from .trainer import FusedLlavaTrainer
+
+
+@dataclass
+class ModelArguments:
+    """What to train and how: the starting checkpoint, the stage and its LoRA settings."""
+
+    model_name_or_path: str = field(metadata={"help": "A fused checkpoint (fusedvlm-convert output or a trained one)."})
+    stage: str = field(default="stage1", metadata={"help": "Which parts train.", "choices": list(STAGES)})
+    balance_loss_weight: float | None = field(
+        default=None, metadata={"help": "IGVA's balance loss weight; overrides the checkpoint's (0 disables it)."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (stage2-lora, qlora)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        metadata={"help": "Comma-separated names of the LLM's linear layers that get LoRA adapters."},
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "qlora: nf4 or fp4.", "choices": ["nf4", "fp4"]})
+
+
+@dataclass
+class DataArguments:
+    """Where the LLaVA-format data is and how conversations become model inputs."""
+
+    data_path: str = field(metadata={"help": "LLaVA conversation JSON (a list of records)."})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder the records' image paths are relative to (default: the JSON's folder)."}
+    )
+    add_eos: bool = field(
+        default=True,
+        metadata={"help": "Append the EOS token to the last answer (and learn it) when the chat template does not."},
+    )
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # The collator builds the model inputs from the raw records; Trainer must not drop their columns.
+    training_args.remove_unused_columns = False
+    return model_args, data_args, training_args
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return not Path(name).is_absolute() and not name.startswith((".", "~")) and name.count("/") == 1
+
+
+def check_source(model_name_or_path: str) -> None:
+    """Refuse a `--model_name_or_path` that is not a fused checkpoint, naming the command that makes one: from a
+    plain LLaVA, `FusedLlavaForConditionalGeneration` would build a randomly initialised model and train that."""
+    path = Path(model_name_or_path)
+    if path.is_file():
+        raise InvalidTrainingInput(
+            f"--model_name_or_path {model_name_or_path} is a file: pass the checkpoint folder that holds config.json."
+        )
+    if not path.exists() and not _looks_like_hub_id(model_name_or_path):
+        raise InvalidTrainingInput(
+            f"--model_name_or_path {model_name_or_path} does not exist: pass a fused checkpoint folder (made by "
+            "fusedvlm-convert) or a Hub repo id."
+        )
+    try:
+        config, _ = PretrainedConfig.get_config_dict(model_name_or_path)
+    except OSError as error:
+        raise InvalidTrainingInput(
+            f"--model_name_or_path {model_name_or_path}: cannot read its config.json ({error}). Pass a fused "
+            "checkpoint folder (made by fusedvlm-convert) or a reachable Hub repo id."
+        ) from None
+    if config.get("model_type") == FusedLlavaConfig.model_type:
+        return
+    fused = f"{path.name or 'model'}-fused"
+    if "text_config" in config and "vision_config" in config:
+        raise InvalidTrainingInput(
+            f"--model_name_or_path {model_name_or_path} is a plain llava-hf LLaVA (model_type "
+            f"{config.get('model_type')!r}), not a fused checkpoint: training it would start from a random model. "
+            f"Convert it first: `fusedvlm-convert --input {model_name_or_path} --output {fused} --fuser igva` (or "
+            f"mmfuser, concat, average, none), then train --model_name_or_path {fused}."
+        )
+    if "mm_vision_tower" in config:
+        raise InvalidTrainingInput(
+            f"--model_name_or_path {model_name_or_path} is an original-format LLaVA checkpoint, not a fused one. "
+            f"Convert it first: `fusedvlm-convert-original --input {model_name_or_path} --output {fused} "
+            f"--vision-tower {config['mm_vision_tower']}`, then train --model_name_or_path {fused}."
+        )
+    raise InvalidTrainingInput(
+        f"--model_name_or_path {model_name_or_path} has model_type {config.get('model_type')!r}, not "
+        f"{FusedLlavaConfig.model_type!r}: pass a fused checkpoint (made by fusedvlm-convert)."
+    )
+
+
+def check_output_dir(output_dir: str, model_name_or_path: str) -> None:
+    """Refuse an output folder that is the source checkpoint or inside it: saving would overwrite the shards
+    training reads (and leave a stale index)."""
+    source = Path(model_name_or_path)
+    if not source.is_dir():
+        return
+    source, output = source.resolve(), Path(output_dir).resolve()
+    if output == source or output.is_relative_to(source):
+        raise InvalidTrainingInput(
+            f"--output_dir {output_dir} is {'the' if output == source else 'inside the'} --model_name_or_path "
+            f"{model_name_or_path} folder: saving there would overwrite the checkpoint being trained. Choose a "
+            "folder outside it."
+        )
+
+
+def check_distributed(trainer: FusedLlavaTrainer, stage: str) -> None:
+    """Refuse the distributed set-ups whose saves could not be fused checkpoints."""
+    if (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled) and stage == "qlora":
+        raise InvalidTrainingInput(
+            "--stage qlora does not run under FSDP or DeepSpeed here (the 4-bit base is not sharded): use DDP "
+            "(`accelerate launch --multi_gpu ...`) or --stage stage2-lora."
+        )
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        raise InvalidTrainingInput(
+            "FSDP must save a full state dict to write fused checkpoints: set `fsdp_state_dict_type: FULL_STATE_DICT` "
+            "in the accelerate config."
+        )
+
+
+def _hub_transport_errors() -> tuple[type[Exception], ...]:
+    """The exceptions huggingface_hub's HTTP client raises when the Hub cannot be reached (httpx for huggingface_hub
+    1.x, its successor httpx2 later)."""
+    errors = []
+    for module in ("httpx", "httpx2"):
+        try:
+            errors.append(__import__(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors) or (ConnectionError,)
+
+
+def build_trainer(model, training_args, **kwargs) -> FusedLlavaTrainer:
+    """The trainer; with --push_to_hub Trainer creates the Hub repo here, so an unreachable Hub fails here, clearly."""
+    try:
+        return FusedLlavaTrainer(model=model, args=training_args, **kwargs)
+    except _hub_transport_errors() as error:
+        from huggingface_hub import constants
+
+        raise InvalidTrainingInput(
+            f"--push_to_hub: the Hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__}: {error}). "
+            "Check the network and HF_ENDPOINT, or train without --push_to_hub and upload the output folder later "
+            "(`hf upload REPO OUTPUT_DIR`)."
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, training_args = parse_arguments(argv)
+    if model_args.stage in LORA_STAGES and training_args.resume_from_checkpoint:
+        raise InvalidTrainingInput(
+            f"--resume_from_checkpoint is not supported with --stage {model_args.stage}: its checkpoints hold merged "
+            "weights, not adapters. Start a new run from the checkpoint (--model_name_or_path CHECKPOINT) instead."
+        )
+    check_source(model_args.model_name_or_path)
+    check_output_dir(training_args.output_dir, model_args.model_name_or_path)
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+    is_main = training_args.process_index == 0
+    dataset = LlavaConversationDataset(data_args.data_path, data_args.image_folder, processor.image_token,
+                                       progress=is_main and not training_args.disable_tqdm)
+    model = load_model_for_stage(model_args, training_args)
+    if is_main:
+        print(f"Stage {model_args.stage}: trainable parameters per part")
+        print(format_parameter_table(trainable_parameters(model)))
+    trainer = build_trainer(
+        model,
+        training_args,
+        train_dataset=dataset,
+        data_collator=FusedLlavaDataCollator(processor, add_eos=data_args.add_eos),
+        processing_class=processor,
+        stage=model_args.stage,
+        source=model_args.model_name_or_path,
+        command=recorded_command("fusedvlm-train", sys.argv[1:] if argv is None else argv),
+        run_arguments={**asdict(model_args), **asdict(data_args)},
+    )
+    check_distributed(trainer, model_args.stage)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()  # saves the final model to output_dir, writes the card and uploads
+    else:
+        trainer.save_model()
+        trainer.create_model_card()
+    return 0
+
+
+def console_main() -> int:
+    """`fusedvlm-train` / `python -m hf_fusedvlm.training`: [`main`], a bad input reported as one line, not a
+    traceback."""
+    try:
+        return main()
+    except InvalidTrainingInput as error:
+        print(f"fusedvlm-train: error: {error}", file=sys.stderr)
+        return 2
