@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_fusedvlm.converting import fused_from_llava
+from hf_fusedvlm.conversion import fused_from_llava
 from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
 from hf_fusedvlm.synthetic_vqa import write_llava_dataset
 from hf_fusedvlm.training import InvalidTrainingInput, LlavaConversationDataset, FusedLlavaDataCollator, main
