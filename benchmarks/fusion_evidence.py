@@ -130,6 +130,13 @@ def summary_table(results: dict) -> str:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
         lines.append(f"| {fuser} | " + " | ".join(cells) + " |")
+    harness = results.get("harness")
+    if harness:
+        lines += ["", f"| lmms-eval ({harness['model']} model) | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+        for fuser, per_kind in harness["accuracy"].items():
+            cells = [f"{statistics.mean(per_kind[kind]):.3f} ± "
+                     f"{statistics.stdev(per_kind[kind]) if len(per_kind[kind]) > 1 else 0.0:.3f}" for kind in kinds]
+            lines.append(f"| {fuser} | " + " | ".join(cells) + " |")
     if results["igva_weights"]:
         groups = len(results["igva_weights"]["all"])
         lines += ["", "| igva: mean group weight | " + " | ".join(f"group {k + 1}" for k in range(groups)) + " |",
@@ -157,7 +164,7 @@ def save_plots(results: dict, folder: Path) -> list[Path]:
         axis.plot(range(len(curve)), results["probe_random_tower"][kind], linestyle=":", color=axis.lines[-1].get_color())
     axis.set(xlabel="hidden state (0 = embeddings)", ylabel="linear probe accuracy", ylim=(0, 1.02),
              title="Coarse-trained tower (dotted: before training)")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="center right")
     figure.tight_layout()
     paths.append(folder / "fusion_evidence_probe.png")
     figure.savefig(paths[-1], dpi=110)
@@ -175,7 +182,7 @@ def save_plots(results: dict, folder: Path) -> list[Path]:
     axis.set_xticks(range(len(kinds)), kinds)
     axis.set(ylabel="held-out accuracy", ylim=(0, 1.02),
              title=f"Equal budget, mean ± std over seeds {results['seeds']}")
-    axis.legend(fontsize=8, ncols=len(fusers))
+    axis.legend(fontsize=8, ncols=len(fusers), loc="upper center")
     figure.tight_layout()
     paths.append(folder / "fusion_evidence_accuracy.png")
     figure.savefig(paths[-1], dpi=110)
@@ -253,7 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", default=None, help="folder for the PNG plots (none when omitted)")
     parser.add_argument("--keep-checkpoints", default=None,
                         help="folder that keeps every final checkpoint (`FUSER-seedN/`) and the test set (`test/`)")
+    parser.add_argument("--report", default=None, metavar="JSON",
+                        help="train nothing: print the tables of a finished run's JSON (and --plots its plots)")
     args = parser.parse_args(argv)
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        print(summary_table(results))
+        for path in save_plots(results, Path(args.plots)) if args.plots else []:
+            print(f"wrote {path}")
+        return 0
     unknown = sorted(set(args.fusers) - set(FUSERS))
     if unknown:
         parser.error(f"unknown fusers {unknown}: choose from {', '.join(FUSERS)}")

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="also write the harness section alone to this JSON")
     parser.add_argument("--lmms-python", default=sys.executable, help="the Python that has lmms-eval installed")
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--seeds", type=lambda text: {int(seed) for seed in text.split(",")}, default=None,
+                        help="only the checkpoints of these seeds (default: all)")
     parser.add_argument("--work-dir", default=None, help="where the temporary task and outputs go")
     args = parser.parse_args(argv)
     checkpoints = Path(args.checkpoints).resolve()
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{test_folder / 'data.json'} is missing: pass the --keep-checkpoints folder of fusion_evidence.py")
     records = json.loads((test_folder / "data.json").read_text())
     runs = sorted((match["fuser"], int(match["seed"]), path) for path in checkpoints.iterdir()
-                  if (match := CHECKPOINT_NAME.match(path.name)))
+                  if (match := CHECKPOINT_NAME.match(path.name))
+                  and (args.seeds is None or int(match["seed"]) in args.seeds))
     if not runs:
         parser.error(f"no FUSER-seedN checkpoints in {checkpoints}")
     section = {"accuracy": {}, "project_scorer_on_harness_answers": {}, "agree": True, "model": "huggingface",
