@@ -51,6 +51,12 @@ def coarse_tower_llava(args):
     curves of the pretrained tower and of the same tower before pretraining, and the pretraining's final loss."""
     llava, processor = build_tiny_llava(seed=0)
     tower, image_processor = llava.model.vision_tower, processor.image_processor
+    if args.tower_from:
+        # The tower of an earlier run's checkpoint (frozen there, so exactly the pretrained one): more seeds of the
+        # same experiment without pretraining again; the probe curves belong to that earlier run.
+        trained = FusedLlavaForConditionalGeneration.from_pretrained(args.tower_from)
+        tower.load_state_dict(trained.model.vision_tower.state_dict())
+        return llava, processor, {}, {}, float("nan")
     probe_sets = [generate_samples(count, seed) for count, seed in
                   ((args.probe_samples, PROBE_TRAIN_SET), (args.probe_samples // 2, PROBE_TEST_SET))]
     probe_pixels = [pixel_values(image_processor, samples) for samples in probe_sets]
@@ -143,6 +149,8 @@ def summary_table(results: dict) -> str:
                   "|---|" + "---:|" * groups]
         for kind, weights in results["igva_weights"].items():
             lines.append(f"| {kind} | " + " | ".join(f"{value:.3f}" for value in weights) + " |")
+    if not results["probe"]:
+        return "\n".join(lines)
     lines += ["", "| probe: hidden state | " + " | ".join(results["probe"]) + " |", "|---|" + "---:|" * len(results["probe"])]
     for layer in range(len(next(iter(results["probe"].values())))):
         lines.append(f"| {layer} | " + " | ".join(f"{curve[layer]:.2f}" for curve in results["probe"].values()) + " |")
@@ -253,13 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--train-samples", type=int, default=8000)
     parser.add_argument("--test-samples", type=int, default=400)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads; on CPUs shared with other jobs 1 is often several times faster")
     parser.add_argument("--kinds", type=lambda text: tuple(kind.strip() for kind in text.split(",") if kind.strip()),
                         default=QUESTION_KINDS, help="comma-separated question kinds to train and test on")
     parser.add_argument("--output", default="fusion_evidence.json")
     parser.add_argument("--plots", default=None, help="folder for the PNG plots (none when omitted)")
     parser.add_argument("--keep-checkpoints", default=None,
                         help="folder that keeps every final checkpoint (`FUSER-seedN/`) and the test set (`test/`)")
+    parser.add_argument("--tower-from", default=None, metavar="CHECKPOINT",
+                        help="take the pretrained tower from a checkpoint of an earlier run (no pretraining, no probe)")
     parser.add_argument("--report", default=None, metavar="JSON",
                         help="train nothing: print the tables of a finished run's JSON (and --plots its plots)")
     args = parser.parse_args(argv)

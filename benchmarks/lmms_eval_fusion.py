@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seeds", type=lambda text: {int(seed) for seed in text.split(",")}, default=None,
                         help="only the checkpoints of these seeds (default: all)")
+    parser.add_argument("--fusers", type=lambda text: set(text.split(",")), default=None,
+                        help="only the checkpoints of these fusers (default: all)")
     parser.add_argument("--work-dir", default=None, help="where the temporary task and outputs go")
     args = parser.parse_args(argv)
     checkpoints = Path(args.checkpoints).resolve()
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     records = json.loads((test_folder / "data.json").read_text())
     runs = sorted((match["fuser"], int(match["seed"]), path) for path in checkpoints.iterdir()
                   if (match := CHECKPOINT_NAME.match(path.name))
-                  and (args.seeds is None or int(match["seed"]) in args.seeds))
+                  and (args.seeds is None or int(match["seed"]) in args.seeds)
+                  and (args.fusers is None or match["fuser"] in args.fusers))
     if not runs:
         parser.error(f"no FUSER-seedN checkpoints in {checkpoints}")
     section = {"accuracy": {}, "project_scorer_on_harness_answers": {}, "agree": True, "model": "huggingface",

@@ -28,7 +28,7 @@ def quick_results(tmp_path_factory):
         [sys.executable, str(REPO_ROOT / "benchmarks" / "fusion_evidence.py"), "--quick", "--output",
          str(folder / "results.json"), "--plots", str(folder)],
         cwd=folder, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=600, check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads((folder / "results.json").read_text()), folder, completed.stdout
