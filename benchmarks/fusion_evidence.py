@@ -139,7 +139,7 @@ def summary_table(results: dict) -> str:
     harness = results.get("harness")
     if harness:
         lines += ["", f"| lmms-eval ({harness['model']} model) | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
-        for fuser, per_kind in harness["accuracy"].items():
+        for fuser, per_kind in sorted(harness["accuracy"].items(), key=lambda item: list(results["accuracy"]).index(item[0])):
             cells = [f"{statistics.mean(per_kind[kind]):.3f} ± "
                      f"{statistics.stdev(per_kind[kind]) if len(per_kind[kind]) > 1 else 0.0:.3f}" for kind in kinds]
             lines.append(f"| {fuser} | " + " | ".join(cells) + " |")
@@ -188,7 +188,7 @@ def save_plots(results: dict, folder: Path) -> list[Path]:
         axis.bar([k + (index - (len(fusers) - 1) / 2) * width for k in range(len(kinds))], means, width,
                  yerr=spreads, capsize=2, label=fuser)
     axis.set_xticks(range(len(kinds)), kinds)
-    axis.set(ylabel="held-out accuracy", ylim=(0, 1.02),
+    axis.set(ylabel="held-out accuracy", ylim=(0, 1.15),
              title=f"Equal budget, mean ± std over seeds {results['seeds']}")
     axis.legend(fontsize=8, ncols=len(fusers), loc="upper center")
     figure.tight_layout()
