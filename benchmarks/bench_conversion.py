@@ -51,7 +51,7 @@ def generate(folder: Path, scale: float, quick: bool, shard_bytes: int) -> dict:
     import torch
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-    from hf_fusedvlm.convert_llava import _OutputTensor, _shard_name, _write_shard
+    from hf_fusedvlm.conversion import OutputTensor, shard_name, write_shard
     from hf_fusedvlm.tiny import LLAVA_CHAT_TEMPLATE, build_tiny_llm_tokenizer
 
     config = checkpoint_config(scale, quick)
@@ -69,7 +69,7 @@ def generate(folder: Path, scale: float, quick: bool, shard_bytes: int) -> dict:
         if chunk is None:
             start = (start + 7919) % (pool.numel() - numel + 1)
             chunk = pool[start:start + numel]
-        current.append(_OutputTensor(name, "BF16", shape, 2 * numel, tensor=chunk.view(shape)))
+        current.append(OutputTensor(name, torch.bfloat16, shape, tensor=chunk.view(shape)))
         size += 2 * numel
     shards.append(current)
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,8 +80,8 @@ def generate(folder: Path, scale: float, quick: bool, shard_bytes: int) -> dict:
 
     weight_map = {}
     for index, entries in enumerate(shards):
-        name = _shard_name(index + 1, len(shards))
-        _write_shard(folder / name, entries, {"format": "pt"}, None, _NoProgress())
+        name = shard_name(index + 1, len(shards))
+        write_shard(folder / name, entries, {"format": "pt"}, None, _NoProgress())
         weight_map.update({entry.name: name for entry in entries})
     total = sum(entry.nbytes for shard in shards for entry in shard)
     (folder / "model.safetensors.index.json").write_text(
@@ -98,7 +98,7 @@ def generate(folder: Path, scale: float, quick: bool, shard_bytes: int) -> dict:
         chat_template=LLAVA_CHAT_TEMPLATE,
     ).save_pretrained(folder)
     return {"total_bytes": total, "num_shards": len(shards),
-            "largest_shard_bytes": max((folder / _shard_name(i + 1, len(shards))).stat().st_size
+            "largest_shard_bytes": max((folder / shard_name(i + 1, len(shards))).stat().st_size
                                        for i in range(len(shards)))}
 
 
@@ -124,7 +124,7 @@ def run_child(mode: str, source: Path, target: Path, fuser: str) -> None:
         for path in sorted(source.glob("*.safetensors")):
             shutil.copyfile(path, target / path.name)
     else:
-        from hf_fusedvlm.convert_llava import convert_llava_checkpoint
+        from hf_fusedvlm.conversion import convert_llava_checkpoint
 
         imported = time.perf_counter()
         convert_llava_checkpoint(source, target, fuser, progress=False)

@@ -40,7 +40,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.logging import disable_progress_bar
 
 from hf_fusedvlm import FusedLlavaForConditionalGeneration
-from hf_fusedvlm.converting import fused_config_from_llava, fused_from_llava
+from hf_fusedvlm.conversion import fused_config_from_llava, fused_from_llava
 from hf_fusedvlm.tiny import build_tiny_llava
 from llava_shapes import IMAGE_TOKEN_INDEX, LLAMA_7B, llava_1_5_config
 

@@ -32,7 +32,7 @@ import torch
 from transformers import AutoProcessor
 
 from hf_fusedvlm import FusedLlavaForConditionalGeneration
-from hf_fusedvlm.converting import fused_from_llava
+from hf_fusedvlm.conversion import fused_from_llava
 from hf_fusedvlm.evidence import layer_probe, pixel_values, pretrain_coarse_tower
 from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
 from hf_fusedvlm.synthetic_vqa import QUESTION_KINDS, answer_questions, generate_samples, score_answers, write_llava_dataset

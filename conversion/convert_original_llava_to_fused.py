@@ -1,16 +1,16 @@
-"""Import an original-format LLaVA checkpoint (haotian-liu/LLaVA layout: plain LLaVA-1.5, or trained with the
-official MMFuser or IGVA code) as a fused LLaVA.
+"""The earlier name of `convert_llava_to_fused` for original-format checkpoints (haotian-liu/LLaVA layout); the
+command recognises both formats.
 
     python -m conversion.convert_original_llava_to_fused --input liuhaotian/llava-v1.5-7b \
         --output ./llava-1.5-7b-fused --vision-tower openai/clip-vit-large-patch14-336 --verify
 
-Same command as the installed `fusedvlm-convert-original`; see `--help` and `hf_fusedvlm/convert_original_llava.py`.
+Same command as the installed `fusedvlm-convert-original` (an alias of `fusedvlm-convert`).
 """
 
 import sys
 
-from hf_fusedvlm.convert_original_llava import main
+from hf_fusedvlm.conversion import main_original
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_original())

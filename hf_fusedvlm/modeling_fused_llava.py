@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel, L
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaModelOutputWithPast
+from safetensors import SafetensorError, safe_open
 from transformers.utils import is_bitsandbytes_available
 from transformers.utils.generic import can_return_tuple
 
@@ -93,6 +95,21 @@ def check_bitsandbytes(quantization_config) -> None:
     )
 
 
+def corrupt_safetensors_files(folder) -> str | None:
+    """The safetensors files of a local `folder` that cannot be opened, as a sentence, or None."""
+    if not os.path.isdir(folder):
+        return None
+    corrupt = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(folder, name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError):
+                corrupt.append(name)
+    return f"{', '.join(corrupt)} cannot be read; download or save it again" if corrupt else None
+
+
 class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: FusedLlavaConfig
 
@@ -101,13 +118,44 @@ class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
         init_fuser_weights(module)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, first checking that a bitsandbytes `quantization_config` (passed, or in
-        the `config` that the Auto classes pass) can be honoured."""
+        the `config` that the Auto classes pass) can be honoured and that the path is a folder or Hub id; then
+        refusing weights that belong to another fuser than the config's `fuser_type`, and naming a corrupt shard."""
         check_bitsandbytes(
             kwargs.get("quantization_config") or getattr(kwargs.get("config"), "quantization_config", None)
         )
-        return super().from_pretrained(*args, **kwargs)
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(pretrained_model_name_or_path):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a file: pass the checkpoint's folder (the one holding config.json "
+                "and the weights) or its Hub id."
+            )
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(
+                f"A weights file of {pretrained_model_name_or_path} is corrupt or truncated ({error}): "
+                f"{corrupt_safetensors_files(pretrained_model_name_or_path) or 'download it again'}."
+            ) from error
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(
+                f"The weights of {pretrained_model_name_or_path} do not have the shapes its config describes (see the "
+                "report above): was config.json edited (fuser_type, fuser_layers, ...) after saving? A fused "
+                "checkpoint's fuser can only be changed by converting its plain source again."
+            ) from error
+        foreign = [key for key in info["unexpected_keys"] if key.startswith(("model.fuser.", "fuser."))]
+        if foreign:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds fuser weights that fuser_type={model.config.fuser_type!r} does "
+                f"not have ({', '.join(sorted(foreign)[:4])}, ...): its config.json names another fuser than the one "
+                "its weights were saved with. Restore the saved fuser_type, or convert the plain source again."
+            )
+        return (model, info) if wants_info else model
 
     def fuser_memory_footprint(self, return_buffers: bool = True) -> dict[str, int | float]:
         """How much of [`~PreTrainedModel.get_memory_footprint`] (same counting rule, so quantised weights count at
@@ -199,6 +247,12 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
                 f"image_sample_index must have shape ({num_images},), one entry per image, got "
                 f"{tuple(image_sample_index.shape)}."
             )
+        if num_images and not 0 <= int(image_sample_index.min()) <= int(image_sample_index.max()) < embeds.shape[0]:
+            raise ValueError(
+                f"image_sample_index {image_sample_index.tolist()} points outside the {embeds.shape[0]} instructions: "
+                "each entry is the row of its image's sample in instruction_input_ids (0 to "
+                f"{embeds.shape[0] - 1})."
+            )
         return embeds[image_sample_index.to(embeds.device)]
 
     @can_return_tuple
@@ -250,6 +304,24 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
             fusion_weights=fused.fusion_weights,
             balance_loss=fused.balance_loss,
         )
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """[`LlavaModel.get_placeholder_mask`] (`image_features` of shape `(total_patches, hidden)`), with a mismatch
+        reported in images rather than feature rows."""
+        if input_ids is not None and not torch.compiler.is_compiling():
+            num_tokens = int((input_ids == self.config.image_token_id).sum())
+            vision = self.config.vision_config
+            per_image = (vision.image_size // vision.patch_size) ** 2
+            if num_tokens != image_features.shape[0] and image_features.shape[0] % per_image == 0:
+                raise ValueError(
+                    f"The prompts hold {num_tokens} image tokens ({num_tokens / per_image:g} images' worth), but "
+                    f"{image_features.shape[0] // per_image} images were given, each filling {per_image} image "
+                    "tokens: write one image token per image and let the processor expand it (FusedLlavaProcessor "
+                    "does), and pass every image of every prompt."
+                )
+        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
 
     def encode_images_once(
         self, pixel_values, instruction_input_ids, instruction_attention_mask, image_sample_index, mm_encoder_outputs

@@ -497,7 +497,7 @@ class FusedLlavaTrainer(Trainer):
         """Write the package's model card (with the training summary) to `output_dir/README.md`."""
         if not self.is_world_process_zero():
             return
-        from .convert_llava import render_model_card
+        from .conversion import render_model_card
 
         model = self.accelerator.unwrap_model(self.model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

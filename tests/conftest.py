@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import hf_fusedvlm  # noqa: F401  (registers the Auto classes)
-from hf_fusedvlm.converting import fused_from_llava
+from hf_fusedvlm.conversion import fused_from_llava
 from hf_fusedvlm.tiny import build_tiny_instruction_encoder, build_tiny_llava
 
 

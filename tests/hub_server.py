@@ -189,6 +189,11 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and path == "/api/repos/create":
             status, payload = hub.create_repo(json.loads(body or b"{}"))
             return self._send(status, payload)
+        if method == "GET" and path == "/api/whoami-v2":  # the converters check the login before converting
+            if not (self.headers.get("Authorization") or "").startswith("Bearer "):
+                return self._send(401, {"error": "Invalid credentials in Authorization header"})
+            return self._send(200, {"type": "user", "name": "me", "orgs": [],
+                                    "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
         if method == "GET" and path == "/api/agent-harnesses":  # huggingface_hub's user-agent telemetry registry
             return self._send(200, {"standardEnvVars": [], "harnesses": {}})
         if method == "POST" and path == "/api/validate-yaml":

@@ -15,10 +15,15 @@ from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import hf_fusedvlm.convert_llava as convert_module
-from hf_fusedvlm.convert_llava import ConversionError, VERIFY_TOLERANCES, convert_llava_checkpoint, main
-from hf_fusedvlm.converting import llava_checkpoint_key
-from hf_fusedvlm.hub import folder_files
+import hf_fusedvlm.conversion.writing as writing_module
+from hf_fusedvlm.conversion import (
+    VERIFY_TOLERANCES,
+    ConversionError,
+    convert_llava_checkpoint,
+    folder_files,
+    llava_checkpoint_key,
+    main,
+)
 
 from conftest import FUSER_TYPES, run_without_package
 from hub_server import FakeHub, Repo
@@ -321,8 +326,10 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(source, encoder_dir, tmp_
 
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(ConversionError, match="is not empty: pass --overwrite"):
-        convert_llava_checkpoint(source, out, "none", progress=False)
+    # --overwrite replaces only an earlier fused output: a folder of other files is refused with or without it.
+    for overwrite in (False, True):
+        with pytest.raises(ConversionError, match="is not empty and is not a fused LLaVA checkpoint"):
+            convert_llava_checkpoint(source, out, "none", overwrite=overwrite, progress=False)
     assert (out / "keep.txt").read_text() == "user data"
 
     # The command line reports the same errors without a traceback.
@@ -339,9 +346,10 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(source, encoder_dir, tmp_
 
 def test_interrupted_conversion_leaves_no_partial_output(source, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
+    convert_llava_checkpoint(source, out, "none", progress=False)  # an earlier conversion, which --overwrite replaces
     (out / "old.txt").write_text("previous conversion")
-    real_write_shard, calls = convert_module._write_shard, []
+    before = sorted(p.name for p in out.iterdir())
+    real_write_shard, calls = writing_module.write_shard, []
 
     def write_then_interrupt(how):
         def write_shard(*args, **kwargs):
@@ -355,21 +363,21 @@ def test_interrupted_conversion_leaves_no_partial_output(source, tmp_path, monke
         return write_shard
 
     # Ctrl-C in the middle: the staging folder goes, the existing output (even with --overwrite) stays as it was.
-    monkeypatch.setattr(convert_module, "_write_shard", write_then_interrupt("keyboard"))
+    monkeypatch.setattr(writing_module, "write_shard", write_then_interrupt("keyboard"))
     with pytest.raises(KeyboardInterrupt):
         convert_llava_checkpoint(source, out, "mmfuser", overwrite=True, progress=False)
     assert calls[0].parent.name.startswith(".out.converting-") and not calls[0].exists()
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and staging_leftovers(tmp_path) == []
+    assert sorted(p.name for p in out.iterdir()) == before and staging_leftovers(tmp_path) == []
 
     # SIGTERM (e.g. `kill`) to the command line: same, exit status 130.
     calls.clear()
-    monkeypatch.setattr(convert_module, "_write_shard", write_then_interrupt("signal"))
+    monkeypatch.setattr(writing_module, "write_shard", write_then_interrupt("signal"))
     fresh = tmp_path / "fresh"
     assert main(["--input", str(source), "--output", str(fresh), "--fuser", "none", "--no-progress"]) == 130
     assert not fresh.exists() and staging_leftovers(tmp_path) == []
 
     # A completed conversion with --overwrite replaces the old content.
-    monkeypatch.setattr(convert_module, "_write_shard", real_write_shard)
+    monkeypatch.setattr(writing_module, "write_shard", real_write_shard)
     convert_llava_checkpoint(source, out, "none", overwrite=True, progress=False)
     assert not (out / "old.txt").exists() and (out / "config.json").is_file()
 

@@ -10,7 +10,7 @@ from transformers import AutoModel
 
 import hf_fusedvlm
 from hf_fusedvlm import FUSERS, FusedLlavaConfig, Fuser, FuserOutput, register_fuser
-from hf_fusedvlm.converting import fused_from_llava
+from hf_fusedvlm.conversion import fused_from_llava
 
 from conftest import REPO_ROOT, run_without_package
 

@@ -32,13 +32,9 @@ from transformers import (
 )
 
 from hf_fusedvlm.configuration_fused_llava import FusedLlavaConfig
-from hf_fusedvlm.convert_llava import ConversionError
-from hf_fusedvlm.convert_original_llava import (
-    LLAVA_V1_SYSTEM,
-    convert_original_checkpoint,
-    main,
-    parse_select_layer,
-)
+from hf_fusedvlm.conversion import ConversionError, checkpoint_format, convert_original_checkpoint, main, main_original
+from hf_fusedvlm.conversion.original_layout import parse_select_layer
+from hf_fusedvlm.conversion.original_processor import LLAVA_V1_SYSTEM
 from hf_fusedvlm.tiny import build_tiny_instruction_encoder, tiny_llava_config
 
 ORIGINAL_VOCAB = 100  # the LLM's vocabulary before <image> and <pad>; 102 rows padded to 128
@@ -105,15 +101,24 @@ def write_tower(folder, vision_state: dict) -> None:
 
 
 def original_config(llava: LlavaForConditionalGeneration, **mm_keys) -> dict:
-    """A flat original config: the Llama config with the original vocabulary and the `mm_*` keys."""
+    """A flat original config with the fields of liuhaotian/llava-v1.5-7b's config.json: the Llama config with the
+    original vocabulary, `"model_type": "llava"` (saved before the `llava_llama` rename) and the `mm_*`, adapter and
+    tokenizer keys of the LLaVA trainer."""
     config = llava.config.text_config.to_dict()
     for key in ("transformers_version", "architectures", "dtype", "pad_token_id"):
         config.pop(key, None)
     config.update(
-        model_type="llava_llama",
+        model_type="llava",
         architectures=["LlavaLlamaForCausalLM"],
+        _name_or_path="./checkpoints/vicuna-7b-v1-5",
         vocab_size=ORIGINAL_VOCAB,
+        pad_token_id=0,
+        pretraining_tp=1,
         torch_dtype="float32",
+        transformers_version="4.31.0",
+        freeze_mm_mlp_adapter=False,
+        tune_mm_mlp_adapter=False,
+        mm_projector_lr=None,
         mm_vision_tower=TOWER_NAME,
         mm_hidden_size=64,
         mm_vision_select_layer=-2,
@@ -124,6 +129,7 @@ def original_config(llava: LlavaForConditionalGeneration, **mm_keys) -> dict:
         mm_use_im_patch_token=False,
         mm_patch_merge_type="flat",
         use_mm_proj=True,
+        tokenizer_model_max_length=2048,
         tokenizer_padding_side="right",
     )
     config.update(mm_keys)
@@ -254,14 +260,16 @@ def checkpoints(tmp_path_factory):
                **random_tensors({"model.mm_projector.1.weight": (64, 64), "model.mm_projector.1.bias": (64,),
                                  "model.mm_projector.3.weight": (64, 64), "model.mm_projector.3.bias": (64,)}, seed=4)}
     layers = "list" + "/".join(map(str, MMFUSER_LAYERS))
-    write_original(root / "mmfuser", original_config(llava, mm_vision_select_layer=layers), mmfuser)
+    write_original(root / "mmfuser", original_config(llava, model_type="llava_llama", mm_vision_select_layer=layers),
+                   mmfuser)
 
     encoder, encoder_tokenizer = build_tiny_instruction_encoder(seed=0)
     igva_projector = random_tensors({"model.mm_projector.0.weight": (64, 128), "model.mm_projector.0.bias": (64,),
                                      "model.mm_projector.2.weight": (64, 64), "model.mm_projector.2.bias": (64,)}, 5)
     embedder = {f"model.sentence_embedder.0.auto_model.{key}": value for key, value in encoder.state_dict().items()}
     igva = {**llm, **random_tensors(igva_aggregator_shapes(), seed=6), **igva_projector, **embedder}
-    igva_keys = {"vit_base_layer": -2, "vit_aggregate_groups": str(IGVA_GROUPS), "sentence_embed_dim": 64,
+    igva_keys = {"model_type": "llava_llama", "vit_base_layer": -2, "vit_aggregate_groups": str(IGVA_GROUPS),
+                 "sentence_embed_dim": 64,
                  "sentence_embedder": "sentence-transformers/all-mpnet-base-v2"}
     igva_config = original_config(
         llava, **igva_keys, aggregate_by_average=False, aggregator_hidden_dim=AGGREGATOR["hidden"],
@@ -566,3 +574,18 @@ def test_cli_converts_and_verifies(checkpoints, tmp_path, capsys):
     assert "verified: max |logit difference|" in report
     assert json.loads((tmp_path / "out" / "config.json").read_text())["fuser_type"] == "average"
     assert math.isfinite(float(report.split("difference| = ")[1].split()[0]))
+
+
+def test_formats_are_told_apart_by_structure(checkpoints, tiny_llava, tmp_path):
+    """liuhaotian/llava-v1.5-7b saves `"model_type": "llava"` in a flat config, the model type of llava-hf's nested
+    one: the structure decides."""
+    raw = json.loads((checkpoints.root / "llava" / "config.json").read_text())
+    assert raw["model_type"] == "llava" and raw["architectures"] == ["LlavaLlamaForCausalLM"]
+    assert checkpoint_format(raw, checkpoints.root / "llava") == "original"
+    tiny_llava[0].config.save_pretrained(tmp_path / "hf")
+    assert checkpoint_format(json.loads((tmp_path / "hf" / "config.json").read_text()), tmp_path / "hf") == "llava-hf"
+    # The old command name converts llava-hf checkpoints too.
+    tiny_llava[1].save_pretrained(tmp_path / "hf")
+    tiny_llava[0].save_pretrained(tmp_path / "hf")
+    assert main_original(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "out"), "--fuser", "none",
+                          "--no-progress"]) == 0

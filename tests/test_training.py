@@ -15,7 +15,7 @@ from safetensors import safe_open
 from transformers import AutoProcessor
 
 from hf_fusedvlm import FusedLlavaForConditionalGeneration
-from hf_fusedvlm.converting import fused_from_llava
+from hf_fusedvlm.conversion import fused_from_llava
 from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
 from hf_fusedvlm.synthetic_vqa import (
     BACKGROUND,

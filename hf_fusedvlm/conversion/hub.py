@@ -3,9 +3,12 @@
 import os
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, constants
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+from .errors import ConversionError
+from .writing import ConversionResult
 
 
 def folder_files(folder: str | os.PathLike) -> list[str]:
@@ -54,4 +57,37 @@ def push_folder_to_hub(
     )
 
 
-__all__ = ["folder_files", "push_folder_to_hub"]
+def check_hub_login(repo_id: str, token: str | None = None) -> None:
+    """Before a long conversion: the Hub endpoint answers and a token is set, or a `ConversionError` with the fix
+    (the token itself is never printed)."""
+    api = HfApi(token=token)
+    try:
+        api.whoami()
+    except Exception as error:  # httpx connection errors, 401s and missing tokens all stop the push the same way
+        if api.token is None and not os.environ.get("HF_TOKEN"):
+            reason = "no Hugging Face token is set"
+        else:
+            reason = (
+                f"the Hub at {constants.ENDPOINT} could not be reached or refused the token ({type(error).__name__})"
+            )
+        raise ConversionError(
+            f"--push-to-hub {repo_id}: {reason}. Log in with `hf auth login` (or set HF_TOKEN), check your connection "
+            "and HF_ENDPOINT, or drop --push-to-hub and upload later with `hf upload`. Nothing was converted."
+        ) from error
+
+
+def publish_result(result: ConversionResult, push_to_hub: str | None, private: bool, commit_message: str):
+    """List the files of a finished conversion and, with `push_to_hub`, upload its folder in one commit."""
+    output = result.output
+    result.files = folder_files(output)
+    if push_to_hub:
+        try:
+            commit = push_folder_to_hub(output, push_to_hub, private=private, commit_message=commit_message)
+        except Exception as error:
+            raise ConversionError(
+                f"The conversion succeeded ({output}) but pushing to {push_to_hub} failed "
+                f"({type(error).__name__}: {error}). Log in with `hf auth login` (or set HF_TOKEN) and upload it with "
+                f"`hf upload {push_to_hub} {output} .`."
+            ) from error
+        result.commit_url = commit.commit_url
+    return result

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set-up plus one job, on a machine with only Python 3.10+:
+#   ./dev.sh demo [converter options]   the conversion demo (builds a tiny LLaVA, converts, verifies, answers)
+#   ./dev.sh test [pytest options]      the test suite
+#   ./dev.sh setup                      the set-up alone
+# Outside a virtual environment it makes and uses .venv/. The tested torch is installed first, on its own, so that
+# pip never resolves an unpinned torch; TORCH_INDEX_URL picks the index it comes from (PyTorch's CPU-only wheels:
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu).
+set -euo pipefail
+cd "$(dirname "$0")"
+job=${1:-}
+case "$job" in
+  demo|test|setup) shift ;;
+  *) echo "usage: ./dev.sh demo|test|setup [options]" >&2; exit 2 ;;
+esac
+python=${PYTHON:-python3}
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -x .venv/bin/python ] || "$python" -m venv .venv
+  python=.venv/bin/python
+fi
+pip=("$python" -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch
+"${pip[@]}" -c constraints.txt -e ".[test,quantization,train,plot]"
+case "$job" in
+  demo) exec "$python" -m conversion.convert_llava_to_fused --demo "$@" ;;
+  test) exec "$python" -m pytest -q "$@" ;;
+esac

@@ -1,0 +1,122 @@
+"""The model card of a converted (or trained) checkpoint, from the template `model_cards/fused_llava.md`, and the
+command line it records (Hub ids or folder names, never local paths or tokens)."""
+
+import json
+import shlex
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from ..configuration_fused_llava import FusedLlavaConfig
+from ..fusers import fuser_class
+from .errors import ConversionError
+
+
+MODEL_CARD_TEMPLATE = "fused_llava.md"
+
+
+def model_card_template() -> Path:
+    """`model_cards/fused_llava.md`: installed as `hf_fusedvlm/model_cards/`, or in the source tree beside the
+    package."""
+    package = Path(__file__).resolve().parent.parent
+    for folder in (package / "model_cards", package.parent / "model_cards"):
+        if (folder / MODEL_CARD_TEMPLATE).is_file():
+            return folder / MODEL_CARD_TEMPLATE
+    raise ConversionError(
+        f"The model card template {MODEL_CARD_TEMPLATE} was not found next to the package: reinstall hf-fusedvlm "
+        "(or run from a checkout, `pip install -e .`)."
+    )
+
+
+def source_license(source: Path) -> tuple[str | None, str | None]:
+    """(license, license_link) of a source checkpoint's card, if it has one."""
+    readme = source / "README.md"
+    if not readme.is_file():
+        return None, None
+    try:
+        data = ModelCard.load(readme).data
+    except Exception:  # a malformed source card only costs the license line
+        return None, None
+    return data.get("license"), data.get("license_link")
+
+
+def render_model_card(
+    config: FusedLlavaConfig,
+    *,
+    model_id: str,
+    base_model: str | None,
+    license: str | None,
+    license_link: str | None,
+    instruction_encoder: str | None,
+    new_parameters: int,
+    convert_command: str,
+    training_summary: str | None = None,
+    imported_from: str | None = None,
+) -> ModelCard:
+    """The model card of a converted checkpoint; with `training_summary` (markdown), the card of a fine-tuned one,
+    `convert_command` then being the training command; with `imported_from` (the code it was trained with), the card
+    of a trained checkpoint imported from the original LLaVA format."""
+    fuser = config.fuser_type
+    described = fuser_class(fuser)
+    tags = ["llava", "fused-llava", "multi-layer-visual-fusion", f"fuser-{fuser}", "custom_code"]
+    if described.reads_instruction:
+        tags.append("instruction-guided")
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        base_model=base_model,
+        license=license,
+        license_link=license_link,
+        tags=tags,
+    )
+    layers = config.fuser_layers if "fuser_layers" in described.layer_fields else None
+    groups = config.fuser_layer_groups if "fuser_layer_groups" in described.layer_fields else None
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(model_card_template()),
+        model_id=model_id,
+        fuser_type=fuser,
+        fuser_title=described.title,
+        fuser_description=described.description,
+        parity_reason=described.parity,
+        base_layer=config.base_layer,
+        fuser_layers=layers,
+        fuser_layer_groups=groups,
+        instruction_encoder=instruction_encoder,
+        new_parameters=f"{new_parameters:,}",
+        dtype=str(config.dtype).removeprefix("torch.") if config.dtype is not None else "as the base model",
+        widened=described.projector_slots(config)[1] > 1,
+        convert_command=convert_command,
+        training_summary=training_summary,
+        imported_from=imported_from,
+    )
+
+
+def card_command(
+    input: str,
+    *,
+    fuser_type: str | None = None,
+    fuser_layers: list[int] | None = None,
+    fuser_layer_groups: list[list[int]] | None = None,
+    fuser_options: dict | None = None,
+    instruction_encoder: str | None = None,
+    vision_tower: str | None = None,
+    dtype=None,
+) -> str:
+    """The `fusedvlm-convert` command of a conversion, for the model card (callers pass Hub ids or folder names)."""
+    parts = ["fusedvlm-convert", "--input", str(input), "--output", "OUTPUT"]
+    if vision_tower is not None:
+        parts += ["--vision-tower", str(vision_tower)]
+    if fuser_type is not None:
+        parts += ["--fuser", fuser_type]
+    if fuser_layers is not None:
+        parts += [f"--fuser-layers={','.join(map(str, fuser_layers))}"]
+    if fuser_layer_groups is not None:
+        parts += ["--fuser-groups", ";".join(",".join(map(str, group)) for group in fuser_layer_groups)]
+    for name, value in (fuser_options or {}).items():
+        parts += ["--fuser-option", f"{name}={json.dumps(value)}"]
+    if instruction_encoder is not None:
+        parts += ["--instruction-encoder", str(instruction_encoder)]
+    if dtype is not None:
+        parts += ["--dtype", str(dtype).removeprefix("torch.")]
+    return shlex.join(parts)

@@ -1,0 +1,284 @@
+"""The original LLaVA layout: what haotian-liu/LLaVA and its forks (the official MMFuser and IGVA code) save, and how
+its config becomes a fused config.
+
+A flat Llama (or Mistral) config with `mm_*` keys: `model_type` `llava` for liuhaotian/llava-v1.5-* and v1.6 (they
+predate the `llava_llama` rename), `llava_llama` / `llava_mistral` for code trained later. Variants, recognised from
+the config and the keys (`VARIANTS`):
+
+- `llava`: plain LLaVA-1.5 (`mm_projector_type` `mlp2x_gelu`, projector `model.mm_projector.0/.2`).
+- `mmfuser`: MMFuser (`mm_vision_select_layer` such as `"list-22/-17/-12/-7/-2"`); the deformable block
+  `model.mm_projector.0.*` becomes `model.fuser.*`, the MLP linears `model.mm_projector.1/.3` the projector.
+- `igva`: IGVA (`vit_aggregate_groups`, `vit_base_layer`, `aggregate_by_average: false`, `aggregator_*`,
+  `sentence_embed_dim`); `model.vision_aggregator.*` becomes `model.fuser.*` (its `transformers.N` blocks
+  `blocks.N`), the frozen sentence encoder `model.sentence_embedder.0.auto_model.*` `model.instruction_encoder.*`.
+- `igva-average`: IGVA's pre-training mode (`aggregate_by_average: true`), the `average` fuser.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+from transformers import CLIPVisionConfig, LlavaConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from ..configuration_fused_llava import FusedLlavaConfig
+from .checkpoint import ORIGINAL, checkpoint_format, read_config_json
+from .errors import ConversionError
+from .parity import FUSER_PREFIX, INSTRUCTION_ENCODER_PREFIX, fused_config_from_llava
+from .sentence_encoder import SentenceEncoder
+
+VARIANTS = ("llava", "mmfuser", "igva", "igva-average")
+VARIANT_FUSERS = {"mmfuser": "mmfuser", "igva": "igva", "igva-average": "average"}
+VARIANT_ORIGINS = {
+    "llava": "haotian-liu/LLaVA",
+    "mmfuser": "the official MMFuser code (yuecao0119/MMFuser)",
+    "igva": "the official IGVA code (YiZheng-zy/IGVA)",
+    "igva-average": "the official IGVA code (YiZheng-zy/IGVA), pre-training mode",
+}
+# The original model types and the LLM config each one extends.
+ORIGINAL_MODEL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
+# MSCrossAttnBlock of the official MMFuser code hard-codes these (and LayerNorm eps 1e-6).
+MMFUSER_NUM_HEADS = 16
+MMFUSER_NUM_POINTS = 4
+
+# Buffers that older transformers saved and current ones recompute (rotary frequencies, position ids).
+RECOMPUTED_BUFFER = re.compile(r"(^|\.)(rotary_emb\.inv_freq|position_ids)$")
+_LLM_RENAMES = (
+    ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
+    ("model.embed_tokens.", "model.language_model.embed_tokens."),
+    ("model.layers.", "model.language_model.layers."),
+    ("model.norm.", "model.language_model.norm."),
+    ("lm_head.", "lm_head."),
+)
+_MLP_PROJECTOR = (
+    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+)
+# (original prefix, fused prefix) per variant; the first matching prefix wins.
+KEY_RENAMES = {
+    "llava": _LLM_RENAMES + _MLP_PROJECTOR,
+    "mmfuser": _LLM_RENAMES
+    + (
+        ("model.mm_projector.0.", FUSER_PREFIX),
+        ("model.mm_projector.1.", "model.multi_modal_projector.linear_1."),
+        ("model.mm_projector.3.", "model.multi_modal_projector.linear_2."),
+    ),
+    "igva": _LLM_RENAMES
+    + _MLP_PROJECTOR
+    + (
+        ("model.vision_aggregator.transformers.", FUSER_PREFIX + "blocks."),
+        ("model.vision_aggregator.", FUSER_PREFIX),
+        ("model.sentence_embedder.0.auto_model.", INSTRUCTION_ENCODER_PREFIX),
+    ),
+    "igva-average": _LLM_RENAMES + _MLP_PROJECTOR,
+}
+TOWER_PREFIX = "model.vision_tower."
+# The parts of a full CLIPModel checkpoint that the vision tower does not use.
+CLIP_TEXT_PARTS = ("text_model", "text_projection", "visual_projection", "logit_scale")
+EMBEDDING_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+
+
+def read_original_config(folder: Path) -> dict:
+    """The raw config.json of an original-format checkpoint, or a `ConversionError` saying what it is instead."""
+    raw = read_config_json(
+        folder, "an original-format LLaVA checkpoint folder (or Hub repo) such as liuhaotian/llava-v1.5-7b"
+    )
+    if checkpoint_format(raw, folder) != ORIGINAL:
+        raise ConversionError(
+            f"{folder} is a llava-hf checkpoint (nested text_config / vision_config), not an original-format one: "
+            "use fusedvlm-convert, which reads both formats (or convert_llava_checkpoint)."
+        )
+    model_type = raw.get("model_type")
+    if model_type not in ORIGINAL_MODEL_TYPES:
+        raise ConversionError(
+            f"{folder} has model_type {model_type!r}: original-format LLaVA checkpoints with a "
+            f"{', '.join(ORIGINAL_MODEL_TYPES)} language model can be imported (LLaVA-MPT and others cannot)."
+        )
+    unsupported = []
+    if raw.get("mm_use_im_start_end") or raw.get("mm_use_im_patch_token"):
+        unsupported.append("image start/end or patch tokens (mm_use_im_start_end / mm_use_im_patch_token)")
+    if raw.get("mm_patch_merge_type", "flat") != "flat" or raw.get("image_aspect_ratio") == "anyres":
+        unsupported.append("LLaVA-NeXT any-resolution inputs (mm_patch_merge_type / image_aspect_ratio anyres)")
+    if raw.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        unsupported.append(f"mm_projector_type {raw.get('mm_projector_type', 'linear')!r} (only mlp2x_gelu)")
+    if unsupported:
+        raise ConversionError(f"{folder} uses {'; '.join(unsupported)}, which fused LLaVA does not support.")
+    return raw
+
+
+def parse_select_layer(value) -> int | list[int]:
+    """`mm_vision_select_layer` as the original code parses it: an int, a list, or a string such as `"-2"` or
+    MMFuser's `"list-22/-17/-12/-7/-2"`."""
+    if isinstance(value, bool):
+        raise ConversionError(f"mm_vision_select_layer {value!r} is not a layer index.")
+    if isinstance(value, int) or (isinstance(value, list) and all(isinstance(v, int) for v in value)):
+        return value
+    if isinstance(value, str):
+        try:
+            if value.startswith("list"):
+                return [int(part) for part in value[4:].split("/")]
+            return int(value)
+        except ValueError:
+            pass
+    raise ConversionError(
+        f"mm_vision_select_layer {value!r} is neither a layer index such as -2 nor a list such as "
+        '"list-22/-17/-12/-7/-2".'
+    )
+
+
+def parse_groups_literal(value) -> list[list[int]]:
+    """IGVA's `vit_aggregate_groups`, a Python literal string such as `"[[1,2,3],[4,5,6]]"` (or already a list)."""
+    try:
+        groups = ast.literal_eval(value) if isinstance(value, str) else value
+    except (ValueError, SyntaxError) as error:
+        raise ConversionError(f"vit_aggregate_groups {value!r} is not a list of lists of layer indices.") from error
+    if not isinstance(groups, (list, tuple)) or not all(
+        isinstance(group, (list, tuple)) and group and all(isinstance(layer, int) for layer in group)
+        for group in groups
+    ):
+        raise ConversionError(f"vit_aggregate_groups {value!r} is not a list of non-empty lists of layer indices.")
+    return [list(group) for group in groups]
+
+
+def detect_variant(raw: dict, keys: set[str]) -> str:
+    """Which of `VARIANTS` an original checkpoint is, from its config and keys."""
+    # The IGVA code writes vit_aggregate_groups (None when unused) into every config it saves.
+    if raw.get("vit_aggregate_groups") is not None or any(key.startswith("model.vision_aggregator.") for key in keys):
+        return "igva-average" if raw.get("aggregate_by_average") else "igva"
+    layers = parse_select_layer(raw.get("mm_vision_select_layer", -2))
+    if isinstance(layers, list) or any(key.startswith("model.mm_projector.0.cross_attn.") for key in keys):
+        return "mmfuser"
+    return "llava"
+
+
+def map_original_key(key: str, variant: str) -> str | None:
+    """The fused checkpoint name of an original key of `variant`; None for buffers current transformers recompute;
+    the key itself (unexpected) when no rename applies."""
+    if RECOMPUTED_BUFFER.search(key):
+        return None
+    for prefix, replacement in KEY_RENAMES[variant]:
+        if key.startswith(prefix):
+            return replacement + key[len(prefix) :]
+    return key
+
+
+def original_key(name: str, variant: str) -> str:
+    """The original key a fused parameter name comes from (for error messages)."""
+    for prefix, replacement in KEY_RENAMES[variant]:
+        if name.startswith(replacement):
+            return prefix + name[len(replacement) :]
+    return name
+
+
+def text_config_from_original(raw: dict, vocab_size: int, pad_token_id: int):
+    """The LLM config inside a flat original config (its `mm_*`, IGVA and trainer keys left out)."""
+    config_class = CONFIG_MAPPING[ORIGINAL_MODEL_TYPES[raw["model_type"]]]
+    # Legacy spellings that the config classes still convert (rope_theta -> rope_parameters, torch_dtype -> dtype).
+    allowed = set(config_class().to_dict()) | {"rope_theta", "rope_scaling", "torch_dtype"}
+    allowed -= {"model_type", "architectures", "transformers_version", "_name_or_path", "auto_map"}
+    fields = {key: value for key, value in raw.items() if key in allowed}
+    fields.update(vocab_size=vocab_size, pad_token_id=pad_token_id)
+    return config_class(**fields)
+
+
+def fused_config_from_original(
+    raw: dict,
+    variant: str,
+    keys: dict[str, list[int]],
+    text_config,
+    vision_config: CLIPVisionConfig,
+    image_token_index: int,
+    fuser_type: str,
+    encoder: SentenceEncoder | None,
+    fuser_kwargs: dict,
+) -> FusedLlavaConfig:
+    """The fused config of an original checkpoint of `variant`; `keys` maps its keys to shapes."""
+    select_feature = raw.get("mm_vision_select_feature", "patch")
+    if select_feature not in ("patch", "cls_patch"):
+        raise ConversionError(f"mm_vision_select_feature {select_feature!r} is not one of 'patch', 'cls_patch'.")
+    strategy = "default" if select_feature == "patch" else "full"
+    fuser_kwargs = dict(fuser_kwargs)
+    layers = parse_select_layer(raw.get("mm_vision_select_layer", -2))
+    if variant == "llava":
+        if isinstance(layers, list):
+            raise ConversionError(f"A plain LLaVA reads one vision layer, mm_vision_select_layer is {layers}.")
+        base_layer = layers
+    elif variant == "mmfuser":
+        if strategy != "default":
+            raise ConversionError("MMFuser needs square patch grids: mm_vision_select_feature must be 'patch'.")
+        if not isinstance(layers, list):
+            raise ConversionError(
+                f"An MMFuser checkpoint selects several layers (mm_vision_select_layer such as "
+                f'"list-22/-17/-12/-7/-2"), got {layers!r}.'
+            )
+        heads = fuser_kwargs.setdefault("fuser_num_heads", MMFUSER_NUM_HEADS)
+        points = fuser_kwargs.setdefault("fuser_num_points", MMFUSER_NUM_POINTS)
+        shape = keys.get("model.mm_projector.0.cross_attn.attention_weights.weight")
+        num_levels = shape[0] // (heads * points) if shape else len(layers) - 1
+        if len(layers) < num_levels + 1:
+            raise ConversionError(
+                f"The MMFuser block reads {num_levels} levels and a query layer, but mm_vision_select_layer lists "
+                f"only {len(layers)} layers ({layers})."
+            )
+        # The official block reads the first num_levels selected layers as levels and the last as the query.
+        fuser_kwargs["fuser_layers"] = layers[:num_levels] + [layers[-1]]
+        fuser_kwargs.setdefault("fuser_layer_norm_eps", 1e-6)
+        base_layer = layers[-1]
+    else:
+        # IGVA always drops the CLS token of the base layer and reads the groups' CLS rows itself.
+        strategy = "default"
+        base_layer = raw.get("vit_base_layer", -2)
+        fuser_kwargs["fuser_layer_groups"] = parse_groups_literal(raw.get("vit_aggregate_groups"))
+        if variant == "igva":
+            for option, name in (
+                ("aggregator_hidden_size", "aggregator_hidden_dim"),
+                ("aggregator_num_layers", "aggregator_num_transformers"),
+                ("aggregator_num_heads", "aggregator_num_heads"),
+            ):
+                if raw.get(name) is None:
+                    raise ConversionError(f"The IGVA config lacks {name}: the aggregator's size cannot be known.")
+                fuser_kwargs[option] = raw[name]
+            embed_dim = raw.get("sentence_embed_dim")
+            if embed_dim is not None and embed_dim != encoder.model.config.hidden_size:
+                raise ConversionError(
+                    f"The checkpoint was trained with {embed_dim}-d sentence embeddings (sentence_embed_dim) but "
+                    f"--instruction-encoder gives {encoder.model.config.hidden_size}-d ones: give the sentence "
+                    f"encoder it was trained with ({raw.get('sentence_embedder')})."
+                )
+    if encoder is not None:
+        fuser_kwargs = {**encoder.config_fields, **fuser_kwargs}
+    num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    llava_config = LlavaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=image_token_index,
+        image_seq_length=num_patches + (1 if strategy == "full" else 0),
+        vision_feature_layer=base_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+    )
+    try:
+        config = fused_config_from_llava(
+            llava_config,
+            fuser_type,
+            instruction_encoder_config=encoder.model.config if encoder else None,
+            **fuser_kwargs,
+        )
+    except ValueError as error:
+        raise ConversionError(f"The checkpoint's fusion settings do not fit its vision tower: {error}") from error
+    config.pad_token_id = text_config.pad_token_id
+    return config
+
+
+def fuser_for_variant(variant: str, fuser_type: str | None) -> str:
+    """The fuser of the result: fixed by a trained fusion checkpoint, the user's choice (default none) for LLaVA."""
+    if variant == "llava":
+        return fuser_type or "none"
+    fixed = VARIANT_FUSERS[variant]
+    if fuser_type not in (None, fixed):
+        raise ConversionError(
+            f"The checkpoint is a trained {variant} model ({VARIANT_ORIGINS[variant]}): it converts to fuser {fixed}, "
+            f"not {fuser_type}. Drop --fuser."
+        )
+    return fixed

@@ -1,0 +1,172 @@
+"""The instruction encoder of `igva`: a sentence-transformers folder (or a plain transformers text encoder) read
+without sentence-transformers, for both checkpoint formats.
+
+`modules.json` lists the modules: a Transformer, a Pooling and optionally a Normalize (any other module is refused).
+`1_Pooling/config.json` comes in two formats, both read: sentence-transformers <= 4 writes booleans
+(`"pooling_mode_mean_tokens": true`, ..., `word_embedding_dimension`), 5 and 6 write
+`{"embedding_dimension": ..., "pooling_mode": "mean", "include_prompt": ...}` (module types under
+`sentence_transformers.base.modules...`). The fused model computes mean, cls and max pooling exactly
+(`FusedLlavaConfig.instruction_pooling`); the other modes are refused by name. The truncation length is
+`max_seq_length` of `sentence_bert_config.json` (older versions), else the tokenizer's `model_max_length` (where
+5 and 6 keep it). A folder without `modules.json` is pooled as `SentenceTransformer()` pools one: mean, no
+normalisation."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from .checkpoint import resolve_checkpoint
+from .errors import ConversionError
+
+
+# sentence-transformers pooling mode (both spellings) -> `instruction_pooling`.
+SUPPORTED_POOLING = {
+    "mean": "mean",
+    "mean_tokens": "mean",
+    "cls": "cls",
+    "cls_token": "cls",
+    "max": "max",
+    "max_tokens": "max",
+}
+EXAMPLE = "sentence-transformers/all-mpnet-base-v2"
+
+
+@dataclass
+class SentenceEncoder:
+    """A sentence encoder: its transformer, tokenizer, pooling (`instruction_pooling`) and L2 normalisation, and
+    the name the model card gives it (a Hub id or a folder name)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    pooling: str
+    normalize: bool
+    name: str
+
+    @property
+    def config_fields(self) -> dict:
+        """The `FusedLlavaConfig` fields that make the fused model pool as this encoder does."""
+        return {"instruction_pooling": self.pooling, "instruction_embedding_normalize": self.normalize}
+
+
+def _read_json(path: Path, what: str) -> dict | list:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConversionError(
+            f"--instruction-encoder: {path} ({what}) is missing or not valid JSON ({error})."
+        ) from error
+
+
+def read_pooling(config_file: Path) -> str:
+    """The `instruction_pooling` of a sentence-transformers Pooling config, in either format."""
+    config = _read_json(config_file, "the Pooling module's config")
+    if "pooling_mode" in config:  # sentence-transformers >= 5
+        modes = config["pooling_mode"]
+        modes = [modes] if isinstance(modes, str) else list(modes)
+    else:
+        modes = [
+            name.removeprefix("pooling_mode_")
+            for name, value in config.items()
+            if name.startswith("pooling_mode_") and value is True
+        ]
+    if len(modes) != 1 or modes[0] not in SUPPORTED_POOLING:
+        raise ConversionError(
+            f"{config_file} sets pooling modes {modes}: the fused model computes exactly one of mean, cls or max "
+            "pooling (pooling_mode_mean_tokens / _cls_token / _max_tokens in older folders); choose a sentence "
+            f"encoder that pools so, such as {EXAMPLE}."
+        )
+    return SUPPORTED_POOLING[modes[0]]
+
+
+def _read_modules(folder: Path) -> tuple[Path, str, bool]:
+    """(transformer folder, pooling, normalize) from `modules.json`."""
+    modules = _read_json(folder / "modules.json", "the sentence-transformers module list")
+    transformer_path, pooling, normalize = None, "mean", False
+    for module in modules if isinstance(modules, list) else []:
+        kind, path = str(module.get("type", "")), folder / module.get("path", "")
+        if kind.endswith(".Transformer"):
+            transformer_path = path
+        elif kind.endswith(".Pooling"):
+            pooling = read_pooling(path / "config.json")
+        elif kind.endswith(".Normalize"):
+            normalize = True
+        else:
+            raise ConversionError(
+                f"--instruction-encoder {folder}: module {kind!r} is not supported; the instruction encoder may only "
+                f"have Transformer, Pooling and Normalize modules (as {EXAMPLE})."
+            )
+    if transformer_path is None:
+        raise ConversionError(f"--instruction-encoder {folder}: modules.json lists no Transformer module.")
+    return transformer_path, pooling, normalize
+
+
+def _check_prompts(folder: Path) -> None:
+    settings_file = folder / "config_sentence_transformers.json"
+    if settings_file.is_file():
+        prompt_name = _read_json(settings_file, "sentence-transformers settings").get("default_prompt_name")
+        if prompt_name:
+            raise ConversionError(
+                f"--instruction-encoder {folder} prepends its prompt {prompt_name!r} to every sentence "
+                "(default_prompt_name), which the fused model does not do: choose an encoder without a default "
+                "prompt, or set default_prompt_name to null."
+            )
+
+
+def _check_text_encoder(transformer_path: Path, folder: Path) -> None:
+    """Refuse, by name, folders that are not a text encoder (a LLaVA, a causal LM, an encoder-decoder)."""
+    if not (transformer_path / "config.json").is_file():
+        raise ConversionError(
+            f"--instruction-encoder {folder} has no config.json: give a sentence-transformers folder or Hub id "
+            f"such as {EXAMPLE}."
+        )
+    try:
+        config = AutoConfig.from_pretrained(transformer_path)
+    except Exception as error:
+        raise ConversionError(
+            f"--instruction-encoder {folder}: its config.json could not be read ({type(error).__name__}: {error})."
+        ) from error
+    architectures = config.architectures or []
+    if (
+        getattr(config, "is_encoder_decoder", False)
+        or config.sub_configs
+        or any(name.endswith(("ForCausalLM", "ForConditionalGeneration")) for name in architectures)
+        or not hasattr(config, "hidden_size")
+    ):
+        kind = ", ".join(architectures) or "no architectures"
+        raise ConversionError(
+            f"--instruction-encoder {folder} is a {config.model_type!r} model ({kind}), not a text encoder: give a "
+            f"sentence encoder such as {EXAMPLE}."
+        )
+
+
+def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None) -> SentenceEncoder:
+    """The sentence encoder of a sentence-transformers folder or Hub id (see the module docstring)."""
+    folder, repo_id = resolve_checkpoint(path_or_repo_id, "--instruction-encoder")
+    if (folder / "modules.json").is_file():
+        transformer_path, pooling, normalize = _read_modules(folder)
+        _check_prompts(folder)
+    else:
+        transformer_path, pooling, normalize = folder, "mean", False
+    _check_text_encoder(transformer_path, folder)
+    try:
+        model = AutoModel.from_pretrained(transformer_path, dtype=dtype or "auto").eval()
+        tokenizer = AutoTokenizer.from_pretrained(transformer_path)
+    except Exception as error:
+        raise ConversionError(
+            f"--instruction-encoder {folder}: the transformer at {transformer_path} could not be loaded with "
+            f"AutoModel and AutoTokenizer ({type(error).__name__}: {error}). Give a sentence-transformers folder "
+            f"such as {EXAMPLE}, complete and unmodified."
+        ) from error
+    settings_file = transformer_path / "sentence_bert_config.json"
+    settings = _read_json(settings_file, "sentence-transformers settings") if settings_file.is_file() else {}
+    if settings.get("do_lower_case"):
+        raise ConversionError(
+            f"--instruction-encoder {folder} lower-cases sentences before tokenising (do_lower_case in "
+            "sentence_bert_config.json), which the fused model's processor does not do: choose another encoder."
+        )
+    if settings.get("max_seq_length"):  # sentence-transformers truncates there, below the model's own limit
+        tokenizer.model_max_length = settings["max_seq_length"]
+    return SentenceEncoder(model, tokenizer, pooling, normalize, repo_id or folder.name)

@@ -1,0 +1,159 @@
+"""Where a conversion writes: `--output` checked before anything is read (never inside the input, never a folder
+this tool did not write), a hidden staging folder beside it, and the move into place once the result is complete.
+
+The staging folder `.NAME.converting-XXXX` holds an owner file (host and process id); a later run removes the
+staging folders whose process is gone (a conversion killed by SIGKILL or a power cut), and names, with the command
+to remove them, those it cannot tell are stale."""
+
+import errno
+import json
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from .checkpoint import FUSED_MODEL_TYPE
+from .errors import ConversionError, listed
+
+
+OWNER_FILE = ".fusedvlm-converting.json"
+# OSError numbers that mean "cannot write there" rather than a bug: disk full, quota, read-only, permissions.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def is_fused_output(folder: Path) -> bool:
+    """Whether `folder` is a fused LLaVA checkpoint (what this tool or the trainer writes): its config.json says
+    model_type `fused_llava` and it holds safetensors weights."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    has_weights = (folder / "model.safetensors.index.json").is_file() or (folder / "model.safetensors").is_file()
+    return isinstance(config, dict) and config.get("model_type") == FUSED_MODEL_TYPE and has_weights
+
+
+def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse an `--output` that would touch an input, is a file, or is a non-empty folder that `overwrite` may not
+    replace: `--overwrite` replaces only an empty folder or an earlier fused LLaVA output."""
+    for source in inputs:
+        if output == source or output.is_relative_to(source) or source.is_relative_to(output):
+            where = "is" if output == source else "is inside" if output.is_relative_to(source) else "contains"
+            raise ConversionError(f"--output {output} {where} the input {source}: choose a folder outside the input.")
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"--output {output} is a file: give a folder path.")
+    contents = sorted(path.name for path in output.iterdir()) if output.is_dir() else []
+    if not contents:
+        return
+    if not is_fused_output(output):
+        raise ConversionError(
+            f"--output {output} is not empty and is not a fused LLaVA checkpoint (it holds {listed(contents, 5)}): "
+            "choose a new or empty folder. --overwrite only replaces an empty folder or an earlier fused LLaVA "
+            "output (config.json with model_type 'fused_llava' and safetensors weights), never other files."
+        )
+    if not overwrite:
+        raise ConversionError(
+            f"--output {output} is not empty: pass --overwrite to replace this earlier fused LLaVA output (all of "
+            "its files), or choose another folder."
+        )
+
+
+def _owner_alive(owner_file: Path) -> bool | None:
+    """True / False when the staging folder's process is / is not running on this host; None when unknown."""
+    try:
+        owner = json.loads(owner_file.read_text(encoding="utf-8"))
+        host, pid = owner["host"], int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user holds the pid
+        return True
+    return True
+
+
+def clean_stale_staging(output: Path) -> list[str]:
+    """Remove the staging folders of `output` left by conversions that no longer run; returns messages for the
+    stale ones removed and for the ones that could not be checked (with the command to remove them)."""
+    messages = []
+    if not output.parent.is_dir():
+        return messages
+    for folder in sorted(output.parent.glob(f".{output.name}.converting-*")):
+        if not folder.is_dir():
+            continue
+        alive = _owner_alive(folder / OWNER_FILE)
+        if alive is False:
+            shutil.rmtree(folder, ignore_errors=True)
+            messages.append(f"removed {folder}, left by an interrupted conversion")
+        elif alive is None:
+            messages.append(
+                f"{folder} looks like an interrupted conversion's staging folder (owner unknown); if no conversion "
+                f"is running, remove it with: rm -rf {folder}"
+            )
+    return messages
+
+
+def staging_folder(output: Path) -> Path:
+    """A new hidden folder beside `output` (same file system, so the final move is a rename), with the mode a plain
+    mkdir would give and an owner file for `clean_stale_staging`."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output's mode
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    (staging / OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
+    return staging
+
+
+def move_into_place(staging: Path, output: Path) -> None:
+    """Replace `output` by `staging` (the owner file removed): renames, so a reader sees the old or the new folder."""
+    (staging / OWNER_FILE).unlink(missing_ok=True)
+    if output.is_dir():
+        old = output.parent / f".{output.name}.replaced-{uuid.uuid4().hex[:8]}"
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(output)
+
+
+def check_writable(output: Path) -> None:
+    """Refuse early an `--output` whose nearest existing parent cannot be written."""
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(
+            f"--output {output}: {parent} is not writable (read-only or no permission): choose another folder."
+        )
+
+
+@contextmanager
+def staged_output(output: Path, overwrite: bool):
+    """Yield a staging folder for `output`; when the block completes, move it into place (after checking again that
+    `output` may be replaced). On any error or interruption the staging folder is removed and `output` is left as it
+    was; a full disk or a read-only folder becomes a `ConversionError` naming the folder."""
+    for message in clean_stale_staging(output):
+        print(f"note: {message}")
+    staging = None
+    try:
+        staging = staging_folder(output)
+        yield staging
+        check_output(output, overwrite, [])  # nothing unexpected appeared there meanwhile
+        move_into_place(staging, output)
+    except BaseException as error:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+            raise ConversionError(
+                f"Could not write the conversion beside --output {output} ({error.strerror}: {error.filename}); "
+                "nothing was written. Free some space or choose a writable folder."
+            ) from error
+        raise

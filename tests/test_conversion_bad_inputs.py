@@ -1,0 +1,229 @@
+"""A table of the mistakes users make with `fusedvlm-convert`: each gets exit status 2 and a message that names the
+problem and the fix, and nothing on disk is lost or half-written. Plus the accepted spellings and the clean-up of
+staging folders left by a killed conversion."""
+
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import hf_fusedvlm.conversion.staging as staging_module
+import hf_fusedvlm.conversion.writing as writing_module
+from hf_fusedvlm.conversion import convert_llava_checkpoint, main
+
+
+TOKEN = "hf_fake_token_never_printed_456"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tiny_llava):
+    llava, processor = tiny_llava
+    folder = tmp_path_factory.mktemp("bad-inputs") / "tiny-llava"
+    llava.save_pretrained(folder, max_shard_size="500KB")
+    processor.save_pretrained(folder)
+    return folder
+
+
+def leftovers(folder):
+    return sorted(path.name for path in folder.iterdir() if ".converting-" in path.name or ".replaced-" in path.name)
+
+
+def snapshot(folder):
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+# Each row: (setup(tmp_path, source, monkeypatch) -> argv, the message). `OUT` stands for tmp_path / "out".
+def _user_folder_as_output(tmp, source, monkeypatch):
+    (tmp / "notes.txt").write_text("my notes")
+    (tmp / "data").mkdir()
+    (tmp / "data" / "a.json").write_text("{}")
+    monkeypatch.chdir(tmp)
+    return ["--input", str(source), "--output", ".", "--fuser", "none", "--overwrite"]
+
+
+def _output_inside_input(tmp, source, monkeypatch):
+    copy = shutil.copytree(source, tmp / "copy")
+    return ["--input", str(copy), "--output", str(copy / "fused"), "--fuser", "none"]
+
+
+def _input_inside_output(tmp, source, monkeypatch):
+    copy = shutil.copytree(source, tmp / "work" / "llava")
+    return ["--input", str(copy), "--output", str(tmp / "work"), "--fuser", "none", "--overwrite"]
+
+
+def _non_encoder_as_instruction_encoder(tmp, source, monkeypatch):
+    return ["--input", str(source), "--output", "OUT", "--fuser", "igva", "--instruction-encoder", str(source)]
+
+
+def _folder_without_config_as_instruction_encoder(tmp, source, monkeypatch):
+    (tmp / "empty").mkdir()
+    return ["--input", str(source), "--output", "OUT", "--fuser", "igva", "--instruction-encoder", str(tmp / "empty")]
+
+
+def _demo_into_non_empty_output(tmp, source, monkeypatch):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("keep")
+    return ["--demo", "--output", "OUT"]
+
+
+def _demo_with_missing_image(tmp, source, monkeypatch):
+    return ["--demo", "--image", str(tmp / "missing.png"), "--output", "OUT"]
+
+
+def _demo_with_non_image(tmp, source, monkeypatch):
+    (tmp / "notes.png").write_text("not an image")
+    return ["--demo", "--image", str(tmp / "notes.png"), "--output", "OUT"]
+
+
+def _disk_full(tmp, source, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+
+    monkeypatch.setattr(writing_module, "write_shard", full)
+    return ["--input", str(source), "--output", "OUT", "--fuser", "none"]
+
+
+def _read_only_parent(tmp, source, monkeypatch):
+    def read_only(*args, **kwargs):  # the tests run as root, which chmod cannot stop
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp))
+
+    monkeypatch.setattr(staging_module.tempfile, "mkdtemp", read_only)
+    return ["--input", str(source), "--output", "OUT", "--fuser", "none"]
+
+
+def _truncated_shard(tmp, source, monkeypatch):
+    copy = shutil.copytree(source, tmp / "truncated")
+    shard = sorted(copy.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    return ["--input", str(copy), "--output", "OUT", "--fuser", "none"]
+
+
+def _config_json_as_input(tmp, source, monkeypatch):
+    return ["--input", str(source / "config.json"), "--output", "OUT", "--fuser", "none"]
+
+
+def _unreachable_hub(tmp, source, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return ["--input", str(source), "--output", "OUT", "--fuser", "none", "--push-to-hub", "me/model"]
+
+
+def _empty_groups(tmp, source, monkeypatch):
+    return ["--input", str(source), "--output", "OUT", "--fuser", "average", "--fuser-groups", "1,2;;"]
+
+
+def _fused_checkpoint_as_input(tmp, source, monkeypatch):
+    convert_llava_checkpoint(source, tmp / "fused", "none", progress=False)
+    return ["--input", str(tmp / "fused"), "--output", "OUT", "--fuser", "mmfuser"]
+
+
+def _vision_tower_for_llava_hf(tmp, source, monkeypatch):
+    return ["--input", str(source), "--output", "OUT", "--fuser", "none", "--vision-tower", str(source)]
+
+
+def _llava_hf_without_fuser(tmp, source, monkeypatch):
+    return ["--input", str(source), "--output", "OUT"]
+
+
+BAD_INPUTS = {
+    "output-is-a-user-folder-with-overwrite": (_user_folder_as_output, "is not a fused LLaVA checkpoint .*notes.txt"),
+    "output-inside-input": (_output_inside_input, "--output .* is inside the input"),
+    "input-inside-output": (_input_inside_output, "--output .* contains the input"),
+    "instruction-encoder-is-a-llava": (_non_encoder_as_instruction_encoder, "is a 'llava' model .*not a text encoder"),
+    "instruction-encoder-without-config": (_folder_without_config_as_instruction_encoder, "has no config.json"),
+    "demo-into-non-empty-output": (_demo_into_non_empty_output, "is not empty and is not a fused LLaVA checkpoint"),
+    "demo-with-missing-image": (_demo_with_missing_image, "--image .*missing.png does not exist"),
+    "demo-with-non-image": (_demo_with_non_image, "--image .*notes.png is not an image"),
+    "disk-full": (_disk_full, "Could not write .*No space left on device.*Free some space"),
+    "read-only-parent": (_read_only_parent, "Could not write .*Read-only file system.*writable folder"),
+    "truncated-shard": (_truncated_shard, r"model-00002-of-\d+\.safetensors is truncated"),
+    "config-json-as-input": (_config_json_as_input, "config.json is a file: give its folder"),
+    "unreachable-hub": (_unreachable_hub, "--push-to-hub me/model: the Hub at http://127.0.0.1:9 could not be reached"),
+    "empty-fuser-group": (_empty_groups, "group 2 is empty"),
+    "fused-checkpoint-as-input": (_fused_checkpoint_as_input, "already a fused LLaVA checkpoint"),
+    "vision-tower-for-llava-hf": (_vision_tower_for_llava_hf, "drop --vision-tower"),
+    "llava-hf-without-fuser": (_llava_hf_without_fuser, "choose the fuser to add with --fuser"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_a_clear_error_and_loses_nothing(case, source, tmp_path, monkeypatch, capsys):
+    setup, message = BAD_INPUTS[case]
+    argv = setup(tmp_path, source, monkeypatch)
+    argv = [str(tmp_path / "out") if item == "OUT" else item for item in argv] + ["--no-progress"]
+    before, source_before = snapshot(tmp_path), snapshot(source)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and TOKEN not in err
+    assert re.search(message, err), err
+    after = snapshot(tmp_path)
+    assert {path: data for path, data in after.items() if path in before} == before  # nothing lost or changed
+    assert leftovers(tmp_path) == [] and snapshot(source) == source_before
+    if case != "demo-into-non-empty-output":
+        assert not (tmp_path / "out").exists()
+
+
+def test_negative_layers_need_no_equals_sign(source, tmp_path):
+    assert (
+        main(
+            [
+                "--input",
+                str(source),
+                "--output",
+                str(tmp_path / "out"),
+                "--fuser",
+                "concat",
+                "--fuser-layers",
+                "-5,-3,-2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["fuser_layers"] == [2, 4, 5]  # of 7 hidden states
+
+
+def test_overwrite_replaces_an_earlier_fused_output(source, tmp_path):
+    out = tmp_path / "out"
+    convert_llava_checkpoint(source, out, "none", progress=False)
+    assert (
+        main(["--input", str(source), "--output", str(out), "--fuser", "average", "--overwrite", "--no-progress"]) == 0
+    )
+    assert json.loads((out / "config.json").read_text())["fuser_type"] == "average"
+    (tmp_path / "empty").mkdir()
+    assert main(["--input", str(source), "--output", str(tmp_path / "empty"), "--fuser", "none", "--no-progress"]) == 0
+
+
+def test_stale_staging_folders_are_removed_or_reported(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.converting-dead1234"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half a shard")
+    # The owner file of a process that has exited (this interpreter's pid can only be alive, so take a finished one).
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    (stale / staging_module.OWNER_FILE).write_text(
+        json.dumps({"host": staging_module.socket.gethostname(), "pid": int(finished)})
+    )
+    unknown = tmp_path / ".out.converting-unknown1"
+    unknown.mkdir()
+    running = tmp_path / ".out.converting-running1"
+    running.mkdir()
+    (running / staging_module.OWNER_FILE).write_text(
+        json.dumps({"host": staging_module.socket.gethostname(), "pid": os.getpid()})
+    )
+    assert main(["--input", str(source), "--output", str(out), "--fuser", "none", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert not stale.exists() and f"removed {stale}" in printed
+    assert unknown.exists() and f"rm -rf {unknown}" in printed
+    assert running.exists() and str(running) not in printed  # another conversion still writing it
+    assert not (out / staging_module.OWNER_FILE).exists()
