@@ -263,6 +263,11 @@ class FusedLlavaProcessor(LlavaProcessor):
             )
         if instructions is not None and text is None:
             raise ValueError("`instructions` were given without prompts: pass one prompt per sample as `text`.")
+        # Harnesses that serve every model through one code path (lmms-eval's generic `huggingface` model) pass
+        # empty `videos` / `audios` lists; LLaVA takes neither, and transformers rejects the old `audios` name.
+        for unused in ("videos", "audios", "audio"):
+            if unused in kwargs and kwargs[unused] is not None and len(kwargs[unused]) == 0:
+                kwargs.pop(unused)
         if self.instruction_tokenizer is None or text is None:
             return super().__call__(images=images, text=text, **kwargs)
 

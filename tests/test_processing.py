@@ -371,3 +371,14 @@ def test_processor_and_pipeline_with_remote_code_without_the_package(checkpoint,
     assert_same_outputs(remote_outputs, dict(several_images_batch(processor, images)))
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
     assert json.loads(line[len("RESULT") :]) == expected_generations(fused_models["igva"], processor, images[0])
+
+
+@pytest.mark.parametrize("which", ["processor", "plain_processor"])
+def test_empty_video_and_audio_lists_of_generic_harnesses_are_ignored(which, request, image):
+    # lmms-eval's generic `huggingface` model calls every processor with `videos=[]` and `audios=[]`.
+    processor = request.getfixturevalue(which)
+    expected = processor(images=image, text=PROMPT, return_tensors="pt")
+    actual = processor(images=[image], text=[PROMPT], videos=[], audios=[], padding=True, return_tensors="pt")
+    assert_same_outputs(actual, expected)
+    with pytest.raises(ValueError, match="audios"):
+        processor(images=image, text=PROMPT, audios=[[0.0, 0.1]], return_tensors="pt")
