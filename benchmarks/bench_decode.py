@@ -91,7 +91,10 @@ def meta_footprint(model_class, config, dtype: torch.dtype, precision: str) -> i
     total = sum(buffer.numel() * buffer.element_size() for buffer in model.buffers())
     if precision == "fp32":
         return total + sum(param.numel() * 4 for param in model.parameters())
-    not_converted = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+    # The fused model also keeps its strict fp32 modules (the fuser) out of bitsandbytes (see its from_pretrained).
+    not_converted = HfQuantizer.get_modules_to_not_convert(
+        model, None, [*model._keep_in_fp32_modules, *model._keep_in_fp32_modules_strict]
+    )
     keep_fp32 = list(model._keep_in_fp32_modules_strict) if dtype in (torch.float16, torch.bfloat16) else []
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
