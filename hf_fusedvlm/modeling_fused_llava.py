@@ -13,8 +13,13 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaModelOutputWithPast
 from safetensors import SafetensorError, safe_open
-from transformers.utils import is_bitsandbytes_available
+from transformers.utils import is_bitsandbytes_available, output_capturing
 from transformers.utils.generic import can_return_tuple
+
+
+# transformers >= 5.23 (which added `select_hidden_states`) records exactly the hidden-state indices listed in
+# `output_hidden_states`; older releases shift such a list by one, so they record every layer and the fuser's are kept.
+RECORDS_LISTED_HIDDEN_STATES = hasattr(output_capturing, "select_hidden_states")
 
 from .configuration_fused_llava import FusedLlavaConfig
 from .fusers import build_fuser, init_fuser_weights
@@ -281,13 +286,20 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
             [`FusedLlavaImageFeaturesOutput`] whose `pooler_output` holds one `(num_patches, text_hidden_size)` tensor
             per image.
         """
+        layers_needed = self.config.vision_layers_needed
         image_outputs = self.vision_tower(
-            pixel_values, output_hidden_states=self.config.vision_layers_needed, return_dict=True, **kwargs
+            pixel_values,
+            output_hidden_states=layers_needed if RECORDS_LISTED_HIDDEN_STATES else True,
+            return_dict=True,
+            **kwargs,
         )
         # What a plain LLaVA's projector would receive: the tower's activations, whatever dtype pixel_values had.
         vision_dtype = image_outputs.last_hidden_state.dtype
         fuser_dtype = next(self.fuser.parameters(), image_outputs.last_hidden_state).dtype
-        hidden_states = tuple(None if state is None else state.to(fuser_dtype) for state in image_outputs.hidden_states)
+        recorded = tuple(
+            state if index in layers_needed else None for index, state in enumerate(image_outputs.hidden_states)
+        )
+        hidden_states = tuple(None if state is None else state.to(fuser_dtype) for state in recorded)
         instruction_embeds = self._instruction_embeds_per_image(
             pixel_values.shape[0], instruction_input_ids, instruction_attention_mask, image_sample_index
         )
@@ -299,7 +311,7 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         return FusedLlavaImageFeaturesOutput(
             last_hidden_state=image_outputs.last_hidden_state,
             pooler_output=list(image_features),
-            hidden_states=image_outputs.hidden_states,
+            hidden_states=recorded,
             attentions=image_outputs.attentions,
             fusion_weights=fused.fusion_weights,
             balance_loss=fused.balance_loss,
