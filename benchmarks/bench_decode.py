@@ -40,7 +40,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.logging import disable_progress_bar
 
 from hf_fusedvlm import FusedLlavaForConditionalGeneration
-from hf_fusedvlm.converting import fused_config_from_llava, fused_from_llava
+from hf_fusedvlm.conversion import fused_config_from_llava, fused_from_llava
 from hf_fusedvlm.tiny import build_tiny_llava
 from llava_shapes import IMAGE_TOKEN_INDEX, LLAMA_7B, llava_1_5_config
 
@@ -83,18 +83,17 @@ def quantization_config(dtype: torch.dtype) -> BitsAndBytesConfig:
 def meta_footprint(model_class, config, dtype: torch.dtype, precision: str) -> int:
     """What `get_memory_footprint()` reports for `model_class(config)` loaded in `precision`, computed on the meta
     device. fp32: 4 bytes per value. 4-bit (compute `dtype`): quantised Linear weights take half a byte per value
-    (packed uint8; their absmax statistics are not parameters, as in `get_memory_footprint()`),
-    `_keep_in_fp32_modules_strict` stays float32 for half dtypes, the rest takes `dtype`; buffers keep their own
+    (packed uint8; their absmax statistics are not parameters, as in `get_memory_footprint()`) except in the fp32
+    module lists, `_keep_in_fp32_modules_strict` stays float32 for half dtypes, the rest takes `dtype`; buffers keep their own
     dtype."""
     with torch.device("meta"):
         model = model_class(config)
     total = sum(buffer.numel() * buffer.element_size() for buffer in model.buffers())
     if precision == "fp32":
         return total + sum(param.numel() * 4 for param in model.parameters())
-    # The fused model also keeps its strict fp32 modules (the fuser) out of bitsandbytes (see its from_pretrained).
-    not_converted = HfQuantizer.get_modules_to_not_convert(
-        model, None, [*model._keep_in_fp32_modules, *model._keep_in_fp32_modules_strict]
-    )
+    # The fused model keeps both fp32 lists out of quantisation (its from_pretrained adds the strict one to the skips).
+    fp32_modules = [*model._keep_in_fp32_modules, *model._keep_in_fp32_modules_strict]
+    not_converted = HfQuantizer.get_modules_to_not_convert(model, None, fp32_modules)
     keep_fp32 = list(model._keep_in_fp32_modules_strict) if dtype in (torch.float16, torch.bfloat16) else []
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):

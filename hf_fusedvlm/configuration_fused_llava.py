@@ -4,8 +4,13 @@ import difflib
 import warnings
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, LlavaConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers import CONFIG_MAPPING, AutoConfig, LlavaConfig, PreTrainedConfig
+
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.20 declares sub-configs as a plain mapping and builds them in __post_init__
+    SubConfigSpec = None
 
 from .fusers import FUSERS, fuser_class
 
@@ -24,6 +29,8 @@ _FUSER_FIELD_PREFIXES = ("fuser_", "aggregator_", "instruction_", "balance_")
 _REFERENCE_DEPTH = 24
 _REFERENCE_MMFUSER_LAYERS = (3, 8, 13, 18, 23)
 _REFERENCE_NUM_GROUPS = 4
+# all-mpnet-base-v2, IGVA's sentence encoder: the model type of an instruction encoder config that names none.
+_INSTRUCTION_ENCODER_DEFAULT_TYPE = "mpnet"
 
 
 def default_fuser_layers(num_hidden_layers: int) -> list[int]:
@@ -106,10 +113,15 @@ class FusedLlavaConfig(LlavaConfig):
     ```"""
 
     model_type = "fused_llava"
-    sub_configs_defaults = {
-        **LlavaConfig.sub_configs_defaults,
-        "instruction_encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="mpnet", optional=True),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            **LlavaConfig.sub_configs_defaults,
+            "instruction_encoder_config": SubConfigSpec(
+                config_class=AutoConfig, model_type=_INSTRUCTION_ENCODER_DEFAULT_TYPE, optional=True
+            ),
+        }
+    else:
+        sub_configs = {**LlavaConfig.sub_configs, "instruction_encoder_config": AutoConfig}
 
     fuser_type: str = "mmfuser"
     fuser_layers: list[int] | None = None
@@ -127,6 +139,10 @@ class FusedLlavaConfig(LlavaConfig):
 
     def __post_init__(self, **kwargs):
         self._warn_misspelt_fields(kwargs)
+        if SubConfigSpec is None and isinstance(self.instruction_encoder_config, dict):
+            encoder_kwargs = dict(self.instruction_encoder_config)
+            model_type = encoder_kwargs.pop("model_type", _INSTRUCTION_ENCODER_DEFAULT_TYPE)
+            self.instruction_encoder_config = CONFIG_MAPPING[model_type](**encoder_kwargs)
         super().__post_init__(**kwargs)
         fuser = fuser_class(self.fuser_type)
         if not isinstance(self.vision_feature_layer, int):

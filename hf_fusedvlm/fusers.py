@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
@@ -224,19 +225,51 @@ class AverageFuser(Fuser):
         return FuserOutput(torch.cat([base, fused], dim=-1), fusion_weights=weights)
 
 
+class GroupCrossAttention(nn.Module):
+    """Multi-head cross-attention with `nn.MultiheadAttention`'s parameters and math (packed `in_proj_weight` /
+    `in_proj_bias`, `out_proj`), so official IGVA weights load unchanged and give the same results.
+
+    Written out because `nn.MultiheadAttention` reads `out_proj.weight` directly, which breaks under runtimes that
+    replace linear layers (vLLM packs them and empties `.weight` on CPU): here `out_proj` is only ever called.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * hidden_size))
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
+        """query `(batch, num_queries, hidden)`, key_value `(batch, num_keys, hidden)` -> `(batch, num_queries, hidden)`."""
+        batch, num_queries, hidden = query.shape
+        weight_q, weight_k, weight_v = self.in_proj_weight.chunk(3)
+        bias_q, bias_k, bias_v = self.in_proj_bias.chunk(3)
+
+        def heads(states: torch.Tensor) -> torch.Tensor:
+            return states.view(batch, -1, self.num_heads, hidden // self.num_heads).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            heads(F.linear(query, weight_q, bias_q)),
+            heads(F.linear(key_value, weight_k, bias_k)),
+            heads(F.linear(key_value, weight_v, bias_v)),
+        )
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, num_queries, hidden))
+
+
 class QueryTransformerBlock(nn.Module):
     """IGVA's block: the instruction token attends to the group tokens; post-norm residuals; ReLU FFN."""
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        self.cross_attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.cross_attention = GroupCrossAttention(hidden_size, num_heads)
         self.ffn = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size))
         self.norm1 = nn.LayerNorm(hidden_size)
         self.norm2 = nn.LayerNorm(hidden_size)
 
     def forward(self, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
         """query `(batch, 1, hidden)`, key_value `(batch, num_groups, hidden)` -> `(batch, 1, hidden)`."""
-        attended, _ = self.cross_attention(query, key_value, key_value, need_weights=False)
+        attended = self.cross_attention(query, key_value)
         hidden = self.norm1(attended + query)
         return self.norm2(self.ffn(hidden) + hidden)
 
@@ -374,6 +407,11 @@ def init_fuser_weights(module: nn.Module) -> None:
     """Fuser-specific initialisation of one module (other modules keep the default Linear/LayerNorm init)."""
     if isinstance(module, MultiScaleDeformableAttention):
         init_deformable_attention(module)
+    elif isinstance(module, GroupCrossAttention):
+        # nn.MultiheadAttention's own initialisation.
+        init.xavier_uniform_(module.in_proj_weight)
+        init.zeros_(module.in_proj_bias)
+        init.zeros_(module.out_proj.bias)
     elif isinstance(module, MMFuser):
         # Layer scales at 0: a fresh MMFuser returns its query layer unchanged.
         init.zeros_(module.gamma1)

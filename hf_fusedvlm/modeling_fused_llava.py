@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel, LlavaPreTrainedModel, PreTrainedConfig
 from transformers import initialization as init
@@ -15,14 +16,18 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaModelOutputWithPast
-from safetensors import SafetensorError, safe_open
 from transformers.quantizers.base import get_keys_to_not_convert
-from transformers.utils import is_bitsandbytes_available
+from transformers.utils import is_bitsandbytes_available, output_capturing
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_fused_llava import FusedLlavaConfig
 from .deformable_attention import MultiScaleDeformableAttention
 from .fusers import FUSERS, build_fuser, init_fuser_weights
+
+
+# transformers >= 5.23 (which added `select_hidden_states`) records exactly the hidden-state indices listed in
+# `output_hidden_states`; older releases shift such a list by one, so they record every layer and the fuser's are kept.
+RECORDS_LISTED_HIDDEN_STATES = hasattr(output_capturing, "select_hidden_states")
 
 
 @dataclass
@@ -400,14 +405,19 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
             per image.
         """
         self.check_feature_selection(vision_feature_layer, vision_feature_select_strategy)
-        if not kwargs.get("output_hidden_states"):
+        layers_needed = self.config.vision_layers_needed
+        all_requested = bool(kwargs.get("output_hidden_states"))
+        if not all_requested:
             # As `select_hidden_states` does for LLaVA: record only the layers the fuser reads unless all are asked for.
-            kwargs["output_hidden_states"] = self.config.vision_layers_needed
+            kwargs["output_hidden_states"] = layers_needed if RECORDS_LISTED_HIDDEN_STATES else True
         image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
         # What a plain LLaVA's projector would receive: the tower's activations, whatever dtype pixel_values had.
         vision_dtype = image_outputs.last_hidden_state.dtype
         fuser_dtype = next(self.fuser.parameters(), image_outputs.last_hidden_state).dtype
-        hidden_states = tuple(None if state is None else state.to(fuser_dtype) for state in image_outputs.hidden_states)
+        recorded = image_outputs.hidden_states
+        if not all_requested:
+            recorded = tuple(state if index in layers_needed else None for index, state in enumerate(recorded))
+        hidden_states = tuple(None if state is None else state.to(fuser_dtype) for state in recorded)
         instruction_embeds = self._instruction_embeds_per_image(
             pixel_values.shape[0], instruction_input_ids, instruction_attention_mask, image_sample_index
         )
@@ -419,7 +429,7 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         return FusedLlavaImageFeaturesOutput(
             last_hidden_state=image_outputs.last_hidden_state,
             pooler_output=list(image_features),
-            hidden_states=image_outputs.hidden_states,
+            hidden_states=recorded,
             attentions=image_outputs.attentions,
             fusion_weights=fused.fusion_weights,
             balance_loss=fused.balance_loss,

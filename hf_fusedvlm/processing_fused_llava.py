@@ -289,7 +289,10 @@ class FusedLlavaProcessor(LlavaProcessor):
             data["image_sample_index"] = [
                 sample for sample, count in enumerate(images_per_sample) for _ in range(count)
             ]
-        return_tensors = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)[
+        # The kwargs class is passed explicitly: transformers < 5.23 requires it.
+        return_tensors = self._merge_kwargs(
+            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )[
             "text_kwargs"
         ].get("return_tensors")
         return BatchFeature(data, tensor_type=return_tensors)

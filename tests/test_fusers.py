@@ -93,6 +93,35 @@ def test_igva_matches_float64_reference():
         assert relative_error(output.features[image], features) <= 1e-5
 
 
+def test_igva_attention_is_multihead_attention_without_reading_linear_weights():
+    """The aggregator's attention loads nn.MultiheadAttention's state dict (official key names) and gives bit-equal
+    results; it still runs when `out_proj.weight` is unreadable, as under runtimes that pack linear layers."""
+    fuser, _ = make_fuser("igva")
+    attention = fuser.blocks[0].cross_attention
+    official = torch.nn.MultiheadAttention(WIDTH, attention.num_heads, batch_first=True).eval()
+    randomise(official, seed=4)
+    assert sorted(attention.state_dict()) == sorted(official.state_dict())
+    attention.load_state_dict(official.state_dict())
+    generator = torch.Generator().manual_seed(5)
+    query, key_value = torch.randn(3, 1, WIDTH, generator=generator), torch.randn(3, 4, WIDTH, generator=generator)
+    with torch.no_grad():
+        expected = official(query, key_value, key_value, need_weights=False)[0]
+        assert torch.equal(attention(query, key_value), expected)
+
+        class PackedLinear(torch.nn.Module):  # keeps its weight elsewhere, like vLLM's CPU linears after packing
+            def __init__(self, linear):
+                super().__init__()
+                self.packed = linear.weight.detach().clone()
+                self.bias = linear.bias
+                self.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+
+            def forward(self, states):
+                return torch.nn.functional.linear(states, self.packed, self.bias)
+
+        attention.out_proj = PackedLinear(attention.out_proj)
+        assert torch.equal(attention(query, key_value), expected)
+
+
 def test_igva_weights_are_a_distribution_that_follows_the_instruction():
     fuser, config = make_fuser("igva")
     randomise(fuser, seed=7)
