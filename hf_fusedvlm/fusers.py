@@ -240,6 +240,12 @@ class GroupCrossAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * hidden_size))
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
+    def _reset_parameters(self) -> None:
+        """`nn.MultiheadAttention`'s own initialisation (same name, so code that resets modules treats both alike)."""
+        init.xavier_uniform_(self.in_proj_weight)
+        init.zeros_(self.in_proj_bias)
+        init.zeros_(self.out_proj.bias)
+
     def forward(self, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
         """query `(batch, num_queries, hidden)`, key_value `(batch, num_keys, hidden)` -> `(batch, num_queries, hidden)`."""
         batch, num_queries, hidden = query.shape
@@ -408,10 +414,7 @@ def init_fuser_weights(module: nn.Module) -> None:
     if isinstance(module, MultiScaleDeformableAttention):
         init_deformable_attention(module)
     elif isinstance(module, GroupCrossAttention):
-        # nn.MultiheadAttention's own initialisation.
-        init.xavier_uniform_(module.in_proj_weight)
-        init.zeros_(module.in_proj_bias)
-        init.zeros_(module.out_proj.bias)
+        module._reset_parameters()
     elif isinstance(module, MMFuser):
         # Layer scales at 0: a fresh MMFuser returns its query layer unchanged.
         init.zeros_(module.gamma1)
