@@ -148,6 +148,26 @@ def check_fused_checkpoint(pretrained_model_name_or_path, kwargs: dict) -> None:
     )
 
 
+def pool_sentence_embeddings(
+    last_hidden_state: torch.Tensor, attention_mask: torch.Tensor, config: FusedLlavaConfig
+) -> torch.Tensor:
+    """Sentence embeddings `(num_instructions, encoder_hidden)` pooled from the instruction encoder's
+    `last_hidden_state` `(num_instructions, length, encoder_hidden)` as sentence-transformers does
+    (`config.instruction_pooling`: masked mean, first token or masked channel-wise max), then L2-normalised if
+    `config.instruction_embedding_normalize`."""
+    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
+    if config.instruction_pooling == "cls":
+        embeds = last_hidden_state[:, 0]
+    elif config.instruction_pooling == "max":
+        # Padding must never win the maximum; sentence-transformers fills it with -1e9 the same way.
+        embeds = last_hidden_state.masked_fill(mask == 0, -1e9).max(1).values
+    else:
+        embeds = (last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+    if config.instruction_embedding_normalize:
+        embeds = F.normalize(embeds, p=2, dim=-1)
+    return embeds
+
+
 class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: FusedLlavaConfig
 
@@ -295,18 +315,7 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         hidden = self.instruction_encoder(
             input_ids=instruction_input_ids, attention_mask=instruction_attention_mask
         ).last_hidden_state
-        mask = instruction_attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooling = self.config.instruction_pooling
-        if pooling == "cls":
-            embeds = hidden[:, 0]
-        elif pooling == "max":
-            # Padding must never win the maximum; sentence-transformers fills it with -1e9 the same way.
-            embeds = hidden.masked_fill(mask == 0, -1e9).max(1).values
-        else:
-            embeds = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        if self.config.instruction_embedding_normalize:
-            embeds = F.normalize(embeds, p=2, dim=-1)
-        return embeds
+        return pool_sentence_embeddings(hidden, instruction_attention_mask, self.config)
 
     def _instruction_embeds_per_image(
         self, num_images: int, instruction_input_ids, instruction_attention_mask, image_sample_index

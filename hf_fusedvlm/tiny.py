@@ -108,8 +108,11 @@ def tiny_image_processor() -> LlavaImageProcessorPil:
     )
 
 
-def tiny_llava_config(tokenizer: PreTrainedTokenizerFast, num_vision_layers: int = 6) -> LlavaConfig:
-    """A llava-hf style config: CLIP vision tower (32x32 images, 16 patches) and a 2-layer Llama."""
+def tiny_llava_config(
+    tokenizer: PreTrainedTokenizerFast, num_vision_layers: int = 6, *, num_text_heads: int = 4
+) -> LlavaConfig:
+    """A llava-hf style config: CLIP vision tower (32x32 images, 16 patches) and a 2-layer, 64-wide Llama with
+    `num_text_heads` heads (vLLM's CPU attention needs a head size of at least 32, i.e. 2 heads)."""
     vision_config = AutoConfig.for_model(
         "clip_vision_model",
         hidden_size=64,
@@ -125,7 +128,7 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerFast, num_vision_layers: int
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=num_text_heads,
         num_key_value_heads=2,
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
@@ -156,10 +159,13 @@ def _seeded_init(model: torch.nn.Module, seed: int) -> None:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
 
 
-def build_tiny_llava(seed: int = 0, num_vision_layers: int = 6) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_tiny_llava(
+    seed: int = 0, num_vision_layers: int = 6, *, num_text_heads: int = 4
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A plain tiny `LlavaForConditionalGeneration` and its `LlavaProcessor`, identical for the same seed."""
     tokenizer = build_tiny_llm_tokenizer()
-    model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer, num_vision_layers)).eval()
+    config = tiny_llava_config(tokenizer, num_vision_layers, num_text_heads=num_text_heads)
+    model = LlavaForConditionalGeneration(config).eval()
     _seeded_init(model, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = LlavaProcessor(
@@ -189,3 +195,40 @@ def build_tiny_instruction_encoder(seed: int = 0):
     encoder = AutoModel.from_config(config).eval()
     _seeded_init(encoder, seed + 1)
     return encoder, tokenizer
+
+
+def build_tiny_fused(fuser_type: str, seed: int = 0, *, num_text_heads: int = 4, trained: bool = False):
+    """A tiny fused LLaVA of `fuser_type` converted from [`build_tiny_llava`] (`igva` with
+    [`build_tiny_instruction_encoder`]), and its `FusedLlavaProcessor`.
+
+    With `trained=True` the model is moved away from its source as training would: seeded noise (std 0.05) is added
+    to every fuser weight, MMFuser's gammas (zero at conversion) are drawn with std 0.2, and the projector's first
+    linear is drawn anew (std 0.2), new columns included. The fusion then shows in the logits, which is what checks of
+    other engines need.
+    """
+    from .conversion import fused_from_llava
+    from .processing_fused_llava import FusedLlavaProcessor
+
+    llava, llava_processor = build_tiny_llava(seed, num_text_heads=num_text_heads)
+    encoder = instruction_tokenizer = None
+    if fuser_type == "igva":
+        encoder, instruction_tokenizer = build_tiny_instruction_encoder(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the new fuser weights are drawn from the global generator
+        model = fused_from_llava(llava, fuser_type, instruction_encoder=encoder).eval()
+    if trained:
+        generator = torch.Generator().manual_seed(seed + 2)
+
+        def noise(tensor: torch.Tensor, std: float) -> torch.Tensor:
+            return torch.randn(tensor.shape, generator=generator) * std
+
+        with torch.no_grad():
+            for name, parameter in model.model.fuser.named_parameters():
+                if name.rsplit(".", 1)[-1].startswith("gamma"):
+                    parameter.copy_(noise(parameter, 0.2))
+                else:
+                    parameter.add_(noise(parameter, 0.05))
+            projector = model.model.multi_modal_projector.linear_1.weight
+            projector.copy_(noise(projector, 0.2))
+    processor = FusedLlavaProcessor.from_llava_processor(llava_processor, instruction_tokenizer=instruction_tokenizer)
+    return model, processor

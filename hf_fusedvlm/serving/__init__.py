@@ -1,0 +1,19 @@
+"""Serving fused LLaVA checkpoints with vLLM.
+
+`register` is hf-fusedvlm's entry point in vLLM's `vllm.general_plugins` group: vLLM calls it in every process it
+starts, so `vllm serve <fused checkpoint>` and `LLM(model=...)` find the native model of
+[`vllm_model.FusedLlavaForConditionalGeneration`] with the package installed and the checkpoint unchanged.
+"""
+
+ARCHITECTURE = "FusedLlavaForConditionalGeneration"
+
+
+def register() -> None:
+    """Registers the fused architecture with vLLM's model registry (the model module is imported lazily) and the
+    fused config and processor with transformers' Auto classes."""
+    from vllm import ModelRegistry
+
+    import hf_fusedvlm  # noqa: F401  (registers `fused_llava` with AutoConfig and AutoProcessor)
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.vllm_model:{ARCHITECTURE}")

@@ -1,0 +1,61 @@
+"""Greedy generation with vLLM, run in its own process by the tests (each engine starts and stops cleanly).
+
+    python tests_vllm/vllm_generate.py REQUESTS.json OUTPUT.json --tensor-parallel-size N
+
+REQUESTS.json: `{"checkpoint": folder, "max_tokens": n, "requests": [{"prompt": str, "image_index": int,
+"instructions": str (optional, sent as mm_processor_kwargs)}]}`; images are `synthetic_vqa.make_sample(0, index)`.
+OUTPUT.json: one `{"token_ids": [...], "first_logprobs": {token_id: logprob}}` per request, in order.
+"""
+
+import argparse
+import json
+import os
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("requests")
+    parser.add_argument("output")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    args = parser.parse_args()
+    spec = json.loads(open(args.requests).read())
+    # A fixed 1 GiB KV cache instead of a share of the machine's memory, which other processes may hold.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    from vllm import LLM, SamplingParams
+
+    from hf_fusedvlm.synthetic_vqa import make_sample
+
+    llm = LLM(
+        model=spec["checkpoint"],
+        dtype="float32",
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_model_len=256,
+        max_num_seqs=8,
+        enforce_eager=True,
+        limit_mm_per_prompt={"image": 2},
+        seed=0,
+    )
+    prompts = []
+    for request in spec["requests"]:
+        prompt = {"prompt": request["prompt"], "multi_modal_data": {"image": make_sample(0, request["image_index"]).image}}
+        if "instructions" in request:
+            prompt["mm_processor_kwargs"] = {"instructions": request["instructions"]}
+        prompts.append(prompt)
+    sampling = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], logprobs=5)
+    results = []
+    for output in llm.generate(prompts, sampling, use_tqdm=False):
+        completion = output.outputs[0]
+        first = completion.logprobs[0]
+        results.append(
+            {
+                "token_ids": list(completion.token_ids),
+                "first_logprobs": {str(token): entry.logprob for token, entry in first.items()},
+            }
+        )
+    with open(args.output, "w") as handle:
+        json.dump(results, handle)
+
+
+if __name__ == "__main__":
+    main()
