@@ -104,7 +104,7 @@ def serve_and_time(args) -> None:
     processor = FusedLlavaProcessor.from_pretrained(args.checkpoint)
     image_size = processor.image_processor.crop_size["height"]
     llm = LLM(
-        model=args.checkpoint, dtype="float32", tensor_parallel_size=args.tensor_parallel_size, max_model_len=1024,
+        model=args.checkpoint, dtype="float32", tensor_parallel_size=args.tensor_parallel_size,
         max_num_seqs=args.requests, enforce_eager=True, seed=0,
     )
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)

@@ -4,6 +4,8 @@ Sizes are multiples of 64 so that bitsandbytes can quantise them on CPU. Tokeniz
 a fixed corpus; weights come from a seeded generator, so the same call gives the same checkpoint on every machine.
 """
 
+from collections import Counter
+
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
@@ -77,15 +79,25 @@ def build_tiny_llm_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
 
 
 def build_tiny_instruction_tokenizer(vocab_size: int = 192) -> PreTrainedTokenizerFast:
-    """A BERT-style WordPiece tokenizer (`[CLS] ... [SEP]`) for the tiny instruction encoder."""
+    """A BERT-style WordPiece tokenizer (`[CLS] ... [SEP]`) for the tiny instruction encoder.
+
+    The vocabulary is counted directly (special tokens, every character alone and as a `##` continuation, then the
+    most frequent words, ties broken alphabetically) rather than trained: `tokenizers`' WordPiece trainer breaks ties
+    in a different order in every process, which would change the token ids from run to run."""
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = _train_tokenizer(
-        models.WordPiece(unk_token="[UNK]"),
-        trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False),
-        normalizer=normalizers.BertNormalizer(lowercase=True),
-        pre_tokenizer=pre_tokenizers.BertPreTokenizer(),
-        decoder=decoders.WordPiece(),
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = Counter(
+        word for line in _CORPUS for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
     )
+    characters = sorted({character for word in words for character in word})
+    vocab = special + characters + [f"##{character}" for character in characters]
+    frequent = sorted((word for word in words if len(word) > 1), key=lambda word: (-words[word], word))
+    vocab += frequent[: max(0, vocab_size - len(vocab))]
+    tokenizer = Tokenizer(models.WordPiece({token: index for index, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece()
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

@@ -197,3 +197,18 @@ def test_vllm_serve_answers_a_chat_request_as_transformers_does(checkpoints, tmp
         server.wait(timeout=60)
         log.close()
     assert reply["choices"][0]["message"]["content"] == expected
+
+
+def test_throughput_benchmark_quick_mode_prints_ratios_and_writes_json(tmp_path):
+    json_path = tmp_path / "bench_vllm.json"
+    benchmarks = HERE.parent / "benchmarks"
+    completed = subprocess.run(
+        [sys.executable, str(benchmarks / "bench_vllm.py"), "--quick", "--fusers", "igva", "--json", str(json_path)],
+        cwd=benchmarks, capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    assert "ratio" in completed.stdout
+    results = json.loads(json_path.read_text())["results"]
+    assert set(results) == {"none", "igva"}
+    assert results["none"]["throughput_ratio_to_plain"] == 1.0
+    assert results["igva"]["requests_per_second"] > 0

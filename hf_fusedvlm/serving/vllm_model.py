@@ -94,7 +94,8 @@ class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessing
     def apply(self, inputs, timing_ctx):
         """Adds the instruction taken from the prompt to the processor options, for fusers that read one, unless
         the request gave `instructions` itself. vLLM hands the processor the tokenised prompt, so the prompt is
-        decoded first (without loss for the byte-level and SentencePiece tokenizers of LLaVA models)."""
+        decoded first; the rule removes special tokens and collapses whitespace, so a tokenizer whose decoding
+        changes only spacing gives the instruction the text prompt would."""
         options = inputs.hf_processor_mm_kwargs
         if self.info.reads_instruction() and "instructions" not in options and inputs.mm_data_items:
             prompt = self.info.get_tokenizer().decode(inputs.prompt)
