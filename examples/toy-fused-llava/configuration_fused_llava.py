@@ -1,36 +1,20 @@
 """FusedLlava model configuration."""
 
-import difflib
-import warnings
-
 from huggingface_hub.dataclasses import strict
-from transformers import CONFIG_MAPPING, AutoConfig, LlavaConfig, PreTrainedConfig
+from transformers import AutoConfig, LlavaConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 
-try:
-    from transformers.configuration_utils import SubConfigSpec
-except ImportError:  # transformers < 5.20 declares sub-configs as a plain mapping and builds them in __post_init__
-    SubConfigSpec = None
-
-from .fusers import FUSERS, fuser_class
-
-
-# The built-in fusers; `FUSERS` also holds any registered later.
-FUSER_TYPES = tuple(FUSERS)
+FUSER_TYPES = ("mmfuser", "igva", "concat", "average", "none")
+# Fusers that need an embedding of the user's instruction.
+INSTRUCTION_FUSERS = ("igva",)
 # How the instruction encoder's token states become one sentence embedding (sentence-transformers' pooling modes).
 INSTRUCTION_POOLINGS = ("mean", "cls", "max")
-
-# Vision towers whose hidden states have no class token: LLaVA's "default" strategy would drop a real patch.
-TOWERS_WITHOUT_CLASS_TOKEN = ("siglip_vision_model", "siglip2_vision_model", "siglip", "siglip2")
-# Prefixes of this config's own fields: an unknown keyword with one of them is most likely a misspelt field.
-_FUSER_FIELD_PREFIXES = ("fuser_", "aggregator_", "instruction_", "balance_")
 
 # Reference layouts for a 24-layer CLIP-L tower (hidden-state indices, 0 = embeddings).
 _REFERENCE_DEPTH = 24
 _REFERENCE_MMFUSER_LAYERS = (3, 8, 13, 18, 23)
 _REFERENCE_NUM_GROUPS = 4
-# all-mpnet-base-v2, IGVA's sentence encoder: the model type of an instruction encoder config that names none.
-_INSTRUCTION_ENCODER_DEFAULT_TYPE = "mpnet"
 
 
 def default_fuser_layers(num_hidden_layers: int) -> list[int]:
@@ -68,7 +52,7 @@ class FusedLlavaConfig(LlavaConfig):
     non-negative values.
 
     fuser_type (`str`, defaults to `"mmfuser"`):
-        A registered fuser (`hf_fusedvlm.fusers.FUSERS`): `"mmfuser"`, `"igva"`, `"concat"`, `"average"`, `"none"`.
+        One of `"mmfuser"`, `"igva"`, `"concat"`, `"average"`, `"none"`.
     fuser_layers (`list[int]`, *optional*):
         Layers fused by `mmfuser` (the last one is the query, so it must equal `vision_feature_layer`) and `concat`
         (concatenated along channels in this order). Defaults to MMFuser's CLIP-L layers 3, 8, 13, 18, 23 scaled to the
@@ -113,15 +97,10 @@ class FusedLlavaConfig(LlavaConfig):
     ```"""
 
     model_type = "fused_llava"
-    if SubConfigSpec is not None:
-        sub_configs_defaults = {
-            **LlavaConfig.sub_configs_defaults,
-            "instruction_encoder_config": SubConfigSpec(
-                config_class=AutoConfig, model_type=_INSTRUCTION_ENCODER_DEFAULT_TYPE, optional=True
-            ),
-        }
-    else:
-        sub_configs = {**LlavaConfig.sub_configs, "instruction_encoder_config": AutoConfig}
+    sub_configs_defaults = {
+        **LlavaConfig.sub_configs_defaults,
+        "instruction_encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="mpnet", optional=True),
+    }
 
     fuser_type: str = "mmfuser"
     fuser_layers: list[int] | None = None
@@ -138,13 +117,11 @@ class FusedLlavaConfig(LlavaConfig):
     instruction_embedding_normalize: bool = True
 
     def __post_init__(self, **kwargs):
-        self._warn_misspelt_fields(kwargs)
-        if SubConfigSpec is None and isinstance(self.instruction_encoder_config, dict):
-            encoder_kwargs = dict(self.instruction_encoder_config)
-            model_type = encoder_kwargs.pop("model_type", _INSTRUCTION_ENCODER_DEFAULT_TYPE)
-            self.instruction_encoder_config = CONFIG_MAPPING[model_type](**encoder_kwargs)
         super().__post_init__(**kwargs)
-        fuser = fuser_class(self.fuser_type)
+        if self.fuser_type not in FUSER_TYPES:
+            raise ValueError(
+                f"Unknown fuser_type {self.fuser_type!r}: choose one of {', '.join(FUSER_TYPES)}."
+            )
         if not isinstance(self.vision_feature_layer, int):
             raise ValueError(
                 f"vision_feature_layer must be a single int (the base layer), got {self.vision_feature_layer!r}: "
@@ -160,12 +137,7 @@ class FusedLlavaConfig(LlavaConfig):
         self.fuser_layer_groups = [
             [self._normalise_layer(layer, "fuser_layer_groups") for layer in group] for group in self.fuser_layer_groups
         ]
-        self._check_select_strategy()
-        fuser.check_config(self)
-        if fuser.reads_instruction:
-            self._check_instruction_encoder()
-        if self.balance_loss_weight < 0:
-            raise ValueError(f"balance_loss_weight must be >= 0, got {self.balance_loss_weight}.")
+        self._validate_fuser()
 
     @property
     def base_layer(self) -> int:
@@ -175,15 +147,13 @@ class FusedLlavaConfig(LlavaConfig):
     @property
     def vision_layers_needed(self) -> list[int]:
         """The hidden-state indices the fuser reads, sorted; the vision tower is asked for these only."""
-        return sorted(fuser_class(self.fuser_type).layers_read(self))
-
-    def _warn_misspelt_fields(self, kwargs: dict) -> None:
-        fields = [name for name in self.__dataclass_fields__ if name.startswith(_FUSER_FIELD_PREFIXES)]
-        for key in kwargs:
-            if key.startswith(_FUSER_FIELD_PREFIXES) and key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else f" Fuser fields: {', '.join(fields)}."
-                warnings.warn(f"FusedLlavaConfig got an unknown keyword {key!r}, which no fuser reads.{hint}")
+        if self.fuser_type in ("mmfuser", "concat"):
+            layers = set(self.fuser_layers)
+        elif self.fuser_type in ("igva", "average"):
+            layers = {layer for group in self.fuser_layer_groups for layer in group} | {self.base_layer}
+        else:
+            layers = {self.base_layer}
+        return sorted(layers)
 
     def _normalise_layer(self, layer, field: str) -> int:
         num_hidden_states = self.vision_config.num_hidden_layers + 1
@@ -195,26 +165,53 @@ class FusedLlavaConfig(LlavaConfig):
             )
         return layer % num_hidden_states
 
-    def _check_select_strategy(self):
-        tower = self.vision_config.model_type
-        if self.vision_feature_select_strategy == "default" and tower in TOWERS_WITHOUT_CLASS_TOKEN:
-            raise ValueError(
-                f"The {tower} vision tower has no class token, so vision_feature_select_strategy='default' would drop "
-                "a real patch: set vision_feature_select_strategy='full'."
-            )
-
-    def _check_instruction_encoder(self):
-        if self.instruction_encoder_config is None:
-            raise ValueError(
-                f"fuser_type={self.fuser_type!r} needs instruction_encoder_config (the config of the sentence encoder, "
-                "e.g. AutoConfig.from_pretrained('sentence-transformers/all-mpnet-base-v2'))."
-            )
-        if self.instruction_pooling not in INSTRUCTION_POOLINGS:
-            raise ValueError(
-                f"Unknown instruction_pooling {self.instruction_pooling!r}: choose one of "
-                f"{', '.join(INSTRUCTION_POOLINGS)} (sentence-transformers' pooling_mode_mean_tokens, "
-                "pooling_mode_cls_token, pooling_mode_max_tokens)."
-            )
+    def _validate_fuser(self):
+        vision_size = self.vision_config.hidden_size
+        if self.fuser_type in ("mmfuser", "concat"):
+            if len(self.fuser_layers) < 2:
+                raise ValueError(
+                    f"fuser_type={self.fuser_type!r} needs at least two fuser_layers, got {self.fuser_layers}."
+                )
+            if len(set(self.fuser_layers)) != len(self.fuser_layers):
+                raise ValueError(f"fuser_layers must not repeat a layer, got {self.fuser_layers}.")
+        if self.fuser_type == "mmfuser":
+            if self.fuser_layers[-1] != self.base_layer:
+                raise ValueError(
+                    f"mmfuser's query is the last of fuser_layers ({self.fuser_layers[-1]}) and must equal "
+                    f"vision_feature_layer ({self.base_layer}): reorder fuser_layers or set vision_feature_layer."
+                )
+            if self.fuser_num_heads < 1 or vision_size % self.fuser_num_heads:
+                raise ValueError(
+                    f"fuser_num_heads={self.fuser_num_heads} must divide the vision hidden size {vision_size}."
+                )
+            if self.fuser_num_points < 1:
+                raise ValueError(f"fuser_num_points must be at least 1, got {self.fuser_num_points}.")
+        if self.fuser_type in ("igva", "average"):
+            if not self.fuser_layer_groups or any(len(group) == 0 for group in self.fuser_layer_groups):
+                raise ValueError(
+                    f"fuser_layer_groups must be a non-empty list of non-empty groups, got {self.fuser_layer_groups}."
+                )
+        if self.fuser_type == "igva":
+            if self.instruction_encoder_config is None:
+                raise ValueError(
+                    "fuser_type='igva' needs instruction_encoder_config (the config of the sentence encoder, e.g. "
+                    "AutoConfig.from_pretrained('sentence-transformers/all-mpnet-base-v2'))."
+                )
+            if self.aggregator_num_heads < 1 or self.aggregator_hidden_size % self.aggregator_num_heads:
+                raise ValueError(
+                    f"aggregator_num_heads={self.aggregator_num_heads} must divide "
+                    f"aggregator_hidden_size={self.aggregator_hidden_size}."
+                )
+            if self.aggregator_num_layers < 1:
+                raise ValueError(f"aggregator_num_layers must be at least 1, got {self.aggregator_num_layers}.")
+            if self.instruction_pooling not in INSTRUCTION_POOLINGS:
+                raise ValueError(
+                    f"Unknown instruction_pooling {self.instruction_pooling!r}: choose one of "
+                    f"{', '.join(INSTRUCTION_POOLINGS)} (sentence-transformers' pooling_mode_mean_tokens, "
+                    "pooling_mode_cls_token, pooling_mode_max_tokens)."
+                )
+        if self.balance_loss_weight < 0:
+            raise ValueError(f"balance_loss_weight must be >= 0, got {self.balance_loss_weight}.")
 
 
 __all__ = ["FusedLlavaConfig"]

@@ -1,33 +1,21 @@
 """PyTorch FusedLlava: LLaVA whose visual tokens fuse several vision-encoder layers."""
 
-import copy
 import importlib.metadata
 import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel, LlavaPreTrainedModel, PreTrainedConfig
-from transformers import initialization as init
+from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel, LlavaPreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaModelOutputWithPast
-from transformers.quantizers.base import get_keys_to_not_convert
-from transformers.utils import is_bitsandbytes_available, output_capturing
+from transformers.utils import is_bitsandbytes_available
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_fused_llava import FusedLlavaConfig
-from .deformable_attention import MultiScaleDeformableAttention
-from .fusers import FUSERS, build_fuser, init_fuser_weights
-
-
-# transformers >= 5.23 (which added `select_hidden_states`) records exactly the hidden-state indices listed in
-# `output_hidden_states`; older releases shift such a list by one, so they record every layer and the fuser's are kept.
-RECORDS_LISTED_HIDDEN_STATES = hasattr(output_capturing, "select_hidden_states")
+from .configuration_fused_llava import INSTRUCTION_FUSERS, FusedLlavaConfig
+from .fusers import build_fuser, init_fuser_weights
 
 
 @dataclass
@@ -105,164 +93,22 @@ def check_bitsandbytes(quantization_config) -> None:
     )
 
 
-def corrupt_safetensors_files(folder) -> str | None:
-    """The safetensors files of a local `folder` that cannot be opened, as a sentence, or None."""
-    if not os.path.isdir(folder):
-        return None
-    corrupt = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(os.path.join(folder, name), framework="pt"):
-                    pass
-            except (SafetensorError, OSError):
-                corrupt.append(name)
-    return f"{', '.join(corrupt)} cannot be read; download or save it again" if corrupt else None
-
-
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-
-
-def _hub_kwargs(kwargs: dict) -> dict:
-    return {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-
-
-def check_fused_checkpoint(pretrained_model_name_or_path, kwargs: dict) -> None:
-    """Raise a clear `ValueError` when the checkpoint's `config.json` is not a fused LLaVA's (a llava-hf or original
-    LLaVA checkpoint): its weights would leave the language model randomly initialised."""
-    if pretrained_model_name_or_path is None or kwargs.get("gguf_file") is not None:
-        return
-    try:
-        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
-    except (OSError, ValueError):
-        return  # no readable config.json: from_pretrained reports that itself
-    model_type = config_dict.get("model_type")
-    if model_type == FusedLlavaConfig.model_type:
-        return
-    raise ValueError(
-        f"{pretrained_model_name_or_path} is not a fused LLaVA checkpoint (its config.json has model_type="
-        f"{model_type!r}); loading it would leave the fused model's language model randomly initialised. Convert it "
-        f"first, e.g. `fusedvlm-convert --input {pretrained_model_name_or_path} --output <folder> --fuser mmfuser` "
-        f"(fuser: {', '.join(FUSERS)}; those that read the instruction also need --instruction-encoder), then load "
-        "the output folder."
-    )
-
-
-def pool_sentence_embeddings(
-    last_hidden_state: torch.Tensor, attention_mask: torch.Tensor, config: FusedLlavaConfig
-) -> torch.Tensor:
-    """Sentence embeddings `(num_instructions, encoder_hidden)` pooled from the instruction encoder's
-    `last_hidden_state` `(num_instructions, length, encoder_hidden)` as sentence-transformers does
-    (`config.instruction_pooling`: masked mean, first token or masked channel-wise max), then L2-normalised if
-    `config.instruction_embedding_normalize`."""
-    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
-    if config.instruction_pooling == "cls":
-        embeds = last_hidden_state[:, 0]
-    elif config.instruction_pooling == "max":
-        # Padding must never win the maximum; sentence-transformers fills it with -1e9 the same way.
-        embeds = last_hidden_state.masked_fill(mask == 0, -1e9).max(1).values
-    else:
-        embeds = (last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-    if config.instruction_embedding_normalize:
-        embeds = F.normalize(embeds, p=2, dim=-1)
-    return embeds
-
-
 class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: FusedLlavaConfig
+    _no_split_modules = ["MMFuser", "IGVAFuser", "AverageFuser", "ConcatFuser", "SingleLayerFuser"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
         init_fuser_weights(module)
 
-    def _initialize_weights(self, module, is_custom_code: bool = False):
-        # On the custom-code path transformers marks a module initialised when all its *own* parameters are; the
-        # deformable attention owns none (its linears are children), so Deformable-DETR's initialisation would be
-        # skipped. transformers' init functions still leave loaded tensors untouched.
-        if isinstance(module, MultiScaleDeformableAttention):
-            is_custom_code = False
-        super()._initialize_weights(module, is_custom_code)
-
-    def _fusion_module_prefixes(self) -> tuple[list[str], list[str]]:
-        """`(fp32_modules, strict_fp32_modules)` of this model, from its config: the instruction encoder (`igva`)
-        stays fp32 under fp16 and the fuser, when it has weights, under fp16 and bf16 (deformable sampling and the
-        group softmax need fp32). Patterns match module names from the start, so they carry this model's prefix."""
-        prefix = "" if isinstance(self, FusedLlavaModel) else f"{self.base_model_prefix}."
-        has_fuser_weights = any(True for _ in self.base_model.fuser.parameters())
-        has_encoder = self.base_model.instruction_encoder is not None
-        return [f"{prefix}instruction_encoder"] if has_encoder else [], [f"{prefix}fuser"] if has_fuser_weights else []
-
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, first refusing a file path and checkpoints that are not fused LLaVAs
-        (they would load with a randomly initialised language model), checking that a bitsandbytes
-        `quantization_config` (passed, or in the `config` that the Auto classes pass) can be honoured, and keeping the
-        fuser and the instruction encoder out of bitsandbytes quantisation; then refusing weights that belong to
-        another fuser than the config's `fuser_type`, and naming a corrupt shard."""
-        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(pretrained_model_name_or_path):
-            raise ValueError(
-                f"{pretrained_model_name_or_path} is a file: pass the checkpoint's folder (the one holding config.json "
-                "and the weights) or its Hub id."
-            )
-        check_fused_checkpoint(pretrained_model_name_or_path, kwargs)
-        quantization_config = kwargs.get("quantization_config") or getattr(
-            kwargs.get("config"), "quantization_config", None
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, first checking that a bitsandbytes `quantization_config` (passed, or in
+        the `config` that the Auto classes pass) can be honoured."""
+        check_bitsandbytes(
+            kwargs.get("quantization_config") or getattr(kwargs.get("config"), "quantization_config", None)
         )
-        check_bitsandbytes(quantization_config)
-        if kwargs.get("quantization_config") is not None:
-            kwargs["quantization_config"] = cls._skip_fusion_in_quantization(
-                pretrained_model_name_or_path, kwargs["quantization_config"], kwargs
-            )
-        wants_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
-        except SafetensorError as error:
-            raise OSError(
-                f"A weights file of {pretrained_model_name_or_path} is corrupt or truncated ({error}): "
-                f"{corrupt_safetensors_files(pretrained_model_name_or_path) or 'download it again'}."
-            ) from error
-        except RuntimeError as error:
-            if "ignore_mismatched_sizes" not in str(error):
-                raise
-            raise ValueError(
-                f"The weights of {pretrained_model_name_or_path} do not have the shapes its config describes (see the "
-                "report above): was config.json edited (fuser_type, fuser_layers, ...) after saving? A fused "
-                "checkpoint's fuser can only be changed by converting its plain source again."
-            ) from error
-        foreign = [key for key in info["unexpected_keys"] if key.startswith(("model.fuser.", "fuser."))]
-        if foreign:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds fuser weights that fuser_type={model.config.fuser_type!r} does "
-                f"not have ({', '.join(sorted(foreign)[:4])}, ...): its config.json names another fuser than the one "
-                "its weights were saved with. Restore the saved fuser_type, or convert the plain source again."
-            )
-        return (model, info) if wants_info else model
-
-    @classmethod
-    def _skip_fusion_in_quantization(cls, pretrained_model_name_or_path, quantization_config, kwargs):
-        """A copy of a bitsandbytes `quantization_config` whose `llm_int8_skip_modules` also names the fuser.
-
-        transformers' quantizers leave `_keep_in_fp32_modules` unquantised but not `_keep_in_fp32_modules_strict`,
-        where the fuser is. When the user gives no skip list, transformers' automatic skips (`lm_head`, ...) are kept
-        by computing them on a weightless copy of the model."""
-        method = quantization_config.get("quant_method") if isinstance(quantization_config, dict) else getattr(
-            quantization_config, "quant_method", None
-        )
-        if method != "bitsandbytes" or isinstance(quantization_config, dict):
-            return quantization_config
-        config = kwargs.get("config")
-        if not isinstance(config, PreTrainedConfig):
-            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
-        with torch.device("meta"), init.no_init_weights():
-            skeleton = cls(copy.deepcopy(config))
-        skip = quantization_config.llm_int8_skip_modules
-        skip = list(get_keys_to_not_convert(skeleton) if skip is None else skip)
-        fp32_modules, strict_fp32_modules = skeleton._fusion_module_prefixes()
-        quantization_config = copy.deepcopy(quantization_config)
-        quantization_config.llm_int8_skip_modules = skip + [m for m in fp32_modules + strict_fp32_modules if m not in skip]
-        return quantization_config
+        return super().from_pretrained(*args, **kwargs)
 
     def fuser_memory_footprint(self, return_buffers: bool = True) -> dict[str, int | float]:
         """How much of [`~PreTrainedModel.get_memory_footprint`] (same counting rule, so quantised weights count at
@@ -283,23 +129,21 @@ class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
 class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
     """LLaVA model whose image features come from `fuser` over several vision layers (no LM head)."""
 
+    # Quantisation must leave the fuser and the instruction encoder alone; deformable sampling needs fp32.
+    _keep_in_fp32_modules = ["fuser", "instruction_encoder"]
+    _keep_in_fp32_modules_strict = ["fuser"]
+
     def __init__(self, config: FusedLlavaConfig):
         super(LlavaModel, self).__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.fuser = build_fuser(config)
-        # The fuser reads all its layers at once: a device map must keep it on one device. `post_init` merges this
-        # per-instance list into the model's.
-        self._no_split_modules = [type(self.fuser).__name__]
         self.multi_modal_projector = FusedLlavaMultiModalProjector(config, self.fuser.output_size)
         self.language_model = AutoModel.from_config(config.text_config)
-        if self.fuser.reads_instruction:
+        if config.fuser_type in INSTRUCTION_FUSERS:
             self.instruction_encoder = AutoModel.from_config(config.instruction_encoder_config)
             self.instruction_encoder.requires_grad_(False)
         else:
             self.instruction_encoder = None
-        self._built_feature_selection = (config.base_layer, config.vision_feature_select_strategy)
-        # Depend on the fuser type: only modules that exist are named (see `_fusion_module_prefixes`).
-        self._keep_in_fp32_modules, self._keep_in_fp32_modules_strict = self._fusion_module_prefixes()
         self.post_init()
 
     @torch.no_grad()
@@ -315,7 +159,18 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         hidden = self.instruction_encoder(
             input_ids=instruction_input_ids, attention_mask=instruction_attention_mask
         ).last_hidden_state
-        return pool_sentence_embeddings(hidden, instruction_attention_mask, self.config)
+        mask = instruction_attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooling = self.config.instruction_pooling
+        if pooling == "cls":
+            embeds = hidden[:, 0]
+        elif pooling == "max":
+            # Padding must never win the maximum; sentence-transformers fills it with -1e9 the same way.
+            embeds = hidden.masked_fill(mask == 0, -1e9).max(1).values
+        else:
+            embeds = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        if self.config.instruction_embedding_normalize:
+            embeds = F.normalize(embeds, p=2, dim=-1)
+        return embeds
 
     def _instruction_embeds_per_image(
         self, num_images: int, instruction_input_ids, instruction_attention_mask, image_sample_index
@@ -342,66 +197,23 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
                 f"image_sample_index must have shape ({num_images},), one entry per image, got "
                 f"{tuple(image_sample_index.shape)}."
             )
-        if num_images and not 0 <= int(image_sample_index.min()) <= int(image_sample_index.max()) < embeds.shape[0]:
-            raise ValueError(
-                f"image_sample_index {image_sample_index.tolist()} points outside the {embeds.shape[0]} instructions: "
-                "each entry is the row of its image's sample in instruction_input_ids (0 to "
-                f"{embeds.shape[0] - 1})."
-            )
         return embeds[image_sample_index.to(embeds.device)]
-
-    def check_feature_selection(self, vision_feature_layer=None, vision_feature_select_strategy=None) -> None:
-        """Raise a clear `ValueError` when the config's or the call's vision feature selection differs from the one
-        the fuser was built for: its layers and its token selection are fixed at construction."""
-        base_layer, select_strategy = self._built_feature_selection
-        configured = self.config.vision_feature_layer
-        if not isinstance(configured, int) or isinstance(configured, bool):
-            raise ValueError(
-                f"config.vision_feature_layer is {configured!r}, but a fused LLaVA reads one base layer (an int), "
-                "fixed when the model is built. To fuse several layers, build a model whose config sets "
-                f"fuser_type='concat' (or 'mmfuser') and fuser_layers={configured!r}."
-            )
-        num_hidden_states = self.config.vision_config.num_hidden_layers + 1
-        for source, layer, strategy in (
-            ("config", configured, self.config.vision_feature_select_strategy),
-            ("call", vision_feature_layer, vision_feature_select_strategy),
-        ):
-            if layer is not None and (not isinstance(layer, int) or layer % num_hidden_states != base_layer):
-                raise ValueError(
-                    f"vision_feature_layer={layer!r} (from the {source}) differs from the base layer {base_layer} this "
-                    "model's fuser was built for; the fused layers cannot change after construction: build a new "
-                    "model from a config with the layers you want (vision_feature_layer, fuser_layers, "
-                    "fuser_layer_groups)."
-                )
-            if strategy is not None and strategy != select_strategy:
-                raise ValueError(
-                    f"vision_feature_select_strategy={strategy!r} (from the {source}) differs from "
-                    f"{select_strategy!r}, the one this model's fuser was built for: build a new model instead."
-                )
 
     @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
-        vision_feature_layer: int | None = None,
-        vision_feature_select_strategy: str | None = None,
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
         image_sample_index: torch.LongTensor | None = None,
         **kwargs,
     ) -> FusedLlavaImageFeaturesOutput:
         r"""
-        Runs the vision tower (recording only the layers the fuser reads, unless `output_hidden_states=True` asks for
-        all of them), the fuser and the projector.
+        Runs the vision tower (recording only the layers the fuser reads), the fuser and the projector.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`):
                 The images.
-            vision_feature_layer (`int`, *optional*):
-                Accepted for compatibility with [`LlavaModel.get_image_features`]; must be the config's (the fused
-                layers are fixed when the model is built).
-            vision_feature_select_strategy (`str`, *optional*):
-                Likewise; must be the config's.
             instruction_input_ids (`torch.LongTensor` of shape `(num_instructions, instruction_length)`, *optional*):
                 The instructions tokenised for the instruction encoder (needed by `igva`).
             instruction_attention_mask (`torch.Tensor` of shape `(num_instructions, instruction_length)`, *optional*):
@@ -413,20 +225,13 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
             [`FusedLlavaImageFeaturesOutput`] whose `pooler_output` holds one `(num_patches, text_hidden_size)` tensor
             per image.
         """
-        self.check_feature_selection(vision_feature_layer, vision_feature_select_strategy)
-        layers_needed = self.config.vision_layers_needed
-        all_requested = bool(kwargs.get("output_hidden_states"))
-        if not all_requested:
-            # As `select_hidden_states` does for LLaVA: record only the layers the fuser reads unless all are asked for.
-            kwargs["output_hidden_states"] = layers_needed if RECORDS_LISTED_HIDDEN_STATES else True
-        image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        image_outputs = self.vision_tower(
+            pixel_values, output_hidden_states=self.config.vision_layers_needed, return_dict=True, **kwargs
+        )
         # What a plain LLaVA's projector would receive: the tower's activations, whatever dtype pixel_values had.
         vision_dtype = image_outputs.last_hidden_state.dtype
         fuser_dtype = next(self.fuser.parameters(), image_outputs.last_hidden_state).dtype
-        recorded = image_outputs.hidden_states
-        if not all_requested:
-            recorded = tuple(state if index in layers_needed else None for index, state in enumerate(recorded))
-        hidden_states = tuple(None if state is None else state.to(fuser_dtype) for state in recorded)
+        hidden_states = tuple(None if state is None else state.to(fuser_dtype) for state in image_outputs.hidden_states)
         instruction_embeds = self._instruction_embeds_per_image(
             pixel_values.shape[0], instruction_input_ids, instruction_attention_mask, image_sample_index
         )
@@ -438,62 +243,27 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         return FusedLlavaImageFeaturesOutput(
             last_hidden_state=image_outputs.last_hidden_state,
             pooler_output=list(image_features),
-            hidden_states=recorded,
+            hidden_states=image_outputs.hidden_states,
             attentions=image_outputs.attentions,
             fusion_weights=fused.fusion_weights,
             balance_loss=fused.balance_loss,
         )
 
-    def get_placeholder_mask(
-        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
-    ) -> torch.Tensor:
-        """[`LlavaModel.get_placeholder_mask`] (`image_features` of shape `(total_patches, hidden)`), with a mismatch
-        reported in images rather than feature rows."""
-        if input_ids is not None and not torch.compiler.is_compiling():
-            num_tokens = int((input_ids == self.config.image_token_id).sum())
-            vision = self.config.vision_config
-            per_image = (vision.image_size // vision.patch_size) ** 2
-            if num_tokens != image_features.shape[0] and image_features.shape[0] % per_image == 0:
-                raise ValueError(
-                    f"The prompts hold {num_tokens} image tokens ({num_tokens / per_image:g} images' worth), but "
-                    f"{image_features.shape[0] // per_image} images were given, each filling {per_image} image "
-                    "tokens: write one image token per image and let the processor expand it (FusedLlavaProcessor "
-                    "does), and pass every image of every prompt."
-                )
-        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
-
     def encode_images_once(
-        self,
-        pixel_values,
-        instruction_input_ids,
-        instruction_attention_mask,
-        image_sample_index,
-        mm_encoder_outputs,
-        vision_feature_layer=None,
-        vision_feature_select_strategy=None,
-        image_sizes=None,
+        self, pixel_values, instruction_input_ids, instruction_attention_mask, image_sample_index, mm_encoder_outputs
     ) -> dict:
         """`mm_encoder_outputs` with the fused image features, encoding `pixel_values` unless already encoded."""
-        if image_sizes is not None:
-            raise ValueError(
-                "image_sizes is not supported: a fused LLaVA's vision tower reads fixed-size images (CLIP, SigLIP), "
-                "so do not pass image_sizes."
-            )
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
         if pixel_values is not None:
             if mm_encoder_outputs.get("image") is not None:
                 raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
             mm_encoder_outputs["image"] = self.get_image_features(
                 pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
                 instruction_input_ids=instruction_input_ids,
                 instruction_attention_mask=instruction_attention_mask,
                 image_sample_index=image_sample_index,
                 return_dict=True,
             )
-        elif vision_feature_layer is not None or vision_feature_select_strategy is not None:
-            self.check_feature_selection(vision_feature_layer, vision_feature_select_strategy)
         return mm_encoder_outputs
 
     @can_return_tuple
@@ -501,44 +271,19 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        vision_feature_layer: int | None = None,
-        vision_feature_select_strategy: str | None = None,
-        image_sizes: torch.Tensor | None = None,
-        mm_encoder_outputs: dict | None = None,
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
         image_sample_index: torch.LongTensor | None = None,
+        mm_encoder_outputs: dict | None = None,
         **kwargs,
     ) -> FusedLlavaModelOutputWithPast:
         r"""
         [`LlavaModel.forward`] with fused image features; the extra inputs are those of [`get_image_features`].
-        `vision_feature_layer` and `vision_feature_select_strategy` must be the config's; `image_sizes` is not
-        supported (fixed-size vision towers only).
         """
         mm_encoder_outputs = self.encode_images_once(
-            pixel_values,
-            instruction_input_ids,
-            instruction_attention_mask,
-            image_sample_index,
-            mm_encoder_outputs,
-            vision_feature_layer,
-            vision_feature_select_strategy,
-            image_sizes,
+            pixel_values, instruction_input_ids, instruction_attention_mask, image_sample_index, mm_encoder_outputs
         )
-        outputs = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            mm_encoder_outputs=mm_encoder_outputs,
-            return_dict=True,
-            **kwargs,
-        )
+        outputs = super().forward(input_ids=input_ids, mm_encoder_outputs=mm_encoder_outputs, return_dict=True, **kwargs)
         image_outputs = mm_encoder_outputs.get("image")
         return FusedLlavaModelOutputWithPast(
             **outputs, fusion_weights=getattr(image_outputs, "fusion_weights", None)
@@ -548,11 +293,14 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
 class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForConditionalGeneration):
     """LLaVA with multi-layer visual feature fusion and a language modelling head."""
 
+    # Patterns match full module names from the start, so the prefixes name the fuser under `model`.
+    _keep_in_fp32_modules = ["model.fuser", "model.instruction_encoder"]
+    _keep_in_fp32_modules_strict = ["model.fuser"]
+
     def __init__(self, config: FusedLlavaConfig):
         super(LlavaForConditionalGeneration, self).__init__(config)
         self.model = FusedLlavaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self._keep_in_fp32_modules, self._keep_in_fp32_modules_strict = self._fusion_module_prefixes()
         self.post_init()
 
     @property
@@ -573,8 +321,6 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
-        vision_feature_layer: int | None = None,
-        vision_feature_select_strategy: str | None = None,
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
         image_sample_index: torch.LongTensor | None = None,
@@ -583,8 +329,6 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
         """See [`FusedLlavaModel.get_image_features`]."""
         return self.model.get_image_features(
             pixel_values,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
             instruction_input_ids=instruction_input_ids,
             instruction_attention_mask=instruction_attention_mask,
             image_sample_index=image_sample_index,
@@ -596,19 +340,12 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        vision_feature_layer: int | None = None,
-        vision_feature_select_strategy: str | None = None,
-        labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        image_sizes: torch.Tensor | None = None,
-        mm_encoder_outputs: dict | None = None,
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
         image_sample_index: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> FusedLlavaCausalLMOutputWithPast:
         r"""
@@ -618,21 +355,10 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
         `generate()` passes it and prefill computes the logits of the last position only.
         """
         mm_encoder_outputs = self.model.encode_images_once(
-            pixel_values,
-            instruction_input_ids,
-            instruction_attention_mask,
-            image_sample_index,
-            mm_encoder_outputs,
-            vision_feature_layer,
-            vision_feature_select_strategy,
-            image_sizes,
+            pixel_values, instruction_input_ids, instruction_attention_mask, image_sample_index, mm_encoder_outputs
         )
         outputs = super().forward(
             input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
             labels=labels,
             mm_encoder_outputs=mm_encoder_outputs,
             logits_to_keep=logits_to_keep,

@@ -1,15 +1,12 @@
 """Processor class for FusedLlava: LLaVA's processor plus the tokenizer of the instruction encoder (IGVA)."""
 
 import copy
-import json
 import os
 
 from transformers import LlavaProcessor, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from transformers.utils import cached_file, logging
-
-from .fusers import FUSERS
 
 
 logger = logging.get_logger(__name__)
@@ -204,35 +201,10 @@ class FusedLlavaProcessor(LlavaProcessor):
                 **hub_kwargs,
             )
             if found is None:
-                cls._check_no_instruction_needed(pretrained_model_name_or_path, subfolder, hub_kwargs)
                 return None
         return super()._load_tokenizer_from_pretrained(
             sub_processor_type, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
-
-    @staticmethod
-    def _check_no_instruction_needed(pretrained_model_name_or_path, subfolder: str, hub_kwargs: dict) -> None:
-        """Refuse to load a processor without instruction tokenizer beside a model whose fuser reads the instruction:
-        the missing folder would only surface at generate()."""
-        config_file = cached_file(
-            pretrained_model_name_or_path,
-            "config.json",
-            subfolder=subfolder,
-            _raise_exceptions_for_missing_entries=False,
-            **hub_kwargs,
-        )
-        if config_file is None:
-            return
-        with open(config_file, encoding="utf-8") as file:
-            fuser_type = json.load(file).get("fuser_type")
-        if fuser_type in FUSERS and FUSERS[fuser_type].reads_instruction:
-            raise OSError(
-                f"{pretrained_model_name_or_path} holds a {fuser_type} model, whose fuser reads the user's instruction, "
-                "but no instruction_tokenizer/ folder with the instruction encoder's tokenizer: the checkpoint is "
-                "incomplete. Add it with FusedLlavaProcessor.from_llava_processor(processor, instruction_tokenizer="
-                "AutoTokenizer.from_pretrained(ENCODER)).save_pretrained(FOLDER), ENCODER being the sentence encoder "
-                "the model was converted with."
-            )
 
     def __call__(self, images=None, text=None, instructions: str | list[str] | None = None, **kwargs) -> BatchFeature:
         r"""
@@ -263,11 +235,6 @@ class FusedLlavaProcessor(LlavaProcessor):
             )
         if instructions is not None and text is None:
             raise ValueError("`instructions` were given without prompts: pass one prompt per sample as `text`.")
-        # Harnesses that serve every model through one code path (lmms-eval's generic `huggingface` model) pass
-        # empty `videos` / `audios` lists; LLaVA takes neither, and transformers rejects the old `audios` name.
-        for unused in ("videos", "audios", "audio"):
-            if unused in kwargs and kwargs[unused] is not None and len(kwargs[unused]) == 0:
-                kwargs.pop(unused)
         if self.instruction_tokenizer is None or text is None:
             return super().__call__(images=images, text=text, **kwargs)
 
@@ -289,10 +256,7 @@ class FusedLlavaProcessor(LlavaProcessor):
             data["image_sample_index"] = [
                 sample for sample, count in enumerate(images_per_sample) for _ in range(count)
             ]
-        # The kwargs class is passed explicitly: transformers < 5.23 requires it.
-        return_tensors = self._merge_kwargs(
-            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
-        )[
+        return_tensors = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)[
             "text_kwargs"
         ].get("return_tensors")
         return BatchFeature(data, tensor_type=return_tensors)
