@@ -120,20 +120,33 @@ def tiny_image_processor() -> LlavaImageProcessorPil:
     )
 
 
+# Per vision tower: LLaVA's feature selection (SigLIP has no class token to drop) and tower-specific config fields.
+TINY_TOWERS = {
+    "clip_vision_model": {"select_strategy": "default", "extra_tokens": 1, "fields": {"projection_dim": 64}},
+    "siglip_vision_model": {"select_strategy": "full", "extra_tokens": 0, "fields": {}},
+}
+
+
 def tiny_llava_config(
-    tokenizer: PreTrainedTokenizerFast, num_vision_layers: int = 6, *, num_text_heads: int = 4
+    tokenizer: PreTrainedTokenizerFast,
+    num_vision_layers: int = 6,
+    *,
+    num_text_heads: int = 4,
+    vision_model_type: str = "clip_vision_model",
 ) -> LlavaConfig:
-    """A llava-hf style config: CLIP vision tower (32x32 images, 16 patches) and a 2-layer, 64-wide Llama with
-    `num_text_heads` heads (vLLM's CPU attention needs a head size of at least 32, i.e. 2 heads)."""
+    """A llava-hf style config: a CLIP (or SigLIP, `vision_model_type="siglip_vision_model"`) vision tower (32x32
+    images, 16 patches) and a 2-layer, 64-wide Llama with `num_text_heads` heads (vLLM's CPU attention needs a head
+    size of at least 32, i.e. 2 heads)."""
+    tower = TINY_TOWERS[vision_model_type]
     vision_config = AutoConfig.for_model(
-        "clip_vision_model",
+        vision_model_type,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=num_vision_layers,
         num_attention_heads=4,
         image_size=32,
         patch_size=8,
-        projection_dim=64,
+        **tower["fields"],
     )
     text_config = AutoConfig.for_model(
         "llama",
@@ -154,7 +167,7 @@ def tiny_llava_config(
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=NUM_IMAGE_TOKENS,
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=tower["select_strategy"],
     )
 
 
@@ -172,11 +185,14 @@ def _seeded_init(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_tiny_llava(
-    seed: int = 0, num_vision_layers: int = 6, *, num_text_heads: int = 4
+    seed: int = 0, num_vision_layers: int = 6, *, num_text_heads: int = 4, vision_model_type: str = "clip_vision_model"
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A plain tiny `LlavaForConditionalGeneration` and its `LlavaProcessor`, identical for the same seed."""
+    """A plain tiny `LlavaForConditionalGeneration` and its `LlavaProcessor`, identical for the same seed (options as
+    for [`tiny_llava_config`])."""
     tokenizer = build_tiny_llm_tokenizer()
-    config = tiny_llava_config(tokenizer, num_vision_layers, num_text_heads=num_text_heads)
+    config = tiny_llava_config(
+        tokenizer, num_vision_layers, num_text_heads=num_text_heads, vision_model_type=vision_model_type
+    )
     model = LlavaForConditionalGeneration(config).eval()
     _seeded_init(model, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -184,8 +200,8 @@ def build_tiny_llava(
         image_processor=tiny_image_processor(),
         tokenizer=tokenizer,
         patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        vision_feature_select_strategy=TINY_TOWERS[vision_model_type]["select_strategy"],
+        num_additional_image_tokens=TINY_TOWERS[vision_model_type]["extra_tokens"],
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     return model, processor
@@ -209,19 +225,26 @@ def build_tiny_instruction_encoder(seed: int = 0):
     return encoder, tokenizer
 
 
-def build_tiny_fused(fuser_type: str, seed: int = 0, *, num_text_heads: int = 4, trained: bool = False):
-    """A tiny fused LLaVA of `fuser_type` converted from [`build_tiny_llava`] (`igva` with
-    [`build_tiny_instruction_encoder`]), and its `FusedLlavaProcessor`.
+def build_tiny_fused(
+    fuser_type: str,
+    seed: int = 0,
+    *,
+    num_text_heads: int = 4,
+    vision_model_type: str = "clip_vision_model",
+    trained: bool = False,
+):
+    """A tiny fused LLaVA of `fuser_type` converted from [`build_tiny_llava`] (with `num_text_heads` and
+    `vision_model_type`; `igva` with [`build_tiny_instruction_encoder`]), and its `FusedLlavaProcessor`.
 
     With `trained=True` the model is moved away from its source as training would: seeded noise (std 0.05) is added
-    to every fuser weight, MMFuser's gammas (zero at conversion) are drawn with std 0.2, and the projector's first
-    linear is drawn anew (std 0.2), new columns included. The fusion then shows in the logits, which is what checks of
+    to every fuser weight, MMFuser's gammas (zero at conversion) are drawn with std 0.2, IGVA's projection of the
+    group features is shrunk 50 times, and the projector's first linear is drawn anew (std 0.2), new columns included. The fusion then shows in the logits, which is what checks of
     other engines need.
     """
     from .conversion import fused_from_llava
     from .processing_fused_llava import FusedLlavaProcessor
 
-    llava, llava_processor = build_tiny_llava(seed, num_text_heads=num_text_heads)
+    llava, llava_processor = build_tiny_llava(seed, num_text_heads=num_text_heads, vision_model_type=vision_model_type)
     encoder = instruction_tokenizer = None
     if fuser_type == "igva":
         encoder, instruction_tokenizer = build_tiny_instruction_encoder(seed)
@@ -242,5 +265,9 @@ def build_tiny_fused(fuser_type: str, seed: int = 0, *, num_text_heads: int = 4,
                     parameter.add_(noise(parameter, 0.05))
             projector = model.model.multi_modal_projector.linear_1.weight
             projector.copy_(noise(projector, 0.2))
+            if fuser_type == "igva":
+                # The group features reach the aggregator far larger than the unit-norm sentence embedding, so its
+                # attention saturates and the instruction barely moves the weights; shrunk, the instruction counts.
+                model.model.fuser.cls_proj.weight.mul_(0.02)
     processor = FusedLlavaProcessor.from_llava_processor(llava_processor, instruction_tokenizer=instruction_tokenizer)
     return model, processor

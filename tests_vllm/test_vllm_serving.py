@@ -30,17 +30,30 @@ LOGPROB_TOLERANCE = 1e-4
 IMAGES = (0, 1)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+SIGLIP_FUSERS = ("igva", "mmfuser")
+
+
+def save_checkpoints(root: Path, fuser_types, vision_model_type: str) -> dict[str, Path]:
     """A saved checkpoint per fuser: tiny, head size 32 (vLLM's CPU attention needs at least 32), trained weights."""
-    root = tmp_path_factory.mktemp("fused")
     folders = {}
-    for fuser_type in hf_fusedvlm.FUSERS:
-        model, processor = build_tiny_fused(fuser_type, num_text_heads=2, trained=True)
+    for fuser_type in fuser_types:
+        model, processor = build_tiny_fused(
+            fuser_type, num_text_heads=2, vision_model_type=vision_model_type, trained=True
+        )
         folders[fuser_type] = root / fuser_type
         model.save_pretrained(folders[fuser_type])
         processor.save_pretrained(folders[fuser_type])
     return folders
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return save_checkpoints(tmp_path_factory.mktemp("clip"), hf_fusedvlm.FUSERS, "clip_vision_model")
+
+
+@pytest.fixture(scope="module")
+def siglip_checkpoints(tmp_path_factory):
+    return save_checkpoints(tmp_path_factory.mktemp("siglip"), SIGLIP_FUSERS, "siglip_vision_model")
 
 
 def test_vllm_loads_the_plugin_from_its_entry_point():
@@ -108,7 +121,16 @@ def max_logprob_difference(served: dict, reference: dict) -> float:
 @pytest.mark.parametrize("tensor_parallel_size", [1, 2])
 @pytest.mark.parametrize("fuser_type", list(hf_fusedvlm.FUSERS))
 def test_vllm_matches_transformers(checkpoints, fuser_type, tensor_parallel_size, tmp_path):
-    folder = checkpoints[fuser_type]
+    check_served_as_transformers(checkpoints[fuser_type], fuser_type, tensor_parallel_size, tmp_path)
+
+
+@pytest.mark.parametrize("fuser_type", SIGLIP_FUSERS)
+def test_vllm_matches_transformers_with_a_siglip_tower(siglip_checkpoints, fuser_type, tmp_path):
+    """SigLIP has no class token: every patch is an image token, and IGVA's group feature is the mean patch."""
+    check_served_as_transformers(siglip_checkpoints[fuser_type], fuser_type, 1, tmp_path)
+
+
+def check_served_as_transformers(folder: Path, fuser_type: str, tensor_parallel_size: int, tmp_path: Path) -> None:
     requests = requests_for(fuser_type, AutoProcessor.from_pretrained(folder))
     reference = transformers_reference(folder, requests)
     served = vllm_generate(folder, requests, tensor_parallel_size, tmp_path)
