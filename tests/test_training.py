@@ -67,6 +67,17 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         return {key: file.get_tensor(key) for key in file.keys()}
 
 
+def tokens_for_second_image(folder: Path, processor, workspace) -> tuple[Path, list[int]]:
+    """The data set's second image and the greedy tokens the checkpoint in `folder` answers a question about it with."""
+    from PIL import Image
+
+    image_path = workspace / "data" / json.loads((workspace / "data" / "data.json").read_text())[1]["image"]
+    model = FusedLlavaForConditionalGeneration.from_pretrained(folder).eval()
+    inputs = processor(images=Image.open(image_path), text="USER: <image>\nHow many dots are there? ASSISTANT:",
+                       return_tensors="pt")
+    return image_path, model.generate(**inputs, max_new_tokens=5, do_sample=False)[0].tolist()
+
+
 def changed_parts(before: dict, after: dict) -> set[str]:
     assert before.keys() == after.keys()
     return {parameter_part(key) for key in before if not torch.equal(before[key], after[key])}
@@ -285,16 +296,10 @@ def generate_without_package(folder: Path, image_path: Path, cwd: Path) -> list[
 
 
 def test_trained_checkpoint_loads_and_generates_without_the_package(workspace, processor, tmp_path):
-    from PIL import Image
-
     output = workspace / "out-stage2"
     if not output.is_dir():
         train(workspace, output, "stage2")
-    image_path = workspace / "data" / json.loads((workspace / "data" / "data.json").read_text())[1]["image"]
-    model = FusedLlavaForConditionalGeneration.from_pretrained(output).eval()
-    inputs = processor(images=Image.open(image_path), text="USER: <image>\nHow many dots are there? ASSISTANT:",
-                       return_tensors="pt")
-    expected = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0].tolist()
+    image_path, expected = tokens_for_second_image(output, processor, workspace)
     assert generate_without_package(output, image_path, tmp_path) == expected
     assert generate_without_package(output / "checkpoint-8", image_path, tmp_path) == expected
 
@@ -370,8 +375,6 @@ def test_fsdp_checkpoint_equals_the_unsharded_run_and_loads_without_the_package(
     """FSDP2 (2 CPU processes, each holding half of every parameter) saves, from the full state dict Trainer gathers,
     the weights the unsharded DDP run of the same seed, data and steps saves: equal up to float32 summation order
     (the gradients are reduce-scattered instead of all-reduced; measured |diff| <= 2e-7, tolerance 1e-6)."""
-    from PIL import Image
-
     ddp_output, _ = ddp_run
     output = workspace / "fsdp"
     output.mkdir()
@@ -389,11 +392,7 @@ def test_fsdp_checkpoint_equals_the_unsharded_run_and_loads_without_the_package(
     assert changed_parts(start, read_weights(output)) == {"fuser", "projector"}
     largest_step = max(float((unsharded[key] - start[key]).abs().max()) for key in start)
     assert largest_step > 1e-3, largest_step  # the runs moved the weights far more than they may differ
-    image_path = workspace / "data" / json.loads((workspace / "data" / "data.json").read_text())[1]["image"]
-    model = FusedLlavaForConditionalGeneration.from_pretrained(ddp_output).eval()
-    inputs = processor(images=Image.open(image_path), text="USER: <image>\nHow many dots are there? ASSISTANT:",
-                       return_tensors="pt")
-    expected = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0].tolist()
+    image_path, expected = tokens_for_second_image(ddp_output, processor, workspace)
     assert generate_without_package(output, image_path, tmp_path) == expected
 
 

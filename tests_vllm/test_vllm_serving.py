@@ -98,7 +98,9 @@ def transformers_reference(folder: Path, requests: list[dict]) -> list[dict]:
     return results
 
 
-def vllm_generate(folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path) -> list[dict]:
+def run_vllm_generate(
+    folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path
+) -> tuple[subprocess.CompletedProcess, Path]:
     spec, output = tmp_path / "requests.json", tmp_path / "output.json"
     spec.write_text(json.dumps({"checkpoint": str(folder), "max_tokens": MAX_TOKENS, "requests": requests}))
     env = dict(os.environ)
@@ -110,6 +112,11 @@ def vllm_generate(folder: Path, requests: list[dict], tensor_parallel_size: int,
          "--tensor-parallel-size", str(tensor_parallel_size)],
         env=env, capture_output=True, text=True, timeout=600,
     )
+    return completed, output
+
+
+def vllm_generate(folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path) -> list[dict]:
+    completed, output = run_vllm_generate(folder, requests, tensor_parallel_size, tmp_path)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
     return json.loads(output.read_text())
 
@@ -146,6 +153,14 @@ def check_served_as_transformers(folder: Path, fuser_type: str, tensor_parallel_
         shift = max(abs(value - float(reference[0]["logprobs"][int(token)]))
                     for token, value in served[3]["first_logprobs"].items())
         assert shift > 10 * LOGPROB_TOLERANCE, "the instruction did not change the logits"
+
+
+def test_vllm_refuses_precomputed_image_embeddings_clearly(checkpoints, tmp_path):
+    folder = checkpoints["mmfuser"]
+    prompt = question_prompt(AutoProcessor.from_pretrained(folder), make_sample(0, 0).question)
+    completed, _ = run_vllm_generate(folder, [{"prompt": prompt, "image_embeds": [1, 16, 64]}], 1, tmp_path)
+    assert completed.returncode != 0
+    assert "cannot take precomputed image embeddings" in completed.stderr
 
 
 def free_port() -> int:

@@ -3,7 +3,9 @@
     python tests_vllm/vllm_generate.py REQUESTS.json OUTPUT.json --tensor-parallel-size N
 
 REQUESTS.json: `{"checkpoint": folder, "max_tokens": n, "requests": [{"prompt": str, "image_index": int,
-"instructions": str (optional, sent as mm_processor_kwargs)}]}`; images are `synthetic_vqa.make_sample(0, index)`.
+"instructions": str (optional, sent as mm_processor_kwargs)}]}`; images are `synthetic_vqa.make_sample(0, index)`;
+with `"image_embeds": [1, num_tokens, hidden]` instead of `image_index`, zero image embeddings are sent (and vLLM's
+`enable_mm_embeds` is on).
 OUTPUT.json: one `{"token_ids": [...], "first_logprobs": {token_id: logprob}}` per request, in order.
 """
 
@@ -22,6 +24,7 @@ def main() -> None:
     # A fixed 1 GiB KV cache instead of a share of the machine's memory, which other processes may hold.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+    import torch
     from vllm import LLM, SamplingParams
 
     from hf_fusedvlm.synthetic_vqa import make_sample
@@ -35,10 +38,15 @@ def main() -> None:
         enforce_eager=True,
         limit_mm_per_prompt={"image": 2},
         seed=0,
+        enable_mm_embeds=any("image_embeds" in request for request in spec["requests"]),
     )
     prompts = []
     for request in spec["requests"]:
-        prompt = {"prompt": request["prompt"], "multi_modal_data": {"image": make_sample(0, request["image_index"]).image}}
+        if "image_embeds" in request:
+            image = torch.zeros(request["image_embeds"])
+        else:
+            image = make_sample(0, request["image_index"]).image
+        prompt = {"prompt": request["prompt"], "multi_modal_data": {"image": image}}
         if "instructions" in request:
             prompt["mm_processor_kwargs"] = {"instructions": request["instructions"]}
         prompts.append(prompt)

@@ -28,7 +28,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, i
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageSize, MultiModalDataItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageSize, MultiModalDataItems
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
@@ -96,6 +96,11 @@ class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessing
         the request gave `instructions` itself. vLLM hands the processor the tokenised prompt, so the prompt is
         decoded first; the rule removes special tokens and collapses whitespace, so a tokenizer whose decoding
         changes only spacing gives the instruction the text prompt would."""
+        if isinstance(inputs.mm_data_items.get("image"), ImageEmbeddingItems):
+            raise ValueError(
+                "A fused LLaVA cannot take precomputed image embeddings: its fuser reads several vision layers of the "
+                "image itself. Pass the images (PIL images or arrays) instead."
+            )
         options = inputs.hf_processor_mm_kwargs
         if self.info.reads_instruction() and "instructions" not in options and inputs.mm_data_items:
             prompt = self.info.get_tokenizer().decode(inputs.prompt)
