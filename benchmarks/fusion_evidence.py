@@ -1,21 +1,25 @@
-"""Evidence that fusion helps, at toy scale: a coarse-trained tower, its layer-wise probe curve, and an equal-budget
-comparison of `none`, `concat`, `average`, `mmfuser` and `igva` on the synthetic fine-grained VQA task.
+"""Evidence that fusion helps, at toy scale: a coarse-trained tower whose detail decays with depth, its layer-wise
+probe curve, and an equal-budget comparison of `none`, `concat`, `average`, `mmfuser` and `igva`.
 
-1. The tiny LLaVA's vision tower (`hf_fusedvlm.tiny`) is pretrained on coarse attributes only (the square's colour
-   and side, `hf_fusedvlm.evidence.pretrain_coarse_tower`), a CLIP in miniature; a linear probe per hidden state and
-   detail kind measures what each layer keeps.
+1. A tiny LLaVA with a 48 px, 6-layer, 64-wide CLIP tower (8 px patches: one cell of the digits scene of
+   `hf_fusedvlm.synthetic_vqa` per patch) whose tower is pretrained on the coarse objective only
+   (`hf_fusedvlm.evidence.pretrain_coarse_tower`: colour and side of the square from the pooled output, its top two
+   hidden states invariant to the handwritten digit and the shape). A pooled probe per hidden state and detail kind, trained on
+   images of the train handwriting and scored on the validation handwriting, measures what each layer keeps.
 2. That LLaVA is converted to every fuser with parity initialisation (`fused_from_llava`), so all start from the same
    function, and trained with the `fusedvlm-train` recipe (`stage1`: fuser and projector; then `stage2`: plus the
    LLM; the tower stays frozen) on the same data, steps and seeds.
-3. Greedy answers on a held-out set are scored per question kind with `score_answers`; igva's group weights are
-   averaged per kind. With `--keep-checkpoints`, the final checkpoints stay for a harness (see
-   `benchmarks/lmms_eval_fusion.py`).
+3. Greedy answers to held-out questions (validation and test handwriting, disjoint from the training one) are scored
+   per question kind with `score_answers`; igva's group weights are averaged per kind; mmfuser's sampling is measured
+   on the test images (the share of its attention that lands on the cells holding the digit and the shape).
 
-    python benchmarks/fusion_evidence.py                # the committed run (about an hour on 2 busy CPU cores)
-    python benchmarks/fusion_evidence.py --quick        # smoke size, seconds
+    python benchmarks/fusion_evidence.py --jobs 2          # the committed run (about 50 minutes on 2 CPU cores)
+    python benchmarks/fusion_evidence.py --quick           # smoke size, about a minute
 
-Results: `--output` (JSON: seeds, accuracy per fuser, kind and seed, igva weights per kind, probe curves) and, with
-`--plots`, three PNGs. The JSON is rewritten after every trained model, so an interrupted run leaves its finished part.
+Results: `--output` (JSON: seeds, accuracy per fuser, kind and seed, the paired differences to `none`, igva weights
+per kind, probe curves, chance levels, the tower's settings) and, with `--plots`, three PNGs. The JSON is rewritten
+after every trained model, so an interrupted run leaves its finished part. `--keep-checkpoints` keeps every final
+checkpoint and the test set for a harness (`benchmarks/lmms_eval_fusion.py`).
 """
 
 import argparse
@@ -26,71 +30,106 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor
 
-from hf_fusedvlm import FusedLlavaForConditionalGeneration
-from hf_fusedvlm.conversion import fused_from_llava
-from hf_fusedvlm.evidence import layer_probe, pixel_values, pretrain_coarse_tower
-from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
-from hf_fusedvlm.synthetic_vqa import QUESTION_KINDS, answer_questions, generate_samples, score_answers, write_llava_dataset
-from hf_fusedvlm.tiny import build_tiny_instruction_encoder, build_tiny_llava
-from hf_fusedvlm.training import main as train_main
+from hf_fusedvlm.evidence import chance, layer_probe, pixel_values, pretrain_coarse_tower
+from hf_fusedvlm.synthetic_vqa import (
+    CELL,
+    DIGIT_SCENE_KINDS,
+    digit_scene_details,
+    draw_digit_scene,
+    generate_samples,
+    resample_fine_details,
+    write_llava_dataset,
+)
 
 
 FUSERS = ("none", "concat", "average", "mmfuser", "igva")
-FUSER_OPTIONS = {"igva": {"aggregator_hidden_size": 64, "aggregator_num_layers": 2}, "mmfuser": {"fuser_num_heads": 4}}
-# Disjoint synthetic sets (seeds of `generate_samples`).
-TRAIN_SET, TEST_SET, TOWER_SET, PROBE_TRAIN_SET, PROBE_TEST_SET = 0, 1000, 2000, 3000, 3001
+FINE_KINDS, COARSE_KINDS = ("digit", "shape"), ("colour", "position")
+# The 6-layer tower's hidden states are 0 (embeddings) to 6; LLaVA's base layer is 5 (-2). The fusers read the
+# shallow hidden states where the probe on the validation handwriting finds the detail (0-3), as the papers'
+# defaults read the shallow layers of CLIP-L; the query / base layer stays LLaVA's.
+FUSER_LAYERS = [0, 1, 2, 3, 5]
+FUSER_LAYER_GROUPS = [[0, 1], [2, 3], [4, 5], [6]]
+SHALLOW_GROUPS = 2  # igva's groups 1 and 2 hold hidden states 0-3
+FUSER_OPTIONS = {
+    "concat": {"fuser_layers": FUSER_LAYERS},
+    "mmfuser": {"fuser_layers": FUSER_LAYERS, "fuser_num_heads": 4},
+    "average": {"fuser_layer_groups": FUSER_LAYER_GROUPS},
+    "igva": {"fuser_layer_groups": FUSER_LAYER_GROUPS, "aggregator_hidden_size": 64, "aggregator_num_layers": 2},
+}
+# Disjoint synthetic sets (seeds of `generate_samples`); the handwriting of each comes from its own split.
+TRAIN_SET, VALIDATION_SET, TEST_SET, TOWER_SET, PROBE_TRAIN_SET, PROBE_TEST_SET = 0, 1000, 2000, 3000, 4000, 4001
 
 
 def coarse_tower_llava(args):
-    """The tiny LLaVA (seed 0) with its tower pretrained on coarse attributes; returns it, its processor, the probe
-    curves of the pretrained tower and of the same tower before pretraining, and the pretraining's final loss."""
-    llava, processor = build_tiny_llava(seed=0)
+    """The tiny 48 px LLaVA (seed 0) with its tower pretrained on the coarse objective; returns it, its processor,
+    the probe curves of the pretrained tower and of the same tower before pretraining, and the final loss."""
+    from hf_fusedvlm.tiny import build_tiny_llava
+
+    llava, processor = build_tiny_llava(seed=0, image_size=CELL * 6)
     tower, image_processor = llava.model.vision_tower, processor.image_processor
-    if args.tower_from:
-        # The tower of an earlier run's checkpoint (frozen there, so exactly the pretrained one): more seeds of the
-        # same experiment without pretraining again; the probe curves belong to that earlier run.
-        trained = FusedLlavaForConditionalGeneration.from_pretrained(args.tower_from)
-        tower.load_state_dict(trained.model.vision_tower.state_dict())
-        return llava, processor, {}, {}, float("nan")
-    probe_sets = [generate_samples(count, seed) for count, seed in
-                  ((args.probe_samples, PROBE_TRAIN_SET), (args.probe_samples // 2, PROBE_TEST_SET))]
+    probe_sets = [
+        generate_samples(args.probe_samples, PROBE_TRAIN_SET, scene="digits", split="train"),
+        generate_samples(args.probe_samples // 2, PROBE_TEST_SET, scene="digits", split="validation"),
+    ]
     probe_pixels = [pixel_values(image_processor, samples) for samples in probe_sets]
-    probe_args = (probe_pixels[0], probe_sets[0], probe_pixels[1], probe_sets[1])
-    random_probe = layer_probe(tower, *probe_args, steps=args.probe_steps)
-    tower_samples = generate_samples(args.tower_samples, TOWER_SET)
-    losses = pretrain_coarse_tower(tower, pixel_values(image_processor, tower_samples), tower_samples,
-                                   steps=args.tower_steps, seed=0)
-    probe = layer_probe(tower, *probe_args, steps=args.probe_steps)
+    probe_args = (probe_pixels[0], probe_sets[0], probe_pixels[1], probe_sets[1], DIGIT_SCENE_KINDS, args.probe_steps)
+    random_probe = layer_probe(tower, *probe_args)
+    import random
+
+    rng = random.Random("fusion-evidence/tower")
+    details = [digit_scene_details(rng, "train") for _ in range(args.tower_samples)]
+    twins = [resample_fine_details(rng, detail, "train") for detail in details]
+    from hf_fusedvlm.synthetic_vqa import SyntheticSample
+
+    samples = [SyntheticSample(draw_digit_scene(detail), "colour", "", "", detail) for detail in details]
+    twin_images = [SyntheticSample(draw_digit_scene(twin), "colour", "", "", twin) for twin in twins]
+    losses = pretrain_coarse_tower(
+        tower, pixel_values(image_processor, samples), samples, steps=args.tower_steps, batch_size=args.tower_batch,
+        twin_pixels=pixel_values(image_processor, twin_images), invariance_weight=args.invariance_weight, seed=0,
+    )
+    probe = layer_probe(tower, *probe_args)
     return llava, processor, probe, random_probe, statistics.mean(losses[-20:])
 
 
-def convert(llava, llava_processor, fuser: str, folder: Path) -> Path:
-    """`llava` converted to `fuser` (parity initialisation), saved with its processor."""
+def convert(source: Path, fuser: str, folder: Path) -> Path:
+    """The source LLaVA converted to `fuser` (parity initialisation), saved with its processor."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from hf_fusedvlm.conversion import fused_from_llava
+    from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
+    from hf_fusedvlm.tiny import build_tiny_instruction_encoder
+
+    llava = LlavaForConditionalGeneration.from_pretrained(source)
     encoder, instruction_tokenizer = build_tiny_instruction_encoder(seed=0)
     with_encoder = fuser == "igva"
-    model = fused_from_llava(llava, fuser, instruction_encoder=encoder if with_encoder else None,
-                             **FUSER_OPTIONS.get(fuser, {}))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same new fuser weights for every seed: seeds vary the data order only
+        model = fused_from_llava(llava, fuser, instruction_encoder=encoder if with_encoder else None,
+                                 **FUSER_OPTIONS.get(fuser, {}))
     model.save_pretrained(folder)
     FusedLlavaProcessor.from_llava_processor(
-        llava_processor, instruction_tokenizer if with_encoder else None
+        AutoProcessor.from_pretrained(source), instruction_tokenizer if with_encoder else None
     ).save_pretrained(folder)
     return folder
 
 
-def train(start: Path, data: Path, output: Path, stage: str, steps: int, seed: int, args) -> float:
+def train(start: Path, data: Path, output: Path, stage: str, steps: int, seed: int, settings: dict) -> float:
     """One stage of the package's recipe from `start` into `output`; returns the wall time in seconds."""
+    from hf_fusedvlm.training import main as train_main
+
     arguments = [
         "--model_name_or_path", str(start), "--data_path", str(data), "--output_dir", str(output), "--stage", stage,
-        "--max_steps", str(steps), "--per_device_train_batch_size", str(args.batch_size), "--learning_rate",
-        str(args.learning_rate), "--lr_scheduler_type", "cosine", "--warmup_steps", str(max(1, steps // 10)),
+        "--max_steps", str(steps), "--per_device_train_batch_size", str(settings["batch_size"]), "--learning_rate",
+        str(settings["learning_rate"]), "--lr_scheduler_type", "cosine", "--warmup_steps", str(max(1, steps // 10)),
         "--weight_decay", "0", "--seed", str(seed), "--data_seed", str(seed), "--save_strategy", "no",
         "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", str(max(1, steps // 5)),
-        "--dataloader_pin_memory", "false",
+        "--dataloader_pin_memory", "false", "--use_cpu", "true",
     ]
     start_time = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -98,62 +137,150 @@ def train(start: Path, data: Path, output: Path, stage: str, steps: int, seed: i
     return time.perf_counter() - start_time
 
 
-def evidence_json(args, runs: list[dict], probe: dict, random_probe: dict, tower_loss: float) -> dict:
-    """The results in the committed shape, plus the budget and every run's details."""
-    accuracy = {
-        fuser: {kind: [run["accuracy"][kind] for run in runs if run["fuser"] == fuser] for kind in [*args.kinds, "all"]}
-        for fuser in args.fusers if any(run["fuser"] == fuser for run in runs)
-    }
+def sampling_on_details(model, processor, samples) -> float:
+    """The share of mmfuser's cross-attention (all queries, heads, levels and points) whose sampling point falls in
+    the cell of the digit or of the shape, averaged over `samples` (uniform sampling would give 2/36)."""
+    from hf_fusedvlm.interpretability import mmfuser_sampling
+
+    pixels = pixel_values(processor.image_processor, samples)
+    sampling = mmfuser_sampling(model, pixels)
+    rows, columns = sampling.grid_size
+    cells = (sampling.locations * torch.tensor([columns, rows])).floor().long()
+    column, row = cells[..., 0].clamp(0, columns - 1), cells[..., 1].clamp(0, rows - 1)
+    shares = []
+    for index, sample in enumerate(samples):
+        on_detail = torch.zeros_like(row[index], dtype=torch.bool)
+        for detail_row, detail_column in (sample.details["digit_cell"], sample.details["shape_cell"]):
+            on_detail |= (row[index] == detail_row) & (column[index] == detail_column)
+        weights = sampling.attention_weights[index]
+        shares.append((weights * on_detail).sum().item() / weights.sum().item())
+    return statistics.mean(shares)
+
+
+def train_and_score(task: dict) -> dict:
+    """Worker: convert, train both stages and score one (fuser, seed) on the validation and test questions."""
+    from transformers import AutoProcessor
+
+    from hf_fusedvlm import FusedLlavaForConditionalGeneration
+    from hf_fusedvlm.synthetic_vqa import answer_questions, score_answers
+
+    torch.set_num_threads(task["threads"])
+    fuser, seed, work, settings = task["fuser"], task["seed"], Path(task["work"]), task["settings"]
+    start = convert(Path(task["source"]), fuser, work / f"start-{fuser}-{seed}")
+    stage1, stage2 = work / f"{fuser}-{seed}-stage1", Path(task["final"])
+    seconds = train(start, Path(task["data"]), stage1, "stage1", settings["stage1_steps"], seed, settings)
+    seconds += train(stage1, Path(task["data"]), stage2, "stage2", settings["stage2_steps"], seed, settings)
+    model = FusedLlavaForConditionalGeneration.from_pretrained(stage2).eval()
+    processor = AutoProcessor.from_pretrained(stage2)
+    run = {"fuser": fuser, "seed": seed, "train_seconds": round(seconds, 1)}
+    for split, set_seed in (("validation", VALIDATION_SET), ("test", TEST_SET)):
+        samples = generate_samples(settings["eval_samples"], set_seed, scene="digits", split=split)
+        answers, weights = answer_questions(model, processor, samples)
+        run[split] = score_answers(samples, answers, weights)
+        if fuser == "mmfuser" and split == "test":
+            run["sampling_on_details"] = sampling_on_details(model, processor, samples[: settings["sampling_images"]])
+    return run
+
+
+def paired_differences(accuracy: dict, fuser: str, kind: str) -> list[float]:
+    """Per seed, `fuser`'s accuracy minus `none`'s on `kind` (the seeds pair the same data order)."""
+    return [a - b for a, b in zip(accuracy[fuser][kind], accuracy["none"][kind])]
+
+
+def evidence_json(settings: dict, runs: list[dict], probe: dict, random_probe: dict, tower_loss: float) -> dict:
+    """The results in the committed shape (test split), plus the validation split, the paired differences to
+    `none`, chance levels, the settings and every run's details."""
+    kinds = [*DIGIT_SCENE_KINDS, "all"]
+    fusers = [fuser for fuser in settings["fusers"] if any(run["fuser"] == fuser for run in runs)]
+
+    def accuracy(split):
+        return {fuser: {kind: [run[split]["accuracy"][kind] for run in runs if run["fuser"] == fuser] for kind in kinds}
+                for fuser in fusers}
+
+    test = accuracy("test")
     igva = [run for run in runs if run["fuser"] == "igva"]
     igva_weights = {
-        kind: [statistics.mean(column) for column in zip(*(run["group_weights"][kind] for run in igva))]
-        for kind in [*args.kinds, "all"]
+        kind: [statistics.mean(column) for column in zip(*(run["test"]["group_weights"][kind] for run in igva))]
+        for kind in kinds
     } if igva else {}
+    differences = {}
+    if "none" in test:
+        for fuser in fusers:
+            seeds = min(len(test[fuser]["all"]), len(test["none"]["all"]))
+            if fuser == "none" or seeds == 0:
+                continue
+            differences[fuser] = {}
+            for kind in kinds:
+                values = paired_differences(test, fuser, kind)[:seeds]
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                differences[fuser][kind] = {"per_seed": values, "mean": statistics.mean(values), "std": spread}
+    sampling = [run["sampling_on_details"] for run in runs if "sampling_on_details" in run]
     return {
-        "seeds": args.seeds,
-        "accuracy": accuracy,
+        "seeds": settings["seeds"],
+        "accuracy": test,
+        "accuracy_validation": accuracy("validation"),
+        "difference_to_none": differences,
         "igva_weights": igva_weights,
+        "mmfuser_sampling_on_details": {"per_seed": sampling, "uniform": 2 / 36},
         "probe": probe,
         "probe_random_tower": random_probe,
-        "budget": {
-            "tower_steps": args.tower_steps, "tower_final_loss": tower_loss, "stage1_steps": args.stage1_steps,
-            "stage2_steps": args.stage2_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-            "train_samples": args.train_samples, "test_samples": args.test_samples, "kinds": list(args.kinds),
-            "quick": args.quick,
+        "chance": {kind: chance(kind) for kind in DIGIT_SCENE_KINDS},
+        "fine_kinds": list(FINE_KINDS),
+        "coarse_kinds": list(COARSE_KINDS),
+        "tower": {
+            "image_size": 48, "patch_size": 8, "hidden_size": 64, "layers": 6, "base_hidden_state": 5,
+            "pretraining": "colour and side from the pooled output; hidden states 5 and 6 invariant to the fine details",
+            "steps": settings["tower_steps"], "batch_size": settings["tower_batch"],
+            "invariance_weight": settings["invariance_weight"], "final_loss": tower_loss,
         },
+        "fuser_options": FUSER_OPTIONS,
+        "budget": {key: settings[key] for key in (
+            "stage1_steps", "stage2_steps", "batch_size", "learning_rate", "train_samples", "eval_samples", "quick")},
         "runs": runs,
     }
 
 
 def summary_table(results: dict) -> str:
-    """Markdown: accuracy mean ± std over seeds per fuser and kind, then igva's mean weights per kind."""
+    """Markdown: accuracy mean ± std over seeds per fuser and kind, the paired differences to `none`, igva's mean
+    weights per kind, mmfuser's sampling on the details and the probe curve."""
+    def mean_std(values):
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
     kinds = list(next(iter(results["accuracy"].values())))
-    lines = ["| fuser | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    chance_row = " | ".join(f"{results['chance'][kind]:.2f}" if kind in results["chance"] else "" for kind in kinds)
+    lines = ["| fuser | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds), f"| chance | {chance_row} |"]
     for fuser, per_kind in results["accuracy"].items():
-        cells = []
-        for kind in kinds:
-            values = per_kind[kind]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
-        lines.append(f"| {fuser} | " + " | ".join(cells) + " |")
+        lines.append(f"| {fuser} | " + " | ".join(mean_std(per_kind[kind]) for kind in kinds) + " |")
+    if results["difference_to_none"]:
+        lines += ["", "| paired difference to none (mean ± std over seeds) | " + " | ".join(kinds) + " |",
+                  "|---|" + "---:|" * len(kinds)]
+        for fuser, per_kind in results["difference_to_none"].items():
+            lines.append(f"| {fuser} | " + " | ".join(
+                f"{per_kind[kind]['mean']:+.3f} ± {per_kind[kind]['std']:.3f}" for kind in kinds) + " |")
     harness = results.get("harness")
     if harness:
-        lines += ["", f"| lmms-eval ({harness['model']} model) | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
-        for fuser, per_kind in sorted(harness["accuracy"].items(), key=lambda item: list(results["accuracy"]).index(item[0])):
-            cells = [f"{statistics.mean(per_kind[kind]):.3f} ± "
-                     f"{statistics.stdev(per_kind[kind]) if len(per_kind[kind]) > 1 else 0.0:.3f}" for kind in kinds]
-            lines.append(f"| {fuser} | " + " | ".join(cells) + " |")
+        lines += ["", f"| lmms-eval ({harness['model']} model) | " + " | ".join(kinds) + " |",
+                  "|---|" + "---:|" * len(kinds)]
+        for fuser in results["accuracy"]:
+            if fuser in harness["accuracy"]:
+                per_kind = harness["accuracy"][fuser]
+                lines.append(f"| {fuser} | " + " | ".join(mean_std(per_kind[kind]) for kind in kinds) + " |")
     if results["igva_weights"]:
         groups = len(results["igva_weights"]["all"])
-        lines += ["", "| igva: mean group weight | " + " | ".join(f"group {k + 1}" for k in range(groups)) + " |",
-                  "|---|" + "---:|" * groups]
+        lines += ["", "| igva: mean group weight | " + " | ".join(
+            f"group {k + 1} {results['fuser_options']['igva']['fuser_layer_groups'][k]}" for k in range(groups)) + " |",
+            "|---|" + "---:|" * groups]
         for kind, weights in results["igva_weights"].items():
             lines.append(f"| {kind} | " + " | ".join(f"{value:.3f}" for value in weights) + " |")
-    if not results["probe"]:
-        return "\n".join(lines)
-    lines += ["", "| probe: hidden state | " + " | ".join(results["probe"]) + " |", "|---|" + "---:|" * len(results["probe"])]
-    for layer in range(len(next(iter(results["probe"].values())))):
-        lines.append(f"| {layer} | " + " | ".join(f"{curve[layer]:.2f}" for curve in results["probe"].values()) + " |")
+    sampling = results.get("mmfuser_sampling_on_details", {})
+    if sampling.get("per_seed"):
+        lines += ["", f"mmfuser: share of cross-attention on the digit and shape cells {mean_std(sampling['per_seed'])}"
+                      f" (uniform {sampling['uniform']:.3f})"]
+    if results["probe"]:
+        lines += ["", "| probe: hidden state | " + " | ".join(results["probe"]) + " |",
+                  "|---|" + "---:|" * len(results["probe"])]
+        for layer in range(len(next(iter(results["probe"].values())))):
+            lines.append(f"| {layer} | " + " | ".join(f"{curve[layer]:.2f}" for curve in results["probe"].values()) + " |")
     return "\n".join(lines)
 
 
@@ -166,20 +293,25 @@ def save_plots(results: dict, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
     for kind, curve in results["probe"].items():
         axis.plot(range(len(curve)), curve, marker="o", label=kind)
-        axis.plot(range(len(curve)), results["probe_random_tower"][kind], linestyle=":", color=axis.lines[-1].get_color())
-    axis.set(xlabel="hidden state (0 = embeddings)", ylabel="linear probe accuracy", ylim=(0, 1.02),
+        colour = axis.lines[-1].get_color()
+        axis.plot(range(len(curve)), results["probe_random_tower"][kind], linestyle=":", color=colour)
+        axis.axhline(results["chance"][kind], color=colour, linewidth=0.6, alpha=0.5)
+    base = results["tower"]["base_hidden_state"]
+    axis.axvline(base, color="grey", linestyle="--", linewidth=0.8)
+    axis.text(base, 0.03, " LLaVA's layer", fontsize=7, color="grey")
+    axis.set(xlabel="hidden state (0 = embeddings)", ylabel="probe accuracy (held-out)", ylim=(0, 1.02),
              title="Coarse-trained tower (dotted: before training)")
-    axis.legend(fontsize=8, loc="center right")
+    axis.legend(fontsize=8, loc="center left")
     figure.tight_layout()
     paths.append(folder / "fusion_evidence_probe.png")
     figure.savefig(paths[-1], dpi=110)
 
     kinds = list(next(iter(results["accuracy"].values())))
     fusers = list(results["accuracy"])
-    figure, axis = plt.subplots(figsize=(7, 3.5))
+    figure, axis = plt.subplots(figsize=(7.5, 3.6))
     width = 0.8 / len(fusers)
     for index, fuser in enumerate(fusers):
         values = [results["accuracy"][fuser][kind] for kind in kinds]
@@ -187,9 +319,12 @@ def save_plots(results: dict, folder: Path) -> list[Path]:
         spreads = [statistics.stdev(value) if len(value) > 1 else 0.0 for value in values]
         axis.bar([k + (index - (len(fusers) - 1) / 2) * width for k in range(len(kinds))], means, width,
                  yerr=spreads, capsize=2, label=fuser)
+    for k, kind in enumerate(kinds):
+        if kind in results["chance"]:
+            axis.plot([k - 0.45, k + 0.45], [results["chance"][kind]] * 2, color="black", linewidth=0.8, linestyle=":")
     axis.set_xticks(range(len(kinds)), kinds)
-    axis.set(ylabel="held-out accuracy", ylim=(0, 1.15),
-             title=f"Equal budget, mean ± std over seeds {results['seeds']}")
+    axis.set(ylabel="held-out accuracy (test)", ylim=(0, 1.18),
+             title=f"Equal budget, mean ± std over seeds {results['seeds']} (dotted: chance)")
     axis.legend(fontsize=8, ncols=len(fusers), loc="upper center")
     figure.tight_layout()
     paths.append(folder / "fusion_evidence_accuracy.png")
@@ -198,10 +333,11 @@ def save_plots(results: dict, folder: Path) -> list[Path]:
     if results["igva_weights"]:
         rows = list(results["igva_weights"])
         matrix = [results["igva_weights"][kind] for kind in rows]
-        figure, axis = plt.subplots(figsize=(4.5, 3))
+        groups = results["fuser_options"]["igva"]["fuser_layer_groups"]
+        figure, axis = plt.subplots(figsize=(5, 3))
         image = axis.imshow(matrix, cmap="viridis", aspect="auto")
         axis.set_yticks(range(len(rows)), rows)
-        axis.set_xticks(range(len(matrix[0])), [f"group {k + 1}" for k in range(len(matrix[0]))])
+        axis.set_xticks(range(len(matrix[0])), [f"hs {','.join(map(str, group))}" for group in groups])
         for row, weights in enumerate(matrix):
             for column, weight in enumerate(weights):
                 axis.text(column, row, f"{weight:.2f}", ha="center", va="center", color="white", fontsize=8)
@@ -217,30 +353,38 @@ def save_plots(results: dict, folder: Path) -> list[Path]:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
+    settings = {key: getattr(args, key) for key in (
+        "fusers", "seeds", "tower_steps", "tower_batch", "invariance_weight", "stage1_steps", "stage2_steps",
+        "batch_size", "learning_rate", "train_samples", "eval_samples", "sampling_images", "quick")}
     llava, processor, probe, random_probe, tower_loss = coarse_tower_llava(args)
-    print(f"tower pretrained ({time.perf_counter() - began:.0f} s), final loss {tower_loss:.3f}", file=sys.stderr)
-    test_samples = generate_samples(args.test_samples, seed=TEST_SET, kinds=args.kinds)
+    print(f"tower pretrained and probed ({time.perf_counter() - began:.0f} s), final loss {tower_loss:.3f}",
+          file=sys.stderr)
     runs = []
     with tempfile.TemporaryDirectory(prefix="fusion-evidence-") as work:
         work = Path(work)
-        data = write_llava_dataset(work / "data", args.train_samples, seed=TRAIN_SET, kinds=args.kinds)
+        source = work / "source"
+        llava.save_pretrained(source)
+        processor.save_pretrained(source)
+        data = write_llava_dataset(work / "data", args.train_samples, seed=TRAIN_SET, scene="digits", split="train")
         if args.keep_checkpoints:
-            write_llava_dataset(Path(args.keep_checkpoints) / "test", args.test_samples, seed=TEST_SET, kinds=args.kinds)
+            write_llava_dataset(Path(args.keep_checkpoints) / "test", args.eval_samples, seed=TEST_SET,
+                                scene="digits", split="test")
+        tasks = []
         for seed in args.seeds:
             for fuser in args.fusers:
-                start = convert(llava, processor, fuser, work / f"start-{fuser}")
-                stage1, stage2 = work / f"{fuser}-{seed}-stage1", work / f"{fuser}-{seed}-stage2"
-                if args.keep_checkpoints:
-                    stage2 = Path(args.keep_checkpoints) / f"{fuser}-seed{seed}"
-                seconds = train(start, data, stage1, "stage1", args.stage1_steps, seed, args)
-                seconds += train(stage1, data, stage2, "stage2", args.stage2_steps, seed, args)
-                model = FusedLlavaForConditionalGeneration.from_pretrained(stage2).eval()
-                answers, weights = answer_questions(model, AutoProcessor.from_pretrained(stage2), test_samples)
-                scores = score_answers(test_samples, answers, weights)
-                runs.append({"fuser": fuser, "seed": seed, "train_seconds": round(seconds, 1), **scores})
-                print(f"  {fuser:8s} seed {seed}: accuracy {scores['accuracy']['all']:.3f} ({seconds:.0f} s, "
-                      f"{time.perf_counter() - began:.0f} s so far)", file=sys.stderr)
-                results = evidence_json(args, runs, probe, random_probe, tower_loss)
+                final = (Path(args.keep_checkpoints) / f"{fuser}-seed{seed}" if args.keep_checkpoints
+                         else work / f"{fuser}-{seed}-stage2")
+                tasks.append({"fuser": fuser, "seed": seed, "work": str(work), "source": str(source),
+                              "data": str(data), "final": str(final), "settings": settings,
+                              "threads": args.threads if args.jobs == 1 else 1})
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+            for result in pool.map(train_and_score, tasks):
+                runs.append(result)
+                validation = result["validation"]["accuracy"]
+                print(f"  {result['fuser']:8s} seed {result['seed']}: validation accuracy "
+                      + ", ".join(f"{kind} {value:.3f}" for kind, value in validation.items())
+                      + f" ({result['train_seconds']:.0f} s, {time.perf_counter() - began:.0f} s so far)", file=sys.stderr)
+                results = evidence_json(settings, runs, probe, random_probe, tower_loss)
                 results["wall_seconds"] = round(time.perf_counter() - began, 1)
                 Path(args.output).write_text(json.dumps(results, indent=1))
     return results
@@ -248,29 +392,28 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke size: 1 seed, 2 + 2 steps, 20 test samples")
+    parser.add_argument("--quick", action="store_true", help="smoke size: 1 seed, a few steps, 20 questions")
     parser.add_argument("--fusers", type=lambda text: tuple(text.split(",")), default=FUSERS)
-    parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0, 1, 2])
-    parser.add_argument("--tower-steps", type=int, default=800, help="coarse pretraining steps of 64 images")
+    parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0, 1, 2, 3, 4])
+    parser.add_argument("--tower-steps", type=int, default=400, help="coarse pretraining steps")
+    parser.add_argument("--tower-batch", type=int, default=48, help="images per pretraining step (plus their twins)")
     parser.add_argument("--tower-samples", type=int, default=4000)
-    parser.add_argument("--probe-samples", type=int, default=1000, help="probe training images (half as many test)")
-    parser.add_argument("--probe-steps", type=int, default=150)
-    parser.add_argument("--stage1-steps", type=int, default=100)
-    parser.add_argument("--stage2-steps", type=int, default=500)
+    parser.add_argument("--invariance-weight", type=float, default=1.0)
+    parser.add_argument("--probe-samples", type=int, default=2000, help="probe training images (half as many test)")
+    parser.add_argument("--probe-steps", type=int, default=200)
+    parser.add_argument("--stage1-steps", type=int, default=150)
+    parser.add_argument("--stage2-steps", type=int, default=450)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--train-samples", type=int, default=8000)
-    parser.add_argument("--test-samples", type=int, default=400)
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads; on CPUs shared with other jobs 1 is often several times faster")
-    parser.add_argument("--kinds", type=lambda text: tuple(kind.strip() for kind in text.split(",") if kind.strip()),
-                        default=QUESTION_KINDS, help="comma-separated question kinds to train and test on")
+    parser.add_argument("--eval-samples", type=int, default=400, help="validation and test questions each")
+    parser.add_argument("--sampling-images", type=int, default=100, help="test images for mmfuser's sampling map")
+    parser.add_argument("--jobs", type=int, default=1, help="models trained side by side (one thread each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process (and of --jobs 1)")
     parser.add_argument("--output", default="fusion_evidence.json")
     parser.add_argument("--plots", default=None, help="folder for the PNG plots (none when omitted)")
     parser.add_argument("--keep-checkpoints", default=None,
                         help="folder that keeps every final checkpoint (`FUSER-seedN/`) and the test set (`test/`)")
-    parser.add_argument("--tower-from", default=None, metavar="CHECKPOINT",
-                        help="take the pretrained tower from a checkpoint of an earlier run (no pretraining, no probe)")
     parser.add_argument("--report", default=None, metavar="JSON",
                         help="train nothing: print the tables of a finished run's JSON (and --plots its plots)")
     args = parser.parse_args(argv)
@@ -284,9 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown fusers {unknown}: choose from {', '.join(FUSERS)}")
     if args.quick:
-        args.seeds, args.tower_steps, args.tower_samples = args.seeds[:1], 5, 64
-        args.probe_samples, args.probe_steps, args.stage1_steps, args.stage2_steps = 64, 5, 2, 2
-        args.batch_size, args.train_samples, args.test_samples = 4, 16, 20
+        args.seeds, args.tower_steps, args.tower_samples, args.tower_batch = args.seeds[:1], 30, 256, 32
+        args.probe_samples, args.probe_steps, args.stage1_steps, args.stage2_steps = 200, 30, 2, 2
+        args.batch_size, args.train_samples, args.eval_samples, args.sampling_images = 4, 16, 20, 4
     results = run(args)
     print(summary_table(results))
     if args.plots:

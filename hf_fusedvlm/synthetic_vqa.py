@@ -1,14 +1,18 @@
-"""A synthetic fine-grained VQA task: small images with tiny details and one-word answers, in LLaVA's data format.
+"""Synthetic fine-grained VQA tasks: small images with tiny details and one-word answers, in LLaVA's data format.
 
-Every image holds the same four details, each only a few pixels large: a small coloured square near one edge, a few
-dark dots and a tiny digit drawn in a 3x5 pixel font (scaled with the image). A question asks about one of them:
+Two scenes. **glyphs** (the default, 32 px): every image holds a small coloured square near one edge, a few dark dots
+and a tiny digit drawn in a 3x5 pixel font (scaled with the image). **digits** (48 px, a 6x6 grid of 8 px cells, the
+fusion-evidence scene): a coloured square in an edge cell, one real handwritten digit (scikit-learn's bundled 8x8
+`load_digits` images, no download) in an inner cell and a small outlined shape in another; the handwritten digits are
+split into disjoint `train`, `validation` and `test` pools, so held-out questions show unseen handwriting.
 
-| kind | example question | answers |
-|---|---|---|
-| `colour` | What colour is the small square? | red, green, blue, yellow |
-| `count` | How many dots are there? | one, two, three, four |
-| `digit` | Which digit is written in the image? | zero ... nine |
-| `position` | Where is the small square? | left, right, top, bottom |
+| kind | scenes | example question | answers |
+|---|---|---|---|
+| `colour` | both | What colour is the small square? | red, green, blue, yellow |
+| `position` | both | Where is the small square? | left, right, top, bottom |
+| `count` | glyphs | How many dots are there? | one, two, three, four |
+| `digit` | both | Which digit is written in the image? | zero ... nine |
+| `shape` | digits | Which small outline is drawn? | circle, line, star, triangle |
 
 Since one image carries every detail, only the question says which one matters: a fuser that reads the instruction
 (`igva`) can pick different vision layers per question kind. Everything is drawn from `random.Random` seeded per
@@ -28,7 +32,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 
-QUESTION_KINDS = ("colour", "count", "digit", "position")
+QUESTION_KINDS = ("colour", "count", "digit", "position")  # the glyphs scene's kinds
+DIGIT_SCENE_KINDS = ("colour", "position", "digit", "shape")
 COLOURS = {"red": (220, 30, 30), "green": (20, 160, 50), "blue": (30, 60, 230), "yellow": (240, 200, 0)}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 POSITIONS = ("left", "right", "top", "bottom")
@@ -38,6 +43,7 @@ QUESTIONS = {
     "count": ("How many dots are there?", "Count the dots in the image."),
     "digit": ("Which digit is written in the image?", "What is the tiny digit?"),
     "position": ("Where is the small square?", "On which side is the little square?"),
+    "shape": ("Which small outline is drawn?", "What shape is the little outline?"),
 }
 BACKGROUND = (235, 235, 235)
 INK = (20, 20, 20)
@@ -54,6 +60,16 @@ DIGIT_FONT = {
     8: ("###", "#.#", "###", "#.#", "###"),
     9: ("###", "#.#", "###", "..#", "###"),
 }
+# 8x8 outlines of the digits scene, rows top to bottom.
+SHAPES = {
+    "circle": ("..####..", ".#....#.", "#......#", "#......#", "#......#", "#......#", ".#....#.", "..####.."),
+    "line": ("#.......", ".#......", "..#.....", "...#....", "....#...", ".....#..", "......#.", ".......#"),
+    "star": ("...#....", "#..#..#.", ".#.#.#..", "..###...", "#######.", "..###...", ".#.#.#..", "#..#..#."),
+    "triangle": ("...##...", "...##...", "..#..#..", "..#..#..", ".#....#.", ".#....#.", "#......#", "########"),
+}
+CELL, GRID = 8, 6  # the digits scene: 48 px, a 6x6 grid of 8 px cells (one vision patch each at patch size 8)
+# Disjoint slices of scikit-learn's 1,797 handwritten digits, so that held-out questions show unseen handwriting.
+HANDWRITING_SPLITS = {"train": (0, 1000), "validation": (1000, 1400), "test": (1400, 1797)}
 
 
 @dataclass
@@ -140,6 +156,68 @@ def draw_details(rng: random.Random, image_size: int = 32) -> tuple[Image.Image,
     return image, details
 
 
+def handwritten_digits():
+    """scikit-learn's bundled 8x8 handwritten digits: `(images, labels)`, images as floats in [0, 1] of shape
+    `(1797, 8, 8)` (1 = ink). Needs scikit-learn (`pip install hf-fusedvlm[evidence]`)."""
+    global _HANDWRITING
+    if _HANDWRITING is None:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as error:
+            raise ImportError(
+                "The digits scene draws scikit-learn's bundled handwritten digits: pip install scikit-learn "
+                "(or hf-fusedvlm[evidence])."
+            ) from error
+        digits = load_digits()
+        _HANDWRITING = (digits.images / 16.0, [int(label) for label in digits.target])
+    return _HANDWRITING
+
+
+_HANDWRITING = None
+
+
+def _handwriting_index(rng: random.Random, split: str) -> int:
+    if split not in HANDWRITING_SPLITS:
+        raise ValueError(f"Unknown split {split!r}: choose one of {', '.join(HANDWRITING_SPLITS)}.")
+    return rng.randrange(*HANDWRITING_SPLITS[split])
+
+
+def digit_scene_details(rng: random.Random, split: str = "train") -> dict:
+    """The details of one digits-scene image: the square's `colour`, `position` and `square_cell`; the handwritten
+    `digit`, its `handwriting` index and `digit_cell`; the `shape` and its `shape_cell` (cells are `(row, column)`)."""
+    position = rng.choice(POSITIONS)
+    inner = range(1, GRID - 1)
+    edge = {"left": [(row, 0) for row in inner], "right": [(row, GRID - 1) for row in inner],
+            "top": [(0, column) for column in inner], "bottom": [(GRID - 1, column) for column in inner]}[position]
+    digit_cell, shape_cell = rng.sample([(row, column) for row in inner for column in inner], 2)
+    details = {"colour": rng.choice(sorted(COLOURS)), "position": position, "square_cell": rng.choice(edge),
+               "digit_cell": digit_cell, "shape_cell": shape_cell}
+    return resample_fine_details(rng, details, split)
+
+
+def resample_fine_details(rng: random.Random, details: dict, split: str = "train") -> dict:
+    """`details` with a new handwritten digit and shape in the same cells: the same coarse content, other fine
+    content (what a tower that ignores the fine details cannot tell apart)."""
+    handwriting = _handwriting_index(rng, split)
+    return {**details, "handwriting": handwriting, "digit": handwritten_digits()[1][handwriting],
+            "shape": rng.choice(sorted(SHAPES))}
+
+
+def draw_digit_scene(details: dict) -> Image.Image:
+    """The 48 px image of [`digit_scene_details`]: each detail fills one 8 px cell of a light background."""
+    image = Image.new("RGB", (CELL * GRID, CELL * GRID), BACKGROUND)
+    row, column = details["square_cell"]
+    image.paste(COLOURS[details["colour"]], (column * CELL, row * CELL, (column + 1) * CELL, (row + 1) * CELL))
+    glyph = handwritten_digits()[0][details["handwriting"]]
+    outline = [[float(pixel == "#") for pixel in line] for line in SHAPES[details["shape"]]]
+    for (row, column), ink in ((details["digit_cell"], glyph), (details["shape_cell"], outline)):
+        for y in range(CELL):
+            for x in range(CELL):
+                shade = tuple(round(b + (i - b) * float(ink[y][x])) for b, i in zip(BACKGROUND, INK))
+                image.putpixel((column * CELL + x, row * CELL + y), shade)
+    return image
+
+
 def answer_for(kind: str, details: dict) -> str:
     """The one-word answer to a question of `kind` about an image with `details`."""
     if kind == "colour":
@@ -150,25 +228,59 @@ def answer_for(kind: str, details: dict) -> str:
         return NUMBER_WORDS[details["digit"]]
     if kind == "position":
         return details["position"]
+    if kind == "shape" and "shape" in details:
+        return details["shape"]
     raise ValueError(f"Unknown question kind {kind!r}: choose one of {', '.join(QUESTION_KINDS)}.")
 
 
-def make_sample(seed: int, index: int, image_size: int = 32, kinds: tuple[str, ...] = QUESTION_KINDS) -> SyntheticSample:
-    """Sample `index` of the set `seed`: its kind cycles through `kinds` (balanced), the rest is random."""
-    unknown = sorted(set(kinds) - set(QUESTION_KINDS))
+SCENES = {"glyphs": QUESTION_KINDS, "digits": DIGIT_SCENE_KINDS}  # scene -> its question kinds
+
+
+def make_sample(
+    seed: int,
+    index: int,
+    image_size: int | None = None,
+    kinds: tuple[str, ...] | None = None,
+    *,
+    scene: str = "glyphs",
+    split: str = "train",
+) -> SyntheticSample:
+    """Sample `index` of the set `seed`: its kind cycles through `kinds` (balanced, default: all of the scene's), the
+    rest is random. `image_size` (glyphs scene only, default 32) scales the details; the digits scene is 48 px and
+    draws its handwritten digit from the `split` pool (`train`, `validation` or `test`)."""
+    if scene not in SCENES:
+        raise ValueError(f"Unknown scene {scene!r}: choose one of {', '.join(SCENES)}.")
+    kinds = SCENES[scene] if kinds is None else tuple(kinds)
+    unknown = sorted(set(kinds) - set(SCENES[scene]))
     if unknown or not kinds:
-        raise ValueError(f"Unknown question kinds {unknown or kinds!r}: choose from {', '.join(QUESTION_KINDS)}.")
-    rng = random.Random(f"synthetic-vqa/{seed}/{index}")
-    image, details = draw_details(rng, image_size)
+        raise ValueError(
+            f"Unknown question kinds {unknown or kinds!r} for the {scene} scene: choose from {', '.join(SCENES[scene])}."
+        )
+    if scene == "digits":
+        if image_size not in (None, CELL * GRID):
+            raise ValueError(f"The digits scene is {CELL * GRID} pixels; got image_size={image_size}: leave it unset.")
+        rng = random.Random(f"synthetic-vqa/digits/{seed}/{index}")
+        details = digit_scene_details(rng, split)
+        image = draw_digit_scene(details)
+    else:
+        rng = random.Random(f"synthetic-vqa/{seed}/{index}")
+        image, details = draw_details(rng, 32 if image_size is None else image_size)
     kind = kinds[index % len(kinds)]
     return SyntheticSample(image, kind, rng.choice(QUESTIONS[kind]), answer_for(kind, details), details)
 
 
 def generate_samples(
-    num_samples: int, seed: int = 0, image_size: int = 32, kinds: tuple[str, ...] = QUESTION_KINDS
+    num_samples: int,
+    seed: int = 0,
+    image_size: int | None = None,
+    kinds: tuple[str, ...] | None = None,
+    *,
+    scene: str = "glyphs",
+    split: str = "train",
 ) -> list[SyntheticSample]:
-    """`num_samples` samples of the set `seed` (sets with different seeds are disjoint draws, e.g. train / test)."""
-    return [make_sample(seed, index, image_size, kinds) for index in range(num_samples)]
+    """`num_samples` samples of the set `seed` (sets with different seeds are disjoint draws, e.g. train / test;
+    options as for [`make_sample`])."""
+    return [make_sample(seed, index, image_size, kinds, scene=scene, split=split) for index in range(num_samples)]
 
 
 def llava_record(sample: SyntheticSample, sample_id: str, image_path: str, follow_up: SyntheticSample | None = None):
@@ -191,10 +303,13 @@ def write_llava_dataset(
     output_dir: str | Path,
     num_samples: int,
     seed: int = 0,
-    image_size: int = 32,
-    kinds: tuple[str, ...] = QUESTION_KINDS,
+    image_size: int | None = None,
+    kinds: tuple[str, ...] | None = None,
     multi_turn_every: int = 0,
     json_name: str = "data.json",
+    *,
+    scene: str = "glyphs",
+    split: str = "train",
 ) -> Path:
     """Write `num_samples` samples as `output_dir/images/*.png` and the LLaVA JSON `output_dir/json_name` (image
     paths relative to `output_dir`); returns the JSON path.
@@ -205,12 +320,13 @@ def write_llava_dataset(
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
     records = []
-    for index, sample in enumerate(generate_samples(num_samples, seed, image_size, kinds)):
+    sample_kinds = SCENES[scene] if kinds is None else tuple(kinds)
+    for index, sample in enumerate(generate_samples(num_samples, seed, image_size, kinds, scene=scene, split=split)):
         image_path = f"images/{seed}-{index:06d}.png"
         sample.image.save(output_dir / image_path)
         follow_up = None
         if multi_turn_every and index % multi_turn_every == multi_turn_every - 1:
-            kind = kinds[(index + 1) % len(kinds)]
+            kind = sample_kinds[(index + 1) % len(sample_kinds)]
             rng = random.Random(f"synthetic-vqa/{seed}/{index}/follow-up")
             follow_up = SyntheticSample(
                 sample.image, kind, rng.choice(QUESTIONS[kind]), answer_for(kind, sample.details), sample.details
@@ -265,7 +381,7 @@ def answer_questions(model, processor, samples: list[SyntheticSample], batch_siz
 def score_answers(samples: list[SyntheticSample], answers: list[str], weights=None) -> dict:
     """Accuracy per question kind (and `all`) and, with `weights`, the mean group weights per kind:
     `{"accuracy": {kind: float}, "count": {kind: int}, "group_weights": {kind: [float, ...]} or None}`."""
-    kinds = [kind for kind in QUESTION_KINDS if any(sample.kind == kind for sample in samples)]
+    kinds = list(dict.fromkeys(sample.kind for sample in samples))  # in order of first appearance
     accuracy, count, group_weights = {}, {}, {} if weights is not None else None
     for kind in [*kinds, "all"]:
         rows = [index for index, sample in enumerate(samples) if kind in ("all", sample.kind)]
@@ -281,27 +397,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="folder for data.json and images/")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="use different seeds for training and test sets")
-    parser.add_argument("--image-size", type=int, default=32, help="pixels (at least 32); details scale with it")
-    parser.add_argument("--kinds", default=",".join(QUESTION_KINDS), help="comma-separated question kinds")
+    parser.add_argument("--scene", choices=sorted(SCENES), default="glyphs")
+    parser.add_argument("--split", choices=sorted(HANDWRITING_SPLITS), default="train",
+                        help="digits scene: the pool of handwritten digits to draw from")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="glyphs scene: pixels (at least 32, default 32); details scale with it")
+    parser.add_argument("--kinds", default=None, help="comma-separated question kinds (default: all of the scene's)")
     parser.add_argument("--multi-turn-every", type=int, default=0, help="make every n-th sample two rounds")
     args = parser.parse_args(argv)
-    kinds = tuple(kind.strip() for kind in args.kinds.split(",") if kind.strip())
+    kinds = tuple(kind.strip() for kind in args.kinds.split(",") if kind.strip()) if args.kinds else None
     path = write_llava_dataset(
-        args.output, args.num_samples, args.seed, args.image_size, kinds, args.multi_turn_every
+        args.output, args.num_samples, args.seed, args.image_size, kinds, args.multi_turn_every,
+        scene=args.scene, split=args.split,
     )
     print(f"wrote {args.num_samples} samples to {path}")
     return 0
 
 
 __all__ = [
+    "DIGIT_SCENE_KINDS",
     "QUESTION_KINDS",
+    "SCENES",
     "SyntheticSample",
     "answer_for",
     "answer_questions",
+    "digit_scene_details",
     "draw_details",
+    "draw_digit_scene",
     "generate_samples",
+    "handwritten_digits",
     "make_sample",
     "question_prompt",
+    "resample_fine_details",
     "score_answers",
     "write_llava_dataset",
 ]

@@ -21,6 +21,7 @@ from transformers import (
 
 IMAGE_TOKEN = "<image>"
 NUM_IMAGE_TOKENS = 16  # 32x32 pixels, 8x8 patches
+PATCH_SIZE = 8
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
@@ -113,10 +114,13 @@ def build_tiny_instruction_tokenizer(vocab_size: int = 192) -> PreTrainedTokeniz
     )
 
 
-def tiny_image_processor() -> LlavaImageProcessorPil:
-    """LLaVA-1.5 preprocessing (pad to square, then CLIP resize and crop) at 32x32."""
+def tiny_image_processor(image_size: int = 32) -> LlavaImageProcessorPil:
+    """LLaVA-1.5 preprocessing (pad to square, then CLIP resize and crop) at `image_size` pixels."""
     return LlavaImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_pad=True, do_convert_rgb=True
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_pad=True,
+        do_convert_rgb=True,
     )
 
 
@@ -133,10 +137,11 @@ def tiny_llava_config(
     *,
     num_text_heads: int = 4,
     vision_model_type: str = "clip_vision_model",
+    image_size: int = 32,
 ) -> LlavaConfig:
     """A llava-hf style config: a CLIP (or SigLIP, `vision_model_type="siglip_vision_model"`) vision tower (32x32
-    images, 16 patches) and a 2-layer, 64-wide Llama with `num_text_heads` heads (vLLM's CPU attention needs a head
-    size of at least 32, i.e. 2 heads)."""
+    images by default, 8x8 patches) and a 2-layer, 64-wide Llama with `num_text_heads` heads (vLLM's CPU attention
+    needs a head size of at least 32, i.e. 2 heads)."""
     tower = TINY_TOWERS[vision_model_type]
     vision_config = AutoConfig.for_model(
         vision_model_type,
@@ -144,8 +149,8 @@ def tiny_llava_config(
         intermediate_size=128,
         num_hidden_layers=num_vision_layers,
         num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
+        image_size=image_size,
+        patch_size=PATCH_SIZE,
         **tower["fields"],
     )
     text_config = AutoConfig.for_model(
@@ -165,7 +170,7 @@ def tiny_llava_config(
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=NUM_IMAGE_TOKENS,
+        image_seq_length=(image_size // PATCH_SIZE) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy=tower["select_strategy"],
     )
@@ -185,21 +190,27 @@ def _seeded_init(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_tiny_llava(
-    seed: int = 0, num_vision_layers: int = 6, *, num_text_heads: int = 4, vision_model_type: str = "clip_vision_model"
+    seed: int = 0,
+    num_vision_layers: int = 6,
+    *,
+    num_text_heads: int = 4,
+    vision_model_type: str = "clip_vision_model",
+    image_size: int = 32,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A plain tiny `LlavaForConditionalGeneration` and its `LlavaProcessor`, identical for the same seed (options as
     for [`tiny_llava_config`])."""
     tokenizer = build_tiny_llm_tokenizer()
     config = tiny_llava_config(
-        tokenizer, num_vision_layers, num_text_heads=num_text_heads, vision_model_type=vision_model_type
+        tokenizer, num_vision_layers, num_text_heads=num_text_heads, vision_model_type=vision_model_type,
+        image_size=image_size,
     )
     model = LlavaForConditionalGeneration(config).eval()
     _seeded_init(model, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = LlavaProcessor(
-        image_processor=tiny_image_processor(),
+        image_processor=tiny_image_processor(image_size),
         tokenizer=tokenizer,
-        patch_size=8,
+        patch_size=PATCH_SIZE,
         vision_feature_select_strategy=TINY_TOWERS[vision_model_type]["select_strategy"],
         num_additional_image_tokens=TINY_TOWERS[vision_model_type]["extra_tokens"],
         chat_template=LLAVA_CHAT_TEMPLATE,

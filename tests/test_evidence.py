@@ -1,5 +1,6 @@
-"""The fusion-evidence tools: the coarse tower pretraining, the layer-wise probe, the benchmark's quick run, and the
-lmms-eval task's scoring (which must agree with the project's scorer)."""
+"""The fusion-evidence tools: the digits scene, the coarse tower pretraining, the layer-wise probe, the benchmark's
+quick run (which must already show the premise: fine detail decaying with depth) and the lmms-eval task's scoring
+(which must agree with the project's scorer)."""
 
 import importlib.util
 import json
@@ -8,17 +9,40 @@ import random
 import subprocess
 import sys
 
+import numpy
 import pytest
 import torch
 
-from hf_fusedvlm.evidence import detail_labels, layer_probe, linear_probe_accuracy, pixel_values, pretrain_coarse_tower
-from hf_fusedvlm.synthetic_vqa import QUESTION_KINDS, NUMBER_WORDS, generate_samples, score_answers
+from hf_fusedvlm.evidence import (
+    chance,
+    detail_labels,
+    layer_features,
+    layer_probe,
+    pixel_values,
+    pretrain_coarse_tower,
+    probe_accuracy,
+)
+from hf_fusedvlm.synthetic_vqa import (
+    DIGIT_SCENE_KINDS,
+    HANDWRITING_SPLITS,
+    NUMBER_WORDS,
+    QUESTION_KINDS,
+    SyntheticSample,
+    digit_scene_details,
+    draw_digit_scene,
+    generate_samples,
+    handwritten_digits,
+    resample_fine_details,
+    score_answers,
+)
 from hf_fusedvlm.tiny import build_tiny_llava
 
 from conftest import REPO_ROOT
 
 
 FUSERS = ("none", "concat", "average", "mmfuser", "igva")
+FINE_KINDS = ("digit", "shape")
+BASE_HIDDEN_STATE = 5  # the 6-layer tower's hidden state -2
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +52,7 @@ def quick_results(tmp_path_factory):
         [sys.executable, str(REPO_ROOT / "benchmarks" / "fusion_evidence.py"), "--quick", "--output",
          str(folder / "results.json"), "--plots", str(folder)],
         cwd=folder, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True, text=True, timeout=900, check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads((folder / "results.json").read_text()), folder, completed.stdout
@@ -37,66 +61,141 @@ def quick_results(tmp_path_factory):
 def test_quick_run_writes_the_committed_shape(quick_results):
     results, folder, stdout = quick_results
     assert results["seeds"] == [0]
-    kinds = [*QUESTION_KINDS, "all"]
+    kinds = [*DIGIT_SCENE_KINDS, "all"]
     assert list(results["accuracy"]) == list(FUSERS)
-    for per_kind in results["accuracy"].values():
-        assert list(per_kind) == kinds
-        assert all(len(values) == 1 and 0.0 <= values[0] <= 1.0 for values in per_kind.values())
+    for split in ("accuracy", "accuracy_validation"):
+        for per_kind in results[split].values():
+            assert list(per_kind) == kinds
+            assert all(len(values) == 1 and 0.0 <= values[0] <= 1.0 for values in per_kind.values())
+    assert set(results["difference_to_none"]) == set(FUSERS) - {"none"}
     assert list(results["igva_weights"]) == kinds
     for weights in results["igva_weights"].values():
         assert len(weights) == 4 and all(weight > 0 for weight in weights)
         assert sum(weights) == pytest.approx(1.0, abs=1e-4)
-    num_hidden_states = 7  # embeddings + 6 layers of the tiny tower
-    assert set(results["probe"]) == set(QUESTION_KINDS)
+    assert 0.0 <= results["mmfuser_sampling_on_details"]["per_seed"][0] <= 1.0
+    assert results["chance"] == {"colour": 0.25, "position": 0.25, "digit": 0.1, "shape": 0.25}
+    assert results["tower"]["base_hidden_state"] == BASE_HIDDEN_STATE and results["tower"]["layers"] == 6
     for curve in [*results["probe"].values(), *results["probe_random_tower"].values()]:
-        assert len(curve) == num_hidden_states and all(0.0 <= value <= 1.0 for value in curve)
-    assert "| fuser | colour | count | digit | position | all |" in stdout
+        assert len(curve) == 7 and all(0.0 <= value <= 1.0 for value in curve)
+    assert "| fuser | colour | position | digit | shape | all |" in stdout
     for name in ("probe", "accuracy", "igva_weights"):
         assert (folder / f"fusion_evidence_{name}.png").stat().st_size > 1000
 
 
-def test_coarse_pretraining_learns_the_coarse_details_and_restores_the_tower():
-    llava, processor = build_tiny_llava(seed=0)
+def test_quick_run_shows_the_premise_fine_detail_decays_with_depth(quick_results):
+    """Even on the smoke budget the coarse-trained tower holds the fine details in a shallow hidden state the fusers
+    read and has lost most of them at LLaVA's layer; the coarse kind stays readable there."""
+    results = quick_results[0]
+    for kind in FINE_KINDS:
+        curve, level = results["probe"][kind], results["chance"][kind]
+        shallow = max(curve[:4]) - level
+        assert shallow > 0.1, (kind, curve)
+        assert curve[BASE_HIDDEN_STATE] - level < shallow / 2, (kind, curve)
+    assert results["probe"]["colour"][BASE_HIDDEN_STATE] > 0.9
+
+
+def test_digits_scene_is_deterministic_and_keeps_the_handwriting_splits_apart():
+    first, again = generate_samples(8, seed=3, scene="digits"), generate_samples(8, seed=3, scene="digits")
+    assert [sample.image.tobytes() for sample in first] == [sample.image.tobytes() for sample in again]
+    assert [sample.kind for sample in first] == list(DIGIT_SCENE_KINDS) * 2
+    assert first[0].image.size == (48, 48)
+    for split, (low, high) in HANDWRITING_SPLITS.items():
+        samples = generate_samples(40, seed=4, scene="digits", split=split)
+        assert all(low <= sample.details["handwriting"] < high for sample in samples)
+        assert all(sample.details["digit"] == handwritten_digits()[1][sample.details["handwriting"]] for sample in samples)
+    shape = next(sample for sample in first if sample.kind == "shape")
+    assert shape.answer == shape.details["shape"]
+    digit = next(sample for sample in first if sample.kind == "digit")
+    assert digit.answer == NUMBER_WORDS[digit.details["digit"]]
+    with pytest.raises(ValueError, match="Unknown question kinds"):
+        generate_samples(4, scene="digits", kinds=("count",))
+    with pytest.raises(ValueError, match="48 pixels"):
+        generate_samples(4, image_size=64, scene="digits")
+    with pytest.raises(ValueError, match="Unknown split"):
+        generate_samples(4, scene="digits", split="dev")
+
+
+def test_a_twin_changes_only_the_cells_of_the_fine_details():
+    rng = random.Random(0)
+    details = digit_scene_details(rng)
+    twin = resample_fine_details(rng, details)
+    assert {key: value for key, value in twin.items() if key not in ("handwriting", "digit", "shape")} == {
+        key: value for key, value in details.items() if key not in ("handwriting", "digit", "shape")
+    }
+    image, twin_image = (torch.tensor(numpy.asarray(draw_digit_scene(d))).view(6, 8, 6, 8, 3) for d in (details, twin))
+    changed = {(row, column) for row in range(6) for column in range(6)
+               if not torch.equal(image[row, :, column], twin_image[row, :, column])}
+    assert changed <= {details["digit_cell"], details["shape_cell"]} and changed
+
+
+@pytest.fixture(scope="module")
+def digits_llava():
+    llava, processor = build_tiny_llava(seed=0, image_size=48)
+    return llava, processor
+
+
+def test_invariance_pretraining_makes_the_top_ignore_the_fine_details_and_restores_the_tower(digits_llava):
+    llava, processor = digits_llava
     tower = llava.model.vision_tower
     tower.requires_grad_(False)
-    samples = generate_samples(256, seed=7)
-    pixels = pixel_values(processor.image_processor, samples)
-    losses = pretrain_coarse_tower(tower, pixels, samples, steps=150, batch_size=32)
-    # Chance is log(4) + log(4) = 2.77 for the two heads.
-    assert len(losses) == 150 and sum(losses[-10:]) / 10 < 2.2 < sum(losses[:10]) / 10
+    rng = random.Random(1)
+    details = [digit_scene_details(rng) for _ in range(96)]
+    twins = [resample_fine_details(rng, detail) for detail in details]
+    samples, twin_samples = ([SyntheticSample(draw_digit_scene(d), "colour", "", "", d) for d in group]
+                             for group in (details, twins))
+    pixels, twin_pixels = pixel_values(processor.image_processor, samples), pixel_values(processor.image_processor, twin_samples)
+
+    def relative_change(layer):
+        before, after = layer_features(tower, pixels)[layer], layer_features(tower, twin_pixels)[layer]
+        return ((before - after).pow(2).mean() / before.var(dim=(0, 1)).mean()).item()
+
+    top_before = relative_change(6)
+    state = {name: tensor.clone() for name, tensor in tower.state_dict().items()}
+    losses = pretrain_coarse_tower(tower, pixels, samples, steps=40, batch_size=16, twin_pixels=twin_pixels)
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert relative_change(6) < top_before / 3
+    assert relative_change(0) > relative_change(6)  # the patch embeddings still see the details
     assert not tower.training and not any(parameter.requires_grad for parameter in tower.parameters())
+    with pytest.raises(ValueError, match="one twin per image"):
+        pretrain_coarse_tower(tower, pixels, samples, steps=1, twin_pixels=twin_pixels[:3])
     with pytest.raises(ValueError, match="one sample per image"):
         pretrain_coarse_tower(tower, pixels[:3], samples, steps=1)
+    tower.load_state_dict(state)
 
 
-def test_linear_probe_separates_what_is_linearly_there_and_not_noise():
+def test_pooled_probe_finds_a_detail_wherever_it_is_and_not_in_noise():
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (400,), generator=generator)
-    features = torch.randn(400, 32, generator=generator)
-    features[:, :4] += 4 * torch.nn.functional.one_hot(labels, 4)
-    assert linear_probe_accuracy(features[:300], labels[:300], features[300:], labels[300:], 4) > 0.95
-    noise = torch.randn(400, 32, generator=generator)
-    assert linear_probe_accuracy(noise[:300], labels[:300], noise[300:], labels[300:], 4) < 0.5
+    tokens = torch.randn(400, 9, 16, generator=generator)
+    where = torch.randint(0, 9, (400,), generator=generator)
+    tokens[torch.arange(400), where, :4] += 4 * torch.nn.functional.one_hot(labels, 4)
+    tokens[torch.arange(400), where, 4] += 6  # what marks the detail's token, as a drawn detail does
+    assert probe_accuracy(tokens[:300], labels[:300], tokens[300:], labels[300:], 4) > 0.9
+    noise = torch.randn(400, 9, 16, generator=generator)
+    assert probe_accuracy(noise[:300], labels[:300], noise[300:], labels[300:], 4) < 0.45
 
 
-def test_layer_probe_gives_one_curve_per_kind_over_all_hidden_states():
-    llava, processor = build_tiny_llava(seed=0)
-    train, test = generate_samples(64, seed=8), generate_samples(32, seed=9)
+def test_layer_probe_gives_one_curve_per_kind_over_all_hidden_states(digits_llava):
+    llava, processor = digits_llava
+    train, test = generate_samples(64, seed=8, scene="digits"), generate_samples(32, seed=9, scene="digits")
     train_pixels, test_pixels = (pixel_values(processor.image_processor, samples) for samples in (train, test))
-    curves = layer_probe(llava.model.vision_tower, train_pixels, train, test_pixels, test, ("colour", "digit"), steps=5)
-    assert set(curves) == {"colour", "digit"} and all(len(curve) == 7 for curve in curves.values())
-    assert detail_labels(train, "count").max() < 4 and detail_labels(train, "digit").max() <= 9
+    curves = layer_probe(llava.model.vision_tower, train_pixels, train, test_pixels, test, ("colour", "shape"), steps=5)
+    assert set(curves) == {"colour", "shape"} and all(len(curve) == 7 for curve in curves.values())
+    assert detail_labels(train, "shape").max() < 4 and detail_labels(train, "digit").max() <= 9
+    assert chance("digit") == 0.1 and chance("shape") == 0.25
     with pytest.raises(ValueError, match="Unknown detail kind"):
-        detail_labels(train, "shape")
+        detail_labels(train, "size")
 
 
-def test_lmms_eval_task_scores_as_the_project_scorer():
+@pytest.mark.parametrize("scene", ["glyphs", "digits"])
+def test_lmms_eval_task_scores_as_the_project_scorer(scene):
     spec = importlib.util.spec_from_file_location(
         "synthetic_vqa_task", REPO_ROOT / "benchmarks" / "lmms_eval_tasks" / "synthetic_vqa" / "utils.py"
     )
     task = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(task)
-    samples = generate_samples(60, seed=5)
+    samples = generate_samples(60, seed=5, scene=scene)
+    kinds = QUESTION_KINDS if scene == "glyphs" else DIGIT_SCENE_KINDS
     rng = random.Random(0)
     # Right, wrong and decorated answers ("Red." counts as "red", as the project's first-word rule says).
     responses = [rng.choice([f" {sample.answer.title()}. more", rng.choice(NUMBER_WORDS), ""]) for sample in samples]
@@ -106,6 +205,6 @@ def test_lmms_eval_task_scores_as_the_project_scorer():
         for metric, outcome in task.process_results(doc, [response]).items():
             per_metric.setdefault(metric, []).append(outcome)
     expected = score_answers(samples, [task.first_word(response) for response in responses])["accuracy"]
-    for kind in (*QUESTION_KINDS, "all"):
+    for kind in (*kinds, "all"):
         assert getattr(task, f"aggregate_{kind}")(per_metric[f"accuracy_{kind}"]) == pytest.approx(expected[kind])
     assert 0.1 < expected["all"] < 0.9

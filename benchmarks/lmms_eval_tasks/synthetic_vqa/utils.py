@@ -11,7 +11,7 @@ import os
 from PIL import Image
 
 
-KINDS = ("colour", "count", "digit", "position")
+KINDS = ("colour", "count", "digit", "position", "shape")  # both scenes of hf_fusedvlm.synthetic_vqa
 
 
 def _question(doc):
@@ -73,6 +73,10 @@ def aggregate_digit(outcomes):
 
 def aggregate_position(outcomes):
     return _accuracy(outcomes, "position")
+
+
+def aggregate_shape(outcomes):
+    return _accuracy(outcomes, "shape")
 
 
 def aggregate_all(outcomes):
