@@ -39,6 +39,7 @@ import torch
 from hf_fusedvlm.evidence import chance, layer_probe, pixel_values, pretrain_coarse_tower
 from hf_fusedvlm.synthetic_vqa import (
     CELL,
+    GRID,
     DIGIT_SCENE_KINDS,
     digit_scene_details,
     draw_digit_scene,
@@ -66,12 +67,28 @@ FUSER_OPTIONS = {
 TRAIN_SET, VALIDATION_SET, TEST_SET, TOWER_SET, PROBE_TRAIN_SET, PROBE_TEST_SET = 0, 1000, 2000, 3000, 4000, 4001
 
 
-def coarse_tower_llava(args):
-    """The tiny 48 px LLaVA (seed 0) with its tower pretrained on the coarse objective; returns it, its processor,
-    the probe curves of the pretrained tower and of the same tower before pretraining, and the final loss."""
+def evidence_llava(seed: int = 0):
+    """The tiny LLaVA of `hf_fusedvlm.tiny` at 48 px (36 patches) with a 256-wide MLP in its tower, every weight
+    initialised as transformers initialises a new model (seeded): the tiny builder's std-0.2 weights suit parity
+    tests, not training from scratch."""
+    from transformers import LlavaForConditionalGeneration
+
     from hf_fusedvlm.tiny import build_tiny_llava
 
-    llava, processor = build_tiny_llava(seed=0, image_size=CELL * 6)
+    llava, processor = build_tiny_llava(seed=seed, image_size=CELL * GRID)
+    config = llava.config
+    config.vision_config.intermediate_size = 256
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        llava = LlavaForConditionalGeneration(config).eval()
+    llava.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return llava, processor
+
+
+def coarse_tower_llava(args):
+    """The evidence LLaVA with its tower pretrained on the coarse objective; returns it, its processor, the probe
+    curves of the pretrained tower and of the same tower before pretraining, and the final loss."""
+    llava, processor = evidence_llava(seed=0)
     tower, image_processor = llava.model.vision_tower, processor.image_processor
     probe_sets = [
         generate_samples(args.probe_samples, PROBE_TRAIN_SET, scene="digits", split="train"),
@@ -137,6 +154,32 @@ def train(start: Path, data: Path, output: Path, stage: str, steps: int, seed: i
     return time.perf_counter() - start_time
 
 
+def pretrain_llm(llava, work: Path, data: Path, settings: dict, steps: int) -> float:
+    """Give `llava` a pretrained language model, as real LLaVAs start from one, and a fresh projector.
+
+    A 2-layer, 64-wide Llama trained from scratch learns to answer from the mean of the image tokens (enough for the
+    coarse kinds) but not, within the budget, to attend to the one token that holds a detail. It learns to when every
+    answer depends on the image tokens' content: so its weights come from the same tiny LLaVA with an *untrained*
+    tower (whose layers all keep the details) trained on the same questions (`stage2`, `steps` steps). Every fuser
+    then starts from this language model; the projector is initialised anew. Returns the wall time in seconds."""
+    from transformers import AutoProcessor
+
+    from hf_fusedvlm import FusedLlavaForConditionalGeneration
+    from hf_fusedvlm.conversion import fused_from_llava
+
+    reader, _ = evidence_llava(seed=0)
+    start, output = work / "llm-start", work / "llm-pretrained"
+    fused_from_llava(reader, "none").save_pretrained(start)
+    from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
+
+    FusedLlavaProcessor.from_llava_processor(AutoProcessor.from_pretrained(work / "source")).save_pretrained(start)
+    seconds = train(start, data, output, "stage2", steps, 0, settings)
+    trained = FusedLlavaForConditionalGeneration.from_pretrained(output)
+    llava.model.language_model.load_state_dict(trained.model.language_model.state_dict())
+    llava.lm_head.load_state_dict(trained.lm_head.state_dict())
+    return seconds
+
+
 def sampling_on_details(model, processor, samples) -> float:
     """The share of mmfuser's cross-attention (all queries, heads, levels and points) whose sampling point falls in
     the cell of the digit or of the shape, averaged over `samples` (uniform sampling would give 2/36)."""
@@ -174,7 +217,7 @@ def train_and_score(task: dict) -> dict:
     processor = AutoProcessor.from_pretrained(stage2)
     run = {"fuser": fuser, "seed": seed, "train_seconds": round(seconds, 1)}
     for split, set_seed in (("validation", VALIDATION_SET), ("test", TEST_SET)):
-        samples = generate_samples(settings["eval_samples"], set_seed, scene="digits", split=split)
+        samples = generate_samples(settings[f"{split}_samples"], set_seed, scene="digits", split=split)
         answers, weights = answer_questions(model, processor, samples)
         run[split] = score_answers(samples, answers, weights)
         if fuser == "mmfuser" and split == "test":
@@ -221,21 +264,23 @@ def evidence_json(settings: dict, runs: list[dict], probe: dict, random_probe: d
         "accuracy_validation": accuracy("validation"),
         "difference_to_none": differences,
         "igva_weights": igva_weights,
-        "mmfuser_sampling_on_details": {"per_seed": sampling, "uniform": 2 / 36},
+        "mmfuser_sampling_on_details": {"per_seed": sampling, "uniform": 2 / GRID**2},
         "probe": probe,
         "probe_random_tower": random_probe,
         "chance": {kind: chance(kind) for kind in DIGIT_SCENE_KINDS},
         "fine_kinds": list(FINE_KINDS),
         "coarse_kinds": list(COARSE_KINDS),
         "tower": {
-            "image_size": 48, "patch_size": 8, "hidden_size": 64, "layers": 6, "base_hidden_state": 5,
+            "image_size": CELL * GRID, "patch_size": CELL, "hidden_size": 64, "intermediate_size": 256, "layers": 6,
+            "base_hidden_state": 5,
             "pretraining": "colour and side from the pooled output; hidden states 5 and 6 invariant to the fine details",
             "steps": settings["tower_steps"], "batch_size": settings["tower_batch"],
             "invariance_weight": settings["invariance_weight"], "final_loss": tower_loss,
         },
         "fuser_options": FUSER_OPTIONS,
         "budget": {key: settings[key] for key in (
-            "stage1_steps", "stage2_steps", "batch_size", "learning_rate", "train_samples", "eval_samples", "quick")},
+            "llm_steps", "stage1_steps", "stage2_steps", "batch_size", "learning_rate", "train_samples", "validation_samples",
+            "test_samples", "quick")},
         "runs": runs,
     }
 
@@ -354,20 +399,23 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     settings = {key: getattr(args, key) for key in (
-        "fusers", "seeds", "tower_steps", "tower_batch", "invariance_weight", "stage1_steps", "stage2_steps",
-        "batch_size", "learning_rate", "train_samples", "eval_samples", "sampling_images", "quick")}
+        "fusers", "seeds", "tower_steps", "tower_batch", "invariance_weight", "llm_steps", "stage1_steps", "stage2_steps",
+        "batch_size", "learning_rate", "train_samples", "validation_samples", "test_samples", "sampling_images", "quick")}
     llava, processor, probe, random_probe, tower_loss = coarse_tower_llava(args)
-    print(f"tower pretrained and probed ({time.perf_counter() - began:.0f} s), final loss {tower_loss:.3f}",
-          file=sys.stderr)
+    print(f"tower pretrained and probed ({time.perf_counter() - began:.0f} s), final loss {tower_loss:.3f}; probe "
+          "per hidden state: " + "; ".join(f"{kind} " + " ".join(f"{value:.2f}" for value in curve)
+                                           for kind, curve in probe.items()), file=sys.stderr)
     runs = []
     with tempfile.TemporaryDirectory(prefix="fusion-evidence-") as work:
         work = Path(work)
         source = work / "source"
-        llava.save_pretrained(source)
         processor.save_pretrained(source)
         data = write_llava_dataset(work / "data", args.train_samples, seed=TRAIN_SET, scene="digits", split="train")
+        seconds = pretrain_llm(llava, work, data, settings, args.llm_steps)
+        print(f"language model pretrained ({seconds:.0f} s)", file=sys.stderr)
+        llava.save_pretrained(source)
         if args.keep_checkpoints:
-            write_llava_dataset(Path(args.keep_checkpoints) / "test", args.eval_samples, seed=TEST_SET,
+            write_llava_dataset(Path(args.keep_checkpoints) / "test", args.test_samples, seed=TEST_SET,
                                 scene="digits", split="test")
         tasks = []
         for seed in args.seeds:
@@ -401,12 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--invariance-weight", type=float, default=1.0)
     parser.add_argument("--probe-samples", type=int, default=2000, help="probe training images (half as many test)")
     parser.add_argument("--probe-steps", type=int, default=200)
+    parser.add_argument("--llm-steps", type=int, default=1000, help="language-model pretraining steps")
     parser.add_argument("--stage1-steps", type=int, default=150)
-    parser.add_argument("--stage2-steps", type=int, default=450)
+    parser.add_argument("--stage2-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--train-samples", type=int, default=8000)
-    parser.add_argument("--eval-samples", type=int, default=400, help="validation and test questions each")
+    parser.add_argument("--validation-samples", type=int, default=400, help="validation questions (all kinds)")
+    parser.add_argument("--test-samples", type=int, default=1200, help="test questions (all kinds, 300 per kind)")
     parser.add_argument("--sampling-images", type=int, default=100, help="test images for mmfuser's sampling map")
     parser.add_argument("--jobs", type=int, default=1, help="models trained side by side (one thread each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process (and of --jobs 1)")
@@ -427,9 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown fusers {unknown}: choose from {', '.join(FUSERS)}")
     if args.quick:
-        args.seeds, args.tower_steps, args.tower_samples, args.tower_batch = args.seeds[:1], 30, 256, 32
-        args.probe_samples, args.probe_steps, args.stage1_steps, args.stage2_steps = 200, 30, 2, 2
-        args.batch_size, args.train_samples, args.eval_samples, args.sampling_images = 4, 16, 20, 4
+        args.seeds, args.tower_steps, args.tower_samples, args.tower_batch = args.seeds[:1], 80, 512, 32
+        args.probe_samples, args.probe_steps, args.stage1_steps, args.stage2_steps = 600, 150, 2, 2
+        args.batch_size, args.train_samples, args.sampling_images = 4, 16, 4
+        args.validation_samples = args.test_samples = 20
+        args.llm_steps = 2
     results = run(args)
     print(summary_table(results))
     if args.plots:

@@ -90,7 +90,9 @@ def pretrain_coarse_tower(
         raise ValueError(f"twin_pixels {tuple(twin_pixels.shape)} must match pixels {tuple(pixels.shape)}: one twin per image.")
     generator = torch.Generator().manual_seed(seed)
     hidden = vision_tower.config.hidden_size
-    heads = nn.ModuleDict({kind: nn.Linear(hidden, DETAIL_CLASSES[kind][0]) for kind in coarse_kinds})
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        heads = nn.ModuleDict({kind: nn.Linear(hidden, DETAIL_CLASSES[kind][0]) for kind in coarse_kinds})
     labels = {kind: detail_labels(samples, kind) for kind in coarse_kinds}
     requires_grad = {name: parameter.requires_grad for name, parameter in vision_tower.named_parameters()}
     vision_tower.requires_grad_(True).train()

@@ -98,7 +98,7 @@ def test_digits_scene_is_deterministic_and_keeps_the_handwriting_splits_apart():
     first, again = generate_samples(8, seed=3, scene="digits"), generate_samples(8, seed=3, scene="digits")
     assert [sample.image.tobytes() for sample in first] == [sample.image.tobytes() for sample in again]
     assert [sample.kind for sample in first] == list(DIGIT_SCENE_KINDS) * 2
-    assert first[0].image.size == (48, 48)
+    assert first[0].image.size == (32, 32)
     for split, (low, high) in HANDWRITING_SPLITS.items():
         samples = generate_samples(40, seed=4, scene="digits", split=split)
         assert all(low <= sample.details["handwriting"] < high for sample in samples)
@@ -109,7 +109,7 @@ def test_digits_scene_is_deterministic_and_keeps_the_handwriting_splits_apart():
     assert digit.answer == NUMBER_WORDS[digit.details["digit"]]
     with pytest.raises(ValueError, match="Unknown question kinds"):
         generate_samples(4, scene="digits", kinds=("count",))
-    with pytest.raises(ValueError, match="48 pixels"):
+    with pytest.raises(ValueError, match="32 pixels"):
         generate_samples(4, image_size=64, scene="digits")
     with pytest.raises(ValueError, match="Unknown split"):
         generate_samples(4, scene="digits", split="dev")
@@ -122,15 +122,15 @@ def test_a_twin_changes_only_the_cells_of_the_fine_details():
     assert {key: value for key, value in twin.items() if key not in ("handwriting", "digit", "shape")} == {
         key: value for key, value in details.items() if key not in ("handwriting", "digit", "shape")
     }
-    image, twin_image = (torch.tensor(numpy.asarray(draw_digit_scene(d))).view(6, 8, 6, 8, 3) for d in (details, twin))
-    changed = {(row, column) for row in range(6) for column in range(6)
+    image, twin_image = (torch.tensor(numpy.asarray(draw_digit_scene(d))).view(4, 8, 4, 8, 3) for d in (details, twin))
+    changed = {(row, column) for row in range(4) for column in range(4)
                if not torch.equal(image[row, :, column], twin_image[row, :, column])}
     assert changed <= {details["digit_cell"], details["shape_cell"]} and changed
 
 
 @pytest.fixture(scope="module")
 def digits_llava():
-    llava, processor = build_tiny_llava(seed=0, image_size=48)
+    llava, processor = build_tiny_llava(seed=0, image_size=32)
     return llava, processor
 
 
