@@ -80,6 +80,7 @@ class FusedLlava(lmms):
     """
 
     is_simple = False
+    _generation_kwargs_index = 2  # where the generation kwargs sit in a generate_until request's args
 
     def __init__(
         self,
@@ -251,8 +252,6 @@ class FusedLlava(lmms):
                 self.cache_hook.add_partial("generate_until", (args[0], generation_kwargs), answer)
             answers += batch_answers
         return collator.get_original(answers)
-
-    _generation_kwargs_index = 2
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("fused_llava does not run multi-round tasks.")
