@@ -1,16 +1,17 @@
 """Score the checkpoints of `fusion_evidence.py --keep-checkpoints DIR` with lmms-eval, offline, and check that the
 project's own scorer (`hf_fusedvlm.synthetic_vqa.score_answers`) gives the same numbers on the harness's answers.
 
-lmms-eval runs each checkpoint through its generic Hugging Face chat model (`--model huggingface`, remote code
-trusted, on CPU) on a local task over the held-out set that `fusion_evidence.py` wrote to `DIR/test/`: the task
-folder `benchmarks/lmms_eval_tasks/synthetic_vqa/` plus a YAML written here, because the YAML has to name the data
-files by absolute path. Nothing is downloaded (`HF_HUB_OFFLINE=1`, `HF_DATASETS_OFFLINE=1`).
+lmms-eval runs each checkpoint through the package's own lmms-eval model (`--model fused_llava`, see
+docs/evaluation.md; float32 on CPU unless `--dtype` and `--device` say otherwise) on a local task over the held-out set
+that `fusion_evidence.py` wrote to `DIR/test/`: the task folder `benchmarks/lmms_eval_tasks/synthetic_vqa/` plus a
+YAML written here, because the YAML has to name the data files by absolute path. Nothing is downloaded
+(`HF_HUB_OFFLINE=1`, `HF_DATASETS_OFFLINE=1`).
 
     python benchmarks/lmms_eval_fusion.py --checkpoints DIR --evidence benchmarks/results/fusion_evidence.json
 
-needs lmms-eval (`pip install lmms-eval`) in the running interpreter; `--lmms-python` runs it with another one (a
-virtual environment of its own). The harness's accuracy per fuser, kind and seed is written to `--evidence` under
-`harness`, next to the in-process numbers.
+needs lmms-eval and the package (`pip install -e ".[eval]"`) in the running interpreter; `--lmms-python` runs it with
+another one (a virtual environment of its own, e.g. the `.venv-lmms/` that `.ci/lmms-eval` builds). The harness's
+accuracy per fuser, kind and seed is written to `--evidence` under `harness`, next to the in-process numbers.
 """
 
 import argparse
@@ -23,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hf_fusedvlm.synthetic_vqa import QUESTION_KINDS, SyntheticSample, first_word, score_answers
+from hf_fusedvlm.synthetic_vqa import SyntheticSample, first_word, score_answers
 
 
 TASK_FOLDER = Path(__file__).resolve().parent / "lmms_eval_tasks" / "synthetic_vqa"
@@ -32,10 +33,13 @@ CHECKPOINT_NAME = re.compile(r"^(?P<fuser>[a-z]+)-seed(?P<seed>\d+)$")
 
 
 def task_yaml(test_folder: Path) -> str:
-    """The task config over `test_folder/data.json` (greedy, at most 4 new tokens, accuracy per question kind)."""
+    """The task config over `test_folder/data.json` (greedy, at most 4 new tokens, accuracy per question kind of the
+    set, in order of first appearance)."""
+    records = json.loads((test_folder / "data.json").read_text())
+    kinds = list(dict.fromkeys(record["kind"] for record in records))
     metrics = "".join(
         f"  - metric: accuracy_{kind}\n    aggregation: !function utils.aggregate_{kind}\n    higher_is_better: true\n"
-        for kind in (*QUESTION_KINDS, "all")
+        for kind in (*kinds, "all")
     )
     return (
         f"task: {TASK_NAME}\n"
@@ -56,10 +60,13 @@ def task_yaml(test_folder: Path) -> str:
     )
 
 
-def run_harness(python: str, checkpoint: Path, task_dir: Path, output_dir: Path, batch_size: int) -> tuple[dict, list]:
-    """lmms-eval on one checkpoint; returns its aggregated metrics and its logged samples (doc, response)."""
-    model_args = f"pretrained={checkpoint},trust_remote_code=True,device=cpu,device_map=cpu"
-    command = [python, "-m", "lmms_eval", "--model", "huggingface", "--model_args", model_args, "--tasks", TASK_NAME,
+def run_harness(
+    python: str, checkpoint: Path, task_dir: Path, output_dir: Path, batch_size: int, dtype: str = "float32",
+    device: str = "cpu",
+) -> tuple[dict, list]:
+    """lmms-eval's `fused_llava` model on one checkpoint; returns its aggregated metrics and its logged samples."""
+    model_args = f"pretrained={checkpoint},dtype={dtype},device={device}"
+    command = [python, "-m", "lmms_eval", "--model", "fused_llava", "--model_args", model_args, "--tasks", TASK_NAME,
                "--include_path", str(task_dir), "--output_path", str(output_dir), "--log_samples", "--batch_size",
                str(batch_size), "--verbosity", "WARNING"]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -101,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="also write the harness section alone to this JSON")
     parser.add_argument("--lmms-python", default=sys.executable, help="the Python that has lmms-eval installed")
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--dtype", default="float32", help="the model's dtype: float32, bfloat16, float16 or auto")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--seeds", type=lambda text: {int(seed) for seed in text.split(",")}, default=None,
                         help="only the checkpoints of these seeds (default: all)")
     parser.add_argument("--fusers", type=lambda text: set(text.split(",")), default=None,
@@ -118,14 +127,16 @@ def main(argv: list[str] | None = None) -> int:
                   and (args.fusers is None or match["fuser"] in args.fusers))
     if not runs:
         parser.error(f"no FUSER-seedN checkpoints in {checkpoints}")
-    section = {"accuracy": {}, "project_scorer_on_harness_answers": {}, "agree": True, "model": "huggingface",
-               "dtype": "bfloat16 (lmms-eval's generic model loads in bfloat16)"}
+    section = {"accuracy": {}, "project_scorer_on_harness_answers": {}, "agree": True, "model": "fused_llava",
+               "dtype": args.dtype}
     with tempfile.TemporaryDirectory(prefix="lmms-eval-", dir=args.work_dir) as work:
         task_dir = Path(work) / "tasks"
         shutil.copytree(TASK_FOLDER, task_dir, ignore=shutil.ignore_patterns("__pycache__"))
         (task_dir / f"{TASK_NAME}.yaml").write_text(task_yaml(test_folder))
         for fuser, seed, path in runs:
-            metrics, samples = run_harness(args.lmms_python, path, task_dir, Path(work) / path.name, args.batch_size)
+            metrics, samples = run_harness(
+                args.lmms_python, path, task_dir, Path(work) / path.name, args.batch_size, args.dtype, args.device
+            )
             harness, ours = harness_accuracy(metrics), project_scores(samples, records)
             agree = all(abs(harness[kind] - ours[kind]) < 1e-9 for kind in ours)
             section["agree"] &= agree

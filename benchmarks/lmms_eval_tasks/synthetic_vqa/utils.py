@@ -3,7 +3,8 @@
 Each document is a record of the set's `data.json` (`image`, `conversations`, `kind`, `answer`); the image path is
 relative to the JSON's folder, which the task YAML passes as `image_folder` in `lmms_eval_specific_kwargs`. A
 response is correct when its first word (lower-cased, punctuation stripped) is the answer, the rule of
-`hf_fusedvlm.synthetic_vqa.score_answers`.
+`hf_fusedvlm.synthetic_vqa.score_answers`. As a multiple-choice task (`output_type: multiple_choice`), the choices are the
+answers a question of the document's kind can have (`doc_to_choice`) and the target is the answer's index among them.
 """
 
 import os
@@ -12,6 +13,13 @@ from PIL import Image
 
 
 KINDS = ("colour", "count", "digit", "position", "shape")  # both scenes of hf_fusedvlm.synthetic_vqa
+CHOICES = {
+    "colour": ("red", "green", "blue", "yellow"),
+    "count": ("one", "two", "three", "four"),
+    "digit": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
+    "position": ("left", "right", "top", "bottom"),
+    "shape": ("circle", "line", "star", "triangle"),
+}
 
 
 def _question(doc):
@@ -42,6 +50,14 @@ def doc_to_messages(doc, lmms_eval_specific_kwargs=None):
             ],
         }
     ]
+
+
+def doc_to_choice(doc):
+    return list(CHOICES[doc["kind"]])
+
+
+def doc_to_choice_index(doc):
+    return CHOICES[doc["kind"]].index(doc["answer"])
 
 
 def first_word(text):
