@@ -13,7 +13,7 @@ probe curve, and an equal-budget comparison of `none`, `concat`, `average`, `mmf
    per question kind with `score_answers`; igva's group weights are averaged per kind; mmfuser's sampling is measured
    on the test images (the share of its attention that lands on the cells holding the digit and the shape).
 
-    python benchmarks/fusion_evidence.py --jobs 2          # the committed run (about 50 minutes on 2 CPU cores)
+    python benchmarks/fusion_evidence.py --jobs 2          # the committed run (39 minutes on 2 busy CPU cores)
     python benchmarks/fusion_evidence.py --quick           # smoke size, about a minute
 
 Results: `--output` (JSON: seeds, accuracy per fuser, kind and seed, the paired differences to `none`, igva weights
@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import io
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from hf_fusedvlm.synthetic_vqa import (
     CELL,
     GRID,
     DIGIT_SCENE_KINDS,
+    SyntheticSample,
     digit_scene_details,
     draw_digit_scene,
     generate_samples,
@@ -97,13 +99,9 @@ def coarse_tower_llava(args):
     probe_pixels = [pixel_values(image_processor, samples) for samples in probe_sets]
     probe_args = (probe_pixels[0], probe_sets[0], probe_pixels[1], probe_sets[1], DIGIT_SCENE_KINDS, args.probe_steps)
     random_probe = layer_probe(tower, *probe_args)
-    import random
-
     rng = random.Random("fusion-evidence/tower")
     details = [digit_scene_details(rng, "train") for _ in range(args.tower_samples)]
     twins = [resample_fine_details(rng, detail, "train") for detail in details]
-    from hf_fusedvlm.synthetic_vqa import SyntheticSample
-
     samples = [SyntheticSample(draw_digit_scene(detail), "colour", "", "", detail) for detail in details]
     twin_images = [SyntheticSample(draw_digit_scene(twin), "colour", "", "", twin) for twin in twins]
     losses = pretrain_coarse_tower(
@@ -166,12 +164,11 @@ def pretrain_llm(llava, work: Path, data: Path, settings: dict, steps: int) -> f
 
     from hf_fusedvlm import FusedLlavaForConditionalGeneration
     from hf_fusedvlm.conversion import fused_from_llava
+    from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
 
     reader, _ = evidence_llava(seed=0)
     start, output = work / "llm-start", work / "llm-pretrained"
     fused_from_llava(reader, "none").save_pretrained(start)
-    from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
-
     FusedLlavaProcessor.from_llava_processor(AutoProcessor.from_pretrained(work / "source")).save_pretrained(start)
     seconds = train(start, data, output, "stage2", steps, 0, settings)
     trained = FusedLlavaForConditionalGeneration.from_pretrained(output)
