@@ -323,12 +323,13 @@ def test_a_plain_llava_checkpoint_is_refused(tmp_path):
 
 def test_kinds_cover_the_task():
     # The task's choices are every answer the synthetic set can give.
-    from hf_fusedvlm.synthetic_vqa import COLOURS, MAX_DOTS, NUMBER_WORDS, POSITIONS
+    from hf_fusedvlm.synthetic_vqa import COLOURS, MAX_DOTS, NUMBER_WORDS, POSITIONS, SCENES, SHAPES
 
     utils = task_utils()
 
-    assert set(utils.CHOICES) == set(QUESTION_KINDS)
+    assert set(utils.CHOICES) == {kind for kinds in SCENES.values() for kind in kinds}
     assert set(utils.CHOICES["colour"]) == set(COLOURS)
     assert utils.CHOICES["position"] == POSITIONS
     assert utils.CHOICES["count"] == NUMBER_WORDS[1 : MAX_DOTS + 1]
     assert utils.CHOICES["digit"] == NUMBER_WORDS
+    assert set(utils.CHOICES["shape"]) == set(SHAPES)
