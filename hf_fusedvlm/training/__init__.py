@@ -21,13 +21,13 @@ Distributed training is accelerate's: `accelerate launch [--num_processes N] -m 
 same command under DDP, FSDP or DeepSpeed, as configured with `accelerate config`; under FSDP and DeepSpeed the saves
 are built from the full state dict Trainer gathers.
 
-Modules: `data` (data set, its checks, collator), `stages` (which parts train, LoRA / QLoRA, loading), `saving`
+Modules: `data` (data set, its checks, collator), `stages` (which parts train, the model arguments, LoRA / QLoRA, loading), `saving`
 (fused checkpoints from a live model or a gathered state dict), `recording` (what a checkpoint records about its run,
-secrets and local paths removed), `trainer` ([`FusedLlavaTrainer`]), `cli` (arguments, input checks, `main`).
+secrets and local paths removed), `trainer` ([`FusedLlavaTrainer`]), `cli` (data arguments, input checks, `main`).
 """
 
 
-from .cli import DataArguments, ModelArguments, check_output_dir, check_source, main, parse_arguments
+from .cli import DataArguments, check_output_dir, check_source, main, parse_arguments
 from .data import (
     IGNORE_INDEX,
     ROLES,
@@ -42,6 +42,7 @@ from .saving import fused_state_dict, full_precision_state_dict, save_fused_chec
 from .stages import (
     LORA_STAGES,
     STAGES,
+    ModelArguments,
     format_parameter_table,
     freeze_for_stage,
     load_model_for_stage,

@@ -11,27 +11,8 @@ from ..configuration_fused_llava import FusedLlavaConfig
 from .data import FusedLlavaDataCollator, LlavaConversationDataset
 from .errors import InvalidTrainingInput
 from .recording import recorded_command
-from .stages import LORA_STAGES, STAGES, format_parameter_table, load_model_for_stage, trainable_parameters
+from .stages import LORA_STAGES, ModelArguments, format_parameter_table, load_model_for_stage, trainable_parameters
 from .trainer import FusedLlavaTrainer
-
-
-@dataclass
-class ModelArguments:
-    """What to train and how: the starting checkpoint, the stage and its LoRA settings."""
-
-    model_name_or_path: str = field(metadata={"help": "A fused checkpoint (fusedvlm-convert output or a trained one)."})
-    stage: str = field(default="stage1", metadata={"help": "Which parts train.", "choices": list(STAGES)})
-    balance_loss_weight: float | None = field(
-        default=None, metadata={"help": "IGVA's balance loss weight; overrides the checkpoint's (0 disables it)."}
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (stage2-lora, qlora)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: str = field(
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        metadata={"help": "Comma-separated names of the LLM's linear layers that get LoRA adapters."},
-    )
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "qlora: nf4 or fp4.", "choices": ["nf4", "fp4"]})
 
 
 @dataclass

@@ -1,16 +1,12 @@
 """Training stages: which parts of a fused LLaVA train (see [`STAGES`]), LoRA / QLoRA set-up, and loading the model
 ready for its stage."""
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 from transformers import BitsAndBytesConfig, TrainingArguments
 
 from ..modeling_fused_llava import FusedLlavaForConditionalGeneration
-
-
-if TYPE_CHECKING:
-    from .cli import ModelArguments
 
 
 # Parts of a fused model, by parameter-name prefix (PEFT's `base_model.model.` removed); LoRA weights are their own part.
@@ -32,6 +28,25 @@ LORA_STAGES = ("stage2-lora", "qlora")
 # trains in full precision, and lm_head stays as bitsandbytes leaves it by default (naming skips replaces its default).
 QLORA_SKIP_MODULES = ["model.multi_modal_projector", "lm_head", "model.fuser", "model.instruction_encoder"]
 PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class ModelArguments:
+    """What to train and how: the starting checkpoint, the stage and its LoRA settings."""
+
+    model_name_or_path: str = field(metadata={"help": "A fused checkpoint (fusedvlm-convert output or a trained one)."})
+    stage: str = field(default="stage1", metadata={"help": "Which parts train.", "choices": list(STAGES)})
+    balance_loss_weight: float | None = field(
+        default=None, metadata={"help": "IGVA's balance loss weight; overrides the checkpoint's (0 disables it)."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (stage2-lora, qlora)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        metadata={"help": "Comma-separated names of the LLM's linear layers that get LoRA adapters."},
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "qlora: nf4 or fp4.", "choices": ["nf4", "fp4"]})
 
 
 def parameter_part(name: str) -> str:
@@ -93,7 +108,7 @@ def set_balance_loss_weight(model: FusedLlavaForConditionalGeneration, weight: f
         model.model.fuser.balance_loss_weight = weight
 
 
-def lora_config(model_args: "ModelArguments"):
+def lora_config(model_args: ModelArguments):
     """PEFT's `LoraConfig` for the LLM's linear layers named in `--lora_target_modules` (never the vision tower's or
     the instruction encoder's)."""
     try:
@@ -114,7 +129,7 @@ def lora_config(model_args: "ModelArguments"):
     )
 
 
-def load_model_for_stage(model_args: "ModelArguments", training_args: TrainingArguments):
+def load_model_for_stage(model_args: ModelArguments, training_args: TrainingArguments):
     """The model of `model_args.model_name_or_path` ready for its stage: loaded (in 4-bit for `qlora`), LoRA
     attached for the LoRA stages, balance loss weight set, parameters frozen as the stage says."""
     quantization_config = None
