@@ -19,7 +19,7 @@ import torch
 from transformers import AutoProcessor
 
 from hf_fusedvlm import FusedLlavaForConditionalGeneration
-from hf_fusedvlm.conversion import fused_from_llava
+from hf_fusedvlm.parity import fused_from_llava
 from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
 from hf_fusedvlm.synthetic_vqa import answer_questions, generate_samples, score_answers, write_llava_dataset
 from hf_fusedvlm.tiny import build_tiny_llava

@@ -18,6 +18,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .fusers import IGVAFuser, fuser_class
+from .parity import fused_from_llava
+from .processing_fused_llava import FusedLlavaProcessor
+
 
 IMAGE_TOKEN = "<image>"
 NUM_IMAGE_TOKENS = 16  # 32x32 pixels, 8x8 patches
@@ -245,19 +249,17 @@ def build_tiny_fused(
     trained: bool = False,
 ):
     """A tiny fused LLaVA of `fuser_type` converted from [`build_tiny_llava`] (with `num_text_heads` and
-    `vision_model_type`; `igva` with [`build_tiny_instruction_encoder`]), and its `FusedLlavaProcessor`.
+    `vision_model_type`; fusers that read the instruction with [`build_tiny_instruction_encoder`]), and its
+    `FusedLlavaProcessor`.
 
     With `trained=True` the model is moved away from its source as training would: seeded noise (std 0.05) is added
     to every fuser weight, MMFuser's gammas (zero at conversion) are drawn with std 0.2, IGVA's projection of the
-    group features is shrunk 50 times, and the projector's first linear is drawn anew (std 0.2), new columns included. The fusion then shows in the logits, which is what checks of
-    other engines need.
+    group features is shrunk 50 times, and the projector's first linear is drawn anew (std 0.2), new columns included.
+    The fusion then shows in the logits, which is what checks of other engines need.
     """
-    from .conversion import fused_from_llava
-    from .processing_fused_llava import FusedLlavaProcessor
-
     llava, llava_processor = build_tiny_llava(seed, num_text_heads=num_text_heads, vision_model_type=vision_model_type)
     encoder = instruction_tokenizer = None
-    if fuser_type == "igva":
+    if fuser_class(fuser_type).reads_instruction:
         encoder, instruction_tokenizer = build_tiny_instruction_encoder(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the new fuser weights are drawn from the global generator
@@ -276,7 +278,7 @@ def build_tiny_fused(
                     parameter.add_(noise(parameter, 0.05))
             projector = model.model.multi_modal_projector.linear_1.weight
             projector.copy_(noise(projector, 0.2))
-            if fuser_type == "igva":
+            if isinstance(model.model.fuser, IGVAFuser):
                 # The group features reach the aggregator far larger than the unit-norm sentence embedding, so its
                 # attention saturates and the instruction barely moves the weights; shrunk, the instruction counts.
                 model.model.fuser.cls_proj.weight.mul_(0.02)

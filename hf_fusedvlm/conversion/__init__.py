@@ -1,10 +1,12 @@
 """Converting LLaVA checkpoints into fused LLaVA checkpoints (not remote code: never copied into a checkpoint).
 
+The parity rule itself (`fused_from_llava`, projector widening) is `hf_fusedvlm.parity`, shared with `tiny` and
+training; its names are re-exported here.
+
 Modules, in pipeline order:
 - `checkpoint`: resolving a folder or Hub id, reading config.json, telling llava-hf from original-format checkpoints.
 - `shards`: safetensors headers and shards (bytes left on disk), `.bin` shards (memory-mapped).
 - `sentence_encoder`: the instruction encoder from a sentence-transformers folder (both Pooling formats).
-- `parity`: a plain LLaVA as a fused LLaVA computing the same function (`fused_from_llava`, projector widening).
 - `llava_hf`, `original` (with `original_layout`, `original_processor`): plan each format's tensors and companions.
 - `writing`: planned tensors and shards, the shard writer, remote code; `staging`: the output folder policy, the
   staging folder and the move into place; `verify`: `--verify`; `model_card`; `hub`: publishing.
@@ -19,7 +21,7 @@ from .hub import folder_files, push_folder_to_hub
 from .llava_hf import convert_llava_checkpoint
 from .model_card import render_model_card
 from .original import convert_original_checkpoint
-from .parity import (
+from ..parity import (
     expand_projector_input,
     fused_config_from_llava,
     fused_from_llava,

@@ -2,7 +2,7 @@
 
 plan: read the config and the shard headers, map each key to the fused model's name (legacy llava-hf names
 included), keep every tensor's bytes (only `model.multi_modal_projector.linear_1.weight` is widened when the fuser's
-projector reads several slots, see `parity.expand_projector_input`), add the new fuser tensors (and igva's
+projector reads several slots, see `hf_fusedvlm.parity.expand_projector_input`), add the new fuser tensors (and igva's
 instruction encoder) as one extra shard, and check the plan against the fused model. write: shards, index, config
 with `auto_map`, remote code, generation config, processor and card into a staging folder. verify (optional): the
 logits of source and result agree. Then the folder moves into place."""
@@ -19,7 +19,7 @@ from .checkpoint import LLAVA_HF, checkpoint_format, read_config_json, resolve_c
 from .errors import ConversionError, as_torch_dtype, parse_dtype
 from .hub import publish_result
 from .model_card import card_command, render_model_card, source_license
-from .parity import (
+from ..parity import (
     FUSER_PREFIX,
     INSTRUCTION_ENCODER_PREFIX,
     PROJECTOR_INPUT_KEY,

@@ -35,7 +35,7 @@ from .original_layout import (
     text_config_from_original,
 )
 from .original_processor import add_llava_tokens, load_llm_tokenizer, read_vision_tower, write_companions
-from .parity import (
+from ..parity import (
     FUSER_PREFIX,
     INSTRUCTION_ENCODER_PREFIX,
     PROJECTOR_INPUT_KEY,

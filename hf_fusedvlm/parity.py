@@ -10,9 +10,9 @@ import re
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedConfig, PreTrainedModel
 
-from ..configuration_fused_llava import FusedLlavaConfig
-from ..fusers import build_fuser, fuser_class
-from ..modeling_fused_llava import FusedLlavaForConditionalGeneration
+from .configuration_fused_llava import FusedLlavaConfig
+from .fusers import build_fuser, fuser_class
+from .modeling_fused_llava import FusedLlavaForConditionalGeneration
 
 
 PROJECTOR_INPUT_KEY = "model.multi_modal_projector.linear_1.weight"
