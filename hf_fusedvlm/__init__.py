@@ -8,8 +8,8 @@ Importing the package registers `fused_llava` with `AutoConfig`, `AutoModel` and
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration_fused_llava import FUSER_TYPES, FusedLlavaConfig
-from .fusers import FUSERS, Fuser, FuserOutput, build_fuser, fuser_class, register_fuser
+from .configuration_fused_llava import FusedLlavaConfig
+from .fusers import FUSERS, Fuser, FuserField, FuserOutput, build_fuser, fuser_class, register_fuser
 from .modeling_fused_llava import FusedLlavaForConditionalGeneration, FusedLlavaModel, FusedLlavaPreTrainedModel
 from .processing_fused_llava import FusedLlavaProcessor, instruction_from_conversation, instruction_from_prompt
 
@@ -26,8 +26,8 @@ FusedLlavaProcessor.register_for_auto_class()
 
 __all__ = [
     "FUSERS",
-    "FUSER_TYPES",
     "Fuser",
+    "FuserField",
     "FusedLlavaConfig",
     "FusedLlavaForConditionalGeneration",
     "FusedLlavaModel",

@@ -4,6 +4,7 @@ import difflib
 import warnings
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import CONFIG_MAPPING, AutoConfig, LlavaConfig, PreTrainedConfig
 
 
@@ -12,18 +13,14 @@ try:
 except ImportError:  # transformers < 5.20 declares sub-configs as a plain mapping and builds them in __post_init__
     SubConfigSpec = None
 
-from .fusers import FUSERS, fuser_class
+from .fuser_registry import fuser_class, fuser_fields
 
 
-# The built-in fusers; `FUSERS` also holds any registered later.
-FUSER_TYPES = tuple(FUSERS)
 # How the instruction encoder's token states become one sentence embedding (sentence-transformers' pooling modes).
 INSTRUCTION_POOLINGS = ("mean", "cls", "max")
 
 # Vision towers whose hidden states have no class token: LLaVA's "default" strategy would drop a real patch.
 TOWERS_WITHOUT_CLASS_TOKEN = ("siglip_vision_model", "siglip2_vision_model", "siglip", "siglip2")
-# Prefixes of this config's own fields: an unknown keyword with one of them is most likely a misspelt field.
-_FUSER_FIELD_PREFIXES = ("fuser_", "aggregator_", "instruction_", "balance_")
 
 # Reference layouts for a 24-layer CLIP-L tower (hidden-state indices, 0 = embeddings).
 _REFERENCE_DEPTH = 24
@@ -76,21 +73,6 @@ class FusedLlavaConfig(LlavaConfig):
     fuser_layer_groups (`list[list[int]]`, *optional*):
         Groups of layers averaged by `igva` and `average`. Defaults to the tower's layers 1..L split into four
         contiguous groups (IGVA's `[[1..6], [7..12], [13..18], [19..24]]` on CLIP-L).
-    fuser_num_heads (`int`, defaults to 16):
-        Heads of MMFuser's deformable attention; must divide the vision hidden size.
-    fuser_num_points (`int`, defaults to 4):
-        Sampling points per head and level of MMFuser's deformable attention.
-    fuser_layer_norm_eps (`float`, defaults to 1e-6):
-        Epsilon of MMFuser's layer norms.
-    aggregator_hidden_size (`int`, defaults to 1024):
-        Width of IGVA's aggregator.
-    aggregator_num_layers (`int`, defaults to 4):
-        Query-transformer blocks of IGVA's aggregator.
-    aggregator_num_heads (`int`, defaults to 4):
-        Attention heads of IGVA's aggregator; must divide `aggregator_hidden_size`.
-    balance_loss_weight (`float`, defaults to 0.02):
-        Weight of IGVA's balance loss (negative mean entropy of the group weights), added to the LM loss when
-        `labels` are given. 0 disables it.
     instruction_encoder_config (`dict` or `PreTrainedConfig`, *optional*):
         Config of the text encoder that embeds the instruction for `igva` (any `AutoModel` text encoder, e.g. MPNet
         for all-mpnet-base-v2). Required for `igva`, ignored otherwise.
@@ -102,6 +84,10 @@ class FusedLlavaConfig(LlavaConfig):
         Whether the pooled instruction embedding is L2-normalised (sentence-transformers' `Normalize` module, as in
         all-mpnet-base-v2).
 
+    Each registered fuser adds the fields of its class's `config_fields` ([`~fuser_registry.FuserField`]); every
+    config carries those of all registered fusers, with their defaults unless given. The built-in ones:
+
+FUSER_FIELDS_DOC
     Example:
 
     ```python
@@ -126,19 +112,14 @@ class FusedLlavaConfig(LlavaConfig):
     fuser_type: str = "mmfuser"
     fuser_layers: list[int] | None = None
     fuser_layer_groups: list[list[int]] | None = None
-    fuser_num_heads: int = 16
-    fuser_num_points: int = 4
-    fuser_layer_norm_eps: float = 1e-6
-    aggregator_hidden_size: int = 1024
-    aggregator_num_layers: int = 4
-    aggregator_num_heads: int = 4
-    balance_loss_weight: float | int = 0.02
     instruction_encoder_config: dict | PreTrainedConfig | None = None
     instruction_pooling: str = "mean"
     instruction_embedding_normalize: bool = True
 
     def __post_init__(self, **kwargs):
         self._warn_misspelt_fields(kwargs)
+        for name, field in fuser_fields().items():
+            setattr(self, name, kwargs.pop(name, field.default))
         if SubConfigSpec is None and isinstance(self.instruction_encoder_config, dict):
             encoder_kwargs = dict(self.instruction_encoder_config)
             model_type = encoder_kwargs.pop("model_type", _INSTRUCTION_ENCODER_DEFAULT_TYPE)
@@ -164,8 +145,19 @@ class FusedLlavaConfig(LlavaConfig):
         fuser.check_config(self)
         if fuser.reads_instruction:
             self._check_instruction_encoder()
-        if self.balance_loss_weight < 0:
-            raise ValueError(f"balance_loss_weight must be >= 0, got {self.balance_loss_weight}.")
+        for name, field in fuser_fields().items():
+            field.check_value(name, getattr(self, name))
+
+    def __setattr__(self, name, value):
+        # The fusers' fields are no dataclass fields (fusers registered after this class exists add theirs), so they
+        # get the type check `@strict` gives the declared ones here.
+        field = fuser_fields().get(name)
+        if field is not None:
+            try:
+                field.check_type(name, value)
+            except TypeError as error:
+                raise StrictDataclassFieldValidationError(field=name, cause=error) from error
+        super().__setattr__(name, value)
 
     @property
     def base_layer(self) -> int:
@@ -177,10 +169,19 @@ class FusedLlavaConfig(LlavaConfig):
         """The hidden-state indices the fuser reads, sorted; the vision tower is asked for these only."""
         return sorted(fuser_class(self.fuser_type).layers_read(self))
 
+    @classmethod
+    def fuser_field_names(cls) -> list[str]:
+        """This config's own fields beyond [`LlavaConfig`]'s, then the registered fusers' fields."""
+        own = [name for name in cls.__dataclass_fields__ if name not in LlavaConfig.__dataclass_fields__]
+        return own + list(fuser_fields())
+
     def _warn_misspelt_fields(self, kwargs: dict) -> None:
-        fields = [name for name in self.__dataclass_fields__ if name.startswith(_FUSER_FIELD_PREFIXES)]
+        fields = self.fuser_field_names()
+        # The first words of the fields' names (`fuser_`, `instruction_`, ...): an unknown keyword starting with one
+        # of them is most likely a misspelt field.
+        prefixes = tuple({name.split("_", 1)[0] + "_" for name in fields})
         for key in kwargs:
-            if key.startswith(_FUSER_FIELD_PREFIXES) and key not in fields:
+            if key.startswith(prefixes) and key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else f" Fuser fields: {', '.join(fields)}."
                 warnings.warn(f"FusedLlavaConfig got an unknown keyword {key!r}, which no fuser reads.{hint}")
@@ -215,6 +216,21 @@ class FusedLlavaConfig(LlavaConfig):
                 f"{', '.join(INSTRUCTION_POOLINGS)} (sentence-transformers' pooling_mode_mean_tokens, "
                 "pooling_mode_cls_token, pooling_mode_max_tokens)."
             )
+
+
+def _fields_doc() -> str:
+    """The docstring entries of the registered fusers' fields, in the style of the config's own."""
+    entries = []
+    for name, field in fuser_fields().items():
+        types = field.type if isinstance(field.type, tuple) else (field.type,)
+        entries.append(
+            f"    {name} (`{' | '.join(accepted.__name__ for accepted in types)}`, defaults to {field.default!r}):\n"
+            f"        {field.help}\n"
+        )
+    return "".join(entries)
+
+
+FusedLlavaConfig.__doc__ = FusedLlavaConfig.__doc__.replace("FUSER_FIELDS_DOC\n", _fields_doc() + "\n")
 
 
 __all__ = ["FusedLlavaConfig"]

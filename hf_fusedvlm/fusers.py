@@ -6,14 +6,16 @@ read may be `None`), each entry of shape `(num_images, num_tokens, vision_hidden
 `(num_images, instruction_hidden_size)` for fusers that read the instruction. It returns a [`FuserOutput`] whose
 `features` of shape `(num_images, num_patches, fuser.output_size)` go to the multimodal projector.
 
-A fuser class describes itself to the rest of the package (configuration checks, the layers the vision tower records,
-the projector's width, parity conversion, model cards): [`Fuser`] lists what a subclass states, and
-[`register_fuser`] adds it to [`FUSERS`], the one table every other part reads.
+A fuser class describes itself to the rest of the package (configuration fields and checks, the layers the vision
+tower records, the projector's width, parity conversion, converter options, model cards) as
+`fuser_registry.FuserSpec` lists, and [`register_fuser`] adds it to [`FUSERS`], the one table every other part
+reads. The built-in modules below subclass their descriptions in `fuser_registry` (which the configuration and the
+processor read without importing torch) and replace them in the registry.
 """
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,18 @@ from torch import nn
 from transformers import initialization as init
 
 from .deformable_attention import MultiScaleDeformableAttention, init_deformable_attention, reference_points
+from .fuser_registry import (
+    FUSERS,
+    AverageFuserSpec,
+    ConcatFuserSpec,
+    FuserField,
+    FuserSpec,
+    IGVAFuserSpec,
+    MMFuserSpec,
+    SingleLayerFuserSpec,
+    fuser_class,
+    register_fuser,
+)
 
 
 if TYPE_CHECKING:
@@ -43,51 +57,12 @@ class FuserOutput:
     balance_loss: torch.Tensor | None = None
 
 
-FUSERS: dict[str, type["Fuser"]] = {}
+class Fuser(FuserSpec, nn.Module):
+    """Base class of the fuser modules: splits the class token from the patch tokens the way the LLaVA config says.
 
-
-def register_fuser(name: str):
-    """Class decorator: registers a [`Fuser`] subclass as `fuser_type=name` (replacing an earlier one of that name)."""
-
-    def register(fuser_class: type[Fuser]) -> type[Fuser]:
-        fuser_class.fuser_type = name
-        FUSERS[name] = fuser_class
-        return fuser_class
-
-    return register
-
-
-def fuser_class(fuser_type: str) -> type["Fuser"]:
-    """The registered fuser class of `fuser_type`."""
-    if fuser_type not in FUSERS:
-        raise ValueError(
-            f"Unknown fuser_type {fuser_type!r}: choose one of {', '.join(FUSERS)} (or register a new one with "
-            "hf_fusedvlm.fusers.register_fuser)."
-        )
-    return FUSERS[fuser_type]
-
-
-class Fuser(nn.Module):
-    """Base class of the fusers: splits the class token from the patch tokens the way the LLaVA config says.
-
-    A subclass states, as class attributes and class methods of the config:
-    - `reads_instruction`: whether it needs the instruction encoder's sentence embedding;
-    - `layer_fields`: the config fields that name its layers (shown in model cards and converter help);
-    - `check_config(config)`: raises a `ValueError` for fields it cannot work with;
-    - `layers_read(config)`: the hidden-state indices it reads (the vision tower records only these);
-    - `projector_slots(config)`: `(base_slot, num_slots)`: its output is `num_slots` vision widths, and at
-      initialisation the base layer's features occupy slot `base_slot`, which is where parity conversion puts the
-      plain LLaVA projector's columns (the other columns start at zero); `base_slot` is `None` when no slot holds
-      them, and such a fuser cannot be converted with parity;
-    - `title`, `description`, `parity`: what model cards say of it.
+    A subclass states what `fuser_registry.FuserSpec` lists, defines `forward`, and, when PyTorch's default
+    initialisation of its own parameters would break parity, `init_weights`.
     """
-
-    fuser_type: ClassVar[str]
-    reads_instruction: ClassVar[bool] = False
-    layer_fields: ClassVar[tuple[str, ...]] = ()
-    title: ClassVar[str]
-    description: ClassVar[str]
-    parity: ClassVar[str]
 
     def __init__(self, config: "FusedLlavaConfig"):
         super().__init__()
@@ -96,40 +71,17 @@ class Fuser(nn.Module):
         self.vision_hidden_size = config.vision_config.hidden_size
         self.output_size = self.vision_hidden_size * self.projector_slots(config)[1]
 
-    @classmethod
-    def check_config(cls, config: "FusedLlavaConfig") -> None:
-        pass
-
-    @classmethod
-    def layers_read(cls, config: "FusedLlavaConfig") -> set[int]:
-        return {config.base_layer}
-
-    @classmethod
-    def projector_slots(cls, config: "FusedLlavaConfig") -> tuple[int | None, int]:
-        return 0, 1
+    def init_weights(self) -> None:
+        """Fuser-specific initialisation of this module's own parameters (its submodules are initialised on their
+        own); use `transformers.initialization`, which leaves loaded tensors untouched."""
 
     def patches(self, hidden_state: torch.Tensor) -> torch.Tensor:
         return hidden_state[:, self.num_prefix_tokens :]
 
 
-def check_fuser_layers(config: "FusedLlavaConfig", minimum: int) -> None:
-    """`fuser_layers` holds at least `minimum` layers, none twice."""
-    if len(config.fuser_layers) < minimum:
-        count = ("one", "two", "three")[minimum - 1] if minimum <= 3 else str(minimum)
-        raise ValueError(
-            f"fuser_type={config.fuser_type!r} needs at least {count} fuser_layers, got {config.fuser_layers}."
-        )
-    if len(set(config.fuser_layers)) != len(config.fuser_layers):
-        raise ValueError(f"fuser_layers must not repeat a layer, got {config.fuser_layers}.")
-
-
 @register_fuser("none")
-class SingleLayerFuser(Fuser):
+class SingleLayerFuser(SingleLayerFuserSpec, Fuser):
     """`none`: the base layer alone, i.e. plain LLaVA."""
-
-    title = "a single layer (plain LLaVA)"
-    description = "Only the base layer is projected, as in LLaVA: the parity baseline for comparisons with the other fusers."
-    parity = "nothing is added"
 
     def __init__(self, config: "FusedLlavaConfig"):
         super().__init__(config)
@@ -140,70 +92,25 @@ class SingleLayerFuser(Fuser):
 
 
 @register_fuser("concat")
-class ConcatFuser(Fuser):
+class ConcatFuser(ConcatFuserSpec, Fuser):
     """`concat`: channel concatenation of `fuser_layers`, in order."""
-
-    layer_fields = ("fuser_layers",)
-    title = "channel concatenation of several layers"
-    description = (
-        "The patch features of the chosen layers are concatenated along channels (as transformers' "
-        "`vision_feature_layer=[...]` and DenseConnector-SCI do) and projected."
-    )
-    parity = "the projector's input columns for the layers other than the base layer start at zero"
 
     def __init__(self, config: "FusedLlavaConfig"):
         super().__init__(config)
         self.layers = list(config.fuser_layers)
-
-    @classmethod
-    def check_config(cls, config):
-        check_fuser_layers(config, minimum=2)
-
-    @classmethod
-    def layers_read(cls, config):
-        return set(config.fuser_layers)
-
-    @classmethod
-    def projector_slots(cls, config):
-        layers = config.fuser_layers
-        return (layers.index(config.base_layer) if config.base_layer in layers else None), len(layers)
 
     def forward(self, vision_hidden_states, instruction_embeds=None) -> FuserOutput:
         return FuserOutput(torch.cat([self.patches(vision_hidden_states[layer]) for layer in self.layers], dim=-1))
 
 
 @register_fuser("average")
-class AverageFuser(Fuser):
+class AverageFuser(AverageFuserSpec, Fuser):
     """`average`: uniform mean of the layer groups' patch features, concatenated after the base layer."""
-
-    layer_fields = ("fuser_layer_groups",)
-    title = "a uniform average of layer groups"
-    description = (
-        "The mean of the layer groups' patch features is concatenated after the base layer's patch features and "
-        "projected (IGVA's pre-training mode, close to DenseConnector-DCI)."
-    )
-    parity = "the projector's new input columns, which read the averaged groups, start at zero"
 
     def __init__(self, config: "FusedLlavaConfig"):
         super().__init__(config)
         self.base_layer = config.base_layer
         self.layer_groups = [list(group) for group in config.fuser_layer_groups]
-
-    @classmethod
-    def check_config(cls, config):
-        groups = config.fuser_layer_groups
-        if not groups or any(len(group) == 0 for group in groups):
-            raise ValueError(f"fuser_layer_groups must be a non-empty list of non-empty groups, got {groups}.")
-        if len({tuple(sorted(group)) for group in groups}) != len(groups):
-            raise ValueError(f"fuser_layer_groups must not repeat a group, got {groups}.")
-
-    @classmethod
-    def layers_read(cls, config):
-        return {layer for group in config.fuser_layer_groups for layer in group} | {config.base_layer}
-
-    @classmethod
-    def projector_slots(cls, config):
-        return 0, 2  # base layer first, then the fused groups
 
     def group_means(self, vision_hidden_states) -> torch.Tensor:
         """Per group, the mean over its layers of the full sequence: `(num_images, num_groups, num_tokens, dim)`."""
@@ -281,17 +188,8 @@ class QueryTransformerBlock(nn.Module):
 
 
 @register_fuser("igva")
-class IGVAFuser(AverageFuser):
+class IGVAFuser(IGVAFuserSpec, AverageFuser):
     """`igva`: the instruction embedding and the groups' global features pick softmax weights over the groups."""
-
-    reads_instruction = True
-    title = "the instruction-guided vision aggregator of IGVA (Li, Zheng et al., arXiv 2501.08443)"
-    description = (
-        "A frozen sentence encoder embeds the user's instruction; with the CLS features of K groups of layers it "
-        "gives softmax weights over the groups. The weighted mean of the groups' patch features is concatenated "
-        "after the base layer's patch features and projected."
-    )
-    parity = "the projector's new input columns, which read the fused groups, start at zero"
 
     def __init__(self, config: "FusedLlavaConfig"):
         super().__init__(config)
@@ -303,23 +201,6 @@ class IGVAFuser(AverageFuser):
         )
         self.linear = nn.Linear(hidden_size, len(self.layer_groups))
         self.balance_loss_weight = config.balance_loss_weight
-
-    @classmethod
-    def check_config(cls, config):
-        super().check_config(config)
-        if len(config.fuser_layer_groups) < 2:
-            raise ValueError(
-                f"igva weighs layer groups against each other, so it needs at least two fuser_layer_groups, got "
-                f"{config.fuser_layer_groups} (a single group always gets weight 1: use fuser_type='average')."
-            )
-        for field in ("aggregator_hidden_size", "aggregator_num_layers", "aggregator_num_heads"):
-            if getattr(config, field) < 1:
-                raise ValueError(f"{field} must be at least 1, got {getattr(config, field)}.")
-        if config.aggregator_hidden_size % config.aggregator_num_heads:
-            raise ValueError(
-                f"aggregator_num_heads={config.aggregator_num_heads} must divide "
-                f"aggregator_hidden_size={config.aggregator_hidden_size}."
-            )
 
     def group_weights(self, groups: torch.Tensor, instruction_embeds) -> torch.Tensor:
         if instruction_embeds is None:
@@ -343,18 +224,9 @@ class IGVAFuser(AverageFuser):
 
 
 @register_fuser("mmfuser")
-class MMFuser(Fuser):
+class MMFuser(MMFuserSpec, Fuser):
     """`mmfuser`: the deepest selected layer queries the shallower ones through deformable cross-attention, then
     deformable self-attention; layer-scale `gamma1`/`gamma2` start at 0 so the block starts as the identity."""
-
-    layer_fields = ("fuser_layers",)
-    title = "MMFuser (Cao et al., arXiv 2410.11829)"
-    description = (
-        "The deepest selected layer is the query of a deformable cross-attention that samples the shallower layers, "
-        "followed by a deformable self-attention; the result is added to the query through per-channel layer-scale "
-        "gammas, and the usual LLaVA MLP projector follows."
-    )
-    parity = "the layer-scale gammas start at 0, so the block returns its query layer, the base model's layer"
 
     def __init__(self, config: "FusedLlavaConfig"):
         super().__init__(config)
@@ -371,25 +243,10 @@ class MMFuser(Fuser):
         self.self_attn = MultiScaleDeformableAttention(hidden_size, config.fuser_num_heads, 1, config.fuser_num_points)
         self.gamma2 = nn.Parameter(torch.zeros(hidden_size))
 
-    @classmethod
-    def check_config(cls, config):
-        check_fuser_layers(config, minimum=2)
-        if config.fuser_layers[-1] != config.base_layer:
-            raise ValueError(
-                f"mmfuser's query is the last of fuser_layers ({config.fuser_layers[-1]}) and must equal "
-                f"vision_feature_layer ({config.base_layer}): reorder fuser_layers or set vision_feature_layer."
-            )
-        vision_size = config.vision_config.hidden_size
-        if config.fuser_num_heads < 1 or vision_size % config.fuser_num_heads:
-            raise ValueError(f"fuser_num_heads={config.fuser_num_heads} must divide the vision hidden size {vision_size}.")
-        if config.fuser_num_points < 1:
-            raise ValueError(f"fuser_num_points must be at least 1, got {config.fuser_num_points}.")
-        if not config.fuser_layer_norm_eps > 0:
-            raise ValueError(f"fuser_layer_norm_eps must be > 0, got {config.fuser_layer_norm_eps}.")
-
-    @classmethod
-    def layers_read(cls, config):
-        return set(config.fuser_layers)
+    def init_weights(self) -> None:
+        # Layer scales at 0: a fresh MMFuser returns its query layer unchanged.
+        init.zeros_(self.gamma1)
+        init.zeros_(self.gamma2)
 
     def forward(self, vision_hidden_states, instruction_embeds=None) -> FuserOutput:
         *level_layers, query_layer = self.layers
@@ -415,14 +272,33 @@ def init_fuser_weights(module: nn.Module) -> None:
         init_deformable_attention(module)
     elif isinstance(module, GroupCrossAttention):
         module._reset_parameters()
-    elif isinstance(module, MMFuser):
-        # Layer scales at 0: a fresh MMFuser returns its query layer unchanged.
-        init.zeros_(module.gamma1)
-        init.zeros_(module.gamma2)
+    elif isinstance(module, Fuser):
+        module.init_weights()
 
 
 def build_fuser(config: "FusedLlavaConfig") -> Fuser:
     """The fuser of `config.fuser_type`, with default PyTorch init plus `init_fuser_weights` (gammas 0)."""
-    fuser = fuser_class(config.fuser_type)(config)
+    module_class = fuser_class(config.fuser_type)
+    if not issubclass(module_class, Fuser):
+        raise ValueError(
+            f"fuser_type {config.fuser_type!r} is registered as {module_class.__name__}, a description without a "
+            "module: register a subclass of hf_fusedvlm.fusers.Fuser under that name."
+        )
+    fuser = module_class(config)
     fuser.apply(init_fuser_weights)
     return fuser
+
+
+# The registry's names are part of this module's interface: fusers defined elsewhere (also in a checkpoint's remote
+# code, which has no hf_fusedvlm package) import them from here.
+__all__ = [
+    "FUSERS",
+    "Fuser",
+    "FuserField",
+    "FuserOutput",
+    "FuserSpec",
+    "build_fuser",
+    "fuser_class",
+    "init_fuser_weights",
+    "register_fuser",
+]

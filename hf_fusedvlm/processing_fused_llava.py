@@ -9,7 +9,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from transformers.utils import cached_file, logging
 
-from .fusers import FUSERS
+from .fuser_registry import FUSERS
 
 
 logger = logging.get_logger(__name__)

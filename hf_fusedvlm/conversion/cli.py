@@ -6,10 +6,10 @@ import json
 import signal
 import sys
 
-from ..fusers import FUSERS
+from ..fuser_registry import FUSERS, instruction_fusers
 from .convert import convert_checkpoint
 from .errors import DTYPES, ConversionError, VerificationError
-from .pipeline import FUSER_OPTIONS, INSTRUCTION_ENCODER_EXAMPLE
+from .pipeline import INSTRUCTION_ENCODER_EXAMPLE, known_fuser_options
 from .writing import ConversionResult
 
 
@@ -56,13 +56,11 @@ def parse_groups(text: str | None) -> list[list[int]] | None:
 def parse_fuser_options(items: list[str] | None) -> dict:
     """`["aggregator_hidden_size=256", "fuser_num_heads=8"]` -> `{"aggregator_hidden_size": 256, ...}` (values are
     parsed as JSON)."""
-    options = {}
+    options, known = {}, known_fuser_options()
     for item in items or []:
         name, separator, value = item.partition("=")
-        if not separator or name not in FUSER_OPTIONS:
-            raise ConversionError(
-                f"--fuser-option takes NAME=VALUE with NAME one of {', '.join(FUSER_OPTIONS)}, got {item!r}."
-            )
+        if not separator or name not in known:
+            raise ConversionError(f"--fuser-option takes NAME=VALUE with NAME one of {', '.join(known)}, got {item!r}.")
         try:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
@@ -117,11 +115,14 @@ def build_parser(prog: str = "fusedvlm-convert") -> argparse.ArgumentParser:
         "--fuser-option",
         action="append",
         metavar="NAME=VALUE",
-        help=f"other fuser config fields, repeatable: {', '.join(FUSER_OPTIONS)}",
+        # argparse formats help with %, which a field's help may contain.
+        help="other fuser config fields, repeatable: "
+        + "; ".join(f"{name} ({help})" for name, help in known_fuser_options().items()).replace("%", "%%"),
     )
     parser.add_argument(
         "--instruction-encoder",
-        help=f"sentence-transformers folder or Hub repo id, e.g. {INSTRUCTION_ENCODER_EXAMPLE} (igva)",
+        help=f"sentence-transformers folder or Hub repo id, e.g. {INSTRUCTION_ENCODER_EXAMPLE} "
+        f"({', '.join(instruction_fusers())})",
     )
     parser.add_argument("--vision-tower", help="original format: the CLIP model named by mm_vision_tower")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating weights (default: keep the source's)")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoProcessor
 
-from ..fusers import fuser_class
+from ..fuser_registry import fuser_class
 from .convert import convert_checkpoint
 from .errors import ConversionError
 from .pipeline import INSTRUCTION_ENCODER_EXAMPLE

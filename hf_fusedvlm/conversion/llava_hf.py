@@ -194,7 +194,7 @@ def convert_llava_checkpoint(
         output: folder to create: new, empty, or with `overwrite` an earlier fused LLaVA output.
         fuser_type: a registered fuser (`hf_fusedvlm.FUSERS`).
         fuser_layers, fuser_layer_groups: `FusedLlavaConfig` fields (defaults scale the papers' layouts to the tower).
-        fuser_options: further `FusedLlavaConfig` fuser fields (`pipeline.FUSER_OPTIONS`), such as
+        fuser_options: further `FusedLlavaConfig` fuser fields (`pipeline.known_fuser_options()`), such as
             `{"fuser_num_heads": 8}`.
         instruction_encoder: sentence-transformers folder or Hub repo id of the instruction encoder (igva); its
             pooling and normalisation are carried into the config.

@@ -8,7 +8,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..configuration_fused_llava import FusedLlavaConfig
-from ..fusers import fuser_class
+from ..fuser_registry import fuser_class
 from .errors import ConversionError
 
 
@@ -82,6 +82,7 @@ def render_model_card(
         base_layer=config.base_layer,
         fuser_layers=layers,
         fuser_layer_groups=groups,
+        fuser_settings=[(name, getattr(config, name)) for name in described.config_fields],
         instruction_encoder=instruction_encoder,
         new_parameters=f"{new_parameters:,}",
         dtype=str(config.dtype).removeprefix("torch.") if config.dtype is not None else "as the base model",

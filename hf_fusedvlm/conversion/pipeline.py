@@ -4,29 +4,30 @@ is read, the fuser settings, and the description of the finished result."""
 import os
 from pathlib import Path
 
-from ..fusers import FUSERS, fuser_class
+from ..fuser_registry import FUSERS, fuser_class, instruction_fusers
 from .errors import ConversionError
 from .hub import check_hub_login
 from .staging import check_output, check_writable
 from .writing import ConversionResult, PlannedShard
 
 
-# FusedLlavaConfig fields `--fuser-option NAME=VALUE` may set (layers and groups have their own flags).
-FUSER_OPTIONS = (
-    "fuser_num_heads",
-    "fuser_num_points",
-    "fuser_layer_norm_eps",
-    "aggregator_hidden_size",
-    "aggregator_num_layers",
-    "aggregator_num_heads",
-    "balance_loss_weight",
-    "instruction_embedding_normalize",
-)
+# FusedLlavaConfig fields of no single fuser that `--fuser-option NAME=VALUE` may set, with their help (layers and
+# groups have their own flags; the instruction encoder's pooling comes from its sentence-transformers folder).
+GENERAL_FUSER_OPTIONS = {
+    "instruction_embedding_normalize": "whether the instruction embedding is L2-normalised (fusers that read the "
+    "instruction; default: as the sentence encoder does)",
+}
 INSTRUCTION_ENCODER_EXAMPLE = "sentence-transformers/all-mpnet-base-v2"
 
 
-def instruction_fusers() -> list[str]:
-    return [name for name, fuser in FUSERS.items() if fuser.reads_instruction]
+def known_fuser_options() -> dict[str, str]:
+    """The names `--fuser-option` accepts, with their help: every registered fuser's `config_fields`, then
+    [`GENERAL_FUSER_OPTIONS`]."""
+    options = {}
+    for fuser_type, fuser in FUSERS.items():
+        for name, field in fuser.config_fields.items():
+            options.setdefault(name, f"{fuser_type}: {field.help}")
+    return {**options, **GENERAL_FUSER_OPTIONS}
 
 
 def check_fuser_choice(fuser_type: str, instruction_encoder, hint: str = "") -> None:
@@ -53,9 +54,10 @@ def fuser_class_or_error(fuser_type: str):
 
 def fuser_settings(fuser_layers=None, fuser_layer_groups=None, fuser_options=None) -> dict:
     """The `FusedLlavaConfig` fuser fields of the layer, group and option arguments."""
-    unknown = sorted(set(fuser_options or {}) - set(FUSER_OPTIONS))
+    known = known_fuser_options()
+    unknown = sorted(set(fuser_options or {}) - set(known))
     if unknown:
-        raise ConversionError(f"Unknown fuser options {unknown}: choose among {', '.join(FUSER_OPTIONS)}.")
+        raise ConversionError(f"Unknown fuser options {unknown}: choose among {', '.join(known)}.")
     settings = dict(fuser_options or {})
     if fuser_layers is not None:
         settings["fuser_layers"] = list(fuser_layers)
