@@ -60,11 +60,15 @@ import json, sys, torch
 from transformers import AutoModel
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 %s
-# Remote code imports the configuration and the modeling file as separate module trees, each with its own fusers.py:
-# the fuser is registered in both before loading.
-for reference in ("configuration_fused_llava.FusedLlavaConfig", "modeling_fused_llava.FusedLlavaForConditionalGeneration"):
-    fusers = sys.modules[get_class_from_dynamic_module(reference, "saved").__module__.rsplit(".", 1)[0] + ".fusers"]
-    define_weighted_sum_fuser(fusers.Fuser, fusers.FuserOutput, fusers.register_fuser, torch)
+# The fuser is registered in the checkpoint's own code before loading: its module in the modeling file's fusers.py,
+# and in the registry the configuration reads (a module tree of its own, which holds no fuser modules).
+def code_package(reference):
+    return get_class_from_dynamic_module(reference, "saved").__module__.rsplit(".", 1)[0]
+fusers = sys.modules[code_package("modeling_fused_llava.FusedLlavaForConditionalGeneration") + ".fusers"]
+fuser = define_weighted_sum_fuser(fusers.Fuser, fusers.FuserOutput, fusers.register_fuser, torch)
+config_registry = sys.modules[code_package("configuration_fused_llava.FusedLlavaConfig") + ".fuser_registry"]
+config_registry.register_fuser("weighted_sum")(fuser)
+print("TREES", config_registry is sys.modules[fusers.__name__.rsplit(".", 1)[0] + ".fuser_registry"])
 model = AutoModel.from_pretrained("saved", trust_remote_code=True)
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 assert type(model.model.fuser).__name__ == "WeightedSumFuser"
