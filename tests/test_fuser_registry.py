@@ -9,8 +9,11 @@ import torch
 from transformers import AutoModel
 
 import hf_fusedvlm
-from hf_fusedvlm import FUSERS, FusedLlavaConfig, Fuser, FuserOutput, register_fuser
-from hf_fusedvlm.conversion import fused_from_llava
+from hf_fusedvlm import FUSERS, FusedLlavaConfig, FusedLlavaProcessor, fusers
+from hf_fusedvlm.conversion import ConversionError, fused_from_llava, render_model_card
+from hf_fusedvlm.conversion.cli import build_parser, parse_fuser_options
+from hf_fusedvlm.conversion.pipeline import check_fuser_choice
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from conftest import REPO_ROOT, run_without_package
 
@@ -18,24 +21,30 @@ from conftest import REPO_ROOT, run_without_package
 PROMPT = "USER: <image>\nWhat colour is the square? ASSISTANT:"
 
 
-def define_weighted_sum_fuser(Fuser, FuserOutput, register_fuser, torch):
-    """A fuser in a dozen lines, given the registry's names (from the package, or from a checkpoint's remote code):
-    the base layer, then a learned softmax-weighted sum of `fuser_layers`."""
+def define_weighted_sum_fuser(fusers, torch):
+    """A fuser in a few lines, given the fusers module (the package's, or a checkpoint's remote code): the base layer,
+    then a learned softmax-weighted sum of `fuser_layers`, sharpened by a config field of its own."""
 
-    @register_fuser("weighted_sum")
-    class WeightedSumFuser(Fuser):
+    @fusers.register_fuser("weighted_sum")
+    class WeightedSumFuser(fusers.Fuser):
         layer_fields = ("fuser_layers",)
+        config_fields = {
+            "weighted_sum_temperature": fusers.FuserField(1.0, float, "Softmax temperature of the layer weights."),
+        }
         title, description, parity = "a learned weighted sum", "Softmax-weighted sum of layers.", "new columns 0"
 
         def __init__(self, config):
             super().__init__(config)
             self.base_layer, self.layers = config.base_layer, list(config.fuser_layers)
+            self.temperature = config.weighted_sum_temperature
             self.layer_logits = torch.nn.Parameter(torch.zeros(len(self.layers)))
 
         @classmethod
         def check_config(cls, config):
             if not config.fuser_layers:
                 raise ValueError("weighted_sum needs fuser_layers.")
+            if not config.weighted_sum_temperature > 0:
+                raise ValueError(f"weighted_sum_temperature must be > 0, got {config.weighted_sum_temperature}.")
 
         @classmethod
         def layers_read(cls, config):
@@ -47,10 +56,10 @@ def define_weighted_sum_fuser(Fuser, FuserOutput, register_fuser, torch):
 
         def forward(self, vision_hidden_states, instruction_embeds=None):
             layers = torch.stack([self.patches(vision_hidden_states[layer]) for layer in self.layers], 1)
-            weights = self.layer_logits.softmax(0).expand(layers.shape[0], -1)
+            weights = (self.layer_logits / self.temperature).softmax(0).expand(layers.shape[0], -1)
             fused = torch.einsum("bk,bkpd->bpd", weights, layers)
             base = self.patches(vision_hidden_states[self.base_layer])
-            return FuserOutput(torch.cat([base, fused], -1), fusion_weights=weights)
+            return fusers.FuserOutput(torch.cat([base, fused], -1), fusion_weights=weights)
 
     return WeightedSumFuser
 
@@ -65,10 +74,10 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 def code_package(reference):
     return get_class_from_dynamic_module(reference, "saved").__module__.rsplit(".", 1)[0]
 fusers = sys.modules[code_package("modeling_fused_llava.FusedLlavaForConditionalGeneration") + ".fusers"]
-fuser = define_weighted_sum_fuser(fusers.Fuser, fusers.FuserOutput, fusers.register_fuser, torch)
-config_registry = sys.modules[code_package("configuration_fused_llava.FusedLlavaConfig") + ".fuser_registry"]
-config_registry.register_fuser("weighted_sum")(fuser)
-print("TREES", config_registry is sys.modules[fusers.__name__.rsplit(".", 1)[0] + ".fuser_registry"])
+fuser = define_weighted_sum_fuser(fusers, torch)
+config_package = code_package("configuration_fused_llava.FusedLlavaConfig")
+sys.modules[config_package + ".fuser_registry"].register_fuser("weighted_sum")(fuser)
+assert config_package + ".fusers" not in sys.modules  # the configuration's code holds no fuser module
 model = AutoModel.from_pretrained("saved", trust_remote_code=True)
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 assert type(model.model.fuser).__name__ == "WeightedSumFuser"
@@ -79,7 +88,7 @@ print("RESULT" + json.dumps(model.generate(**inputs, max_new_tokens=6, do_sample
 
 @pytest.fixture(scope="module")
 def weighted_sum_fuser():
-    fuser = define_weighted_sum_fuser(Fuser, FuserOutput, register_fuser, torch)
+    fuser = define_weighted_sum_fuser(fusers, torch)
     yield fuser
     del FUSERS["weighted_sum"]
 
@@ -125,6 +134,70 @@ def test_the_registry_drives_config_checks_and_vision_layers(tiny_llava):
             fuser_layer_groups=[[1, 2, 3], [4, 5, 6]],
         )
         assert config.vision_layers_needed == layers, fuser_type
+
+
+@pytest.fixture
+def guided_sum_fuser(weighted_sum_fuser):
+    """weighted_sum that also reads the instruction, registered for one test."""
+
+    @fusers.register_fuser("guided_sum")
+    class GuidedSumFuser(weighted_sum_fuser):
+        reads_instruction = True
+
+    yield GuidedSumFuser
+    del FUSERS["guided_sum"]
+
+
+def test_a_fuser_defined_in_a_test_reaches_config_cli_processor_and_card(
+    weighted_sum_fuser, guided_sum_fuser, tiny_llava, tmp_path
+):
+    """Registering a class is the whole of adding a fuser: its new config field, its checks, the converter's choices
+    and options, the processor's need for an instruction tokenizer and the model card follow from the class."""
+    llava, llava_processor = tiny_llava
+    fields = {"vision_config": llava.config.vision_config.to_dict(), "vision_feature_layer": -2}
+
+    # Configuration: the new field is a config field, with its default, its type and the fuser's own check.
+    config = FusedLlavaConfig(**fields, fuser_type="weighted_sum", fuser_layers=[1, 3])
+    assert config.weighted_sum_temperature == 1.0 and config.vision_layers_needed == [1, 3, 5]
+    assert FusedLlavaConfig(**fields, fuser_type="weighted_sum", weighted_sum_temperature=0.5).weighted_sum_temperature == 0.5
+    assert FusedLlavaConfig(**fields).to_dict()["weighted_sum_temperature"] == 1.0  # every config carries it
+    with pytest.raises(ValueError, match="weighted_sum_temperature must be > 0, got 0.0"):
+        FusedLlavaConfig(**fields, fuser_type="weighted_sum", weighted_sum_temperature=0.0)
+    with pytest.raises(StrictDataclassFieldValidationError, match="expected float, got str"):
+        FusedLlavaConfig(**fields, fuser_type="weighted_sum", weighted_sum_temperature="hot")
+    with pytest.warns(UserWarning, match="unknown keyword 'weighted_sum_temprature'.*'weighted_sum_temperature'"):
+        FusedLlavaConfig(**fields, fuser_type="weighted_sum", weighted_sum_temprature=2.0)
+    with pytest.raises(ValueError, match="fuser_type='guided_sum' needs instruction_encoder_config"):
+        FusedLlavaConfig(**fields, fuser_type="guided_sum")
+
+    # Converter: --fuser choices, --fuser-option names and help, and the instruction encoder rule.
+    help_text = " ".join(build_parser().format_help().split())
+    assert "weighted_sum_temperature (weighted_sum: Softmax temperature of the layer weights.)" in help_text
+    assert "weighted_sum,guided_sum" in help_text.replace(", ", ",")  # --fuser {...} choices
+    assert build_parser().parse_args(["--fuser", "guided_sum"]).fuser == "guided_sum"
+    assert parse_fuser_options(["weighted_sum_temperature=2.5"]) == {"weighted_sum_temperature": 2.5}
+    with pytest.raises(ConversionError, match="--fuser guided_sum embeds the user's instruction"):
+        check_fuser_choice("guided_sum", None)
+    with pytest.raises(ConversionError, match="only used by --fuser igva, guided_sum, not weighted_sum"):
+        check_fuser_choice("weighted_sum", "an-encoder")
+
+    # Processor: a checkpoint of a fuser that reads the instruction needs the instruction tokenizer.
+    FusedLlavaProcessor.from_llava_processor(llava_processor).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "fused_llava", "fuser_type": "guided_sum"}))
+    with pytest.raises(OSError, match="holds a guided_sum model, whose fuser reads the user's instruction"):
+        FusedLlavaProcessor.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "fused_llava", "fuser_type": "weighted_sum"}))
+    assert FusedLlavaProcessor.from_pretrained(tmp_path).instruction_tokenizer is None
+
+    # Model card: the class's title, description, parity reason, layer fields and its own field.
+    card = render_model_card(
+        FusedLlavaConfig(**fields, fuser_type="weighted_sum", fuser_layers=[1, 3], weighted_sum_temperature=0.5),
+        model_id="tiny-weighted-sum", base_model=None, license=None, license_link=None, instruction_encoder=None,
+        new_parameters=2, convert_command="fusedvlm-convert --fuser weighted_sum",
+    ).text
+    for text in ("**a learned weighted sum**", "Softmax-weighted sum of layers.", "(new columns 0)",
+                 "| fused layers (`fuser_layers`) | [1, 3] |", "| `weighted_sum_temperature` | 0.5 |"):
+        assert text in card, text
 
 
 OLD_CHECKPOINT = REPO_ROOT / "examples" / "toy-fused-llava"
