@@ -39,7 +39,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.logging import disable_progress_bar
 
-from hf_fusedvlm import FusedLlavaForConditionalGeneration
+from hf_fusedvlm import FUSERS, FusedLlavaForConditionalGeneration
 from hf_fusedvlm.conversion import fused_config_from_llava, fused_from_llava
 from hf_fusedvlm.tiny import build_tiny_llava
 from llava_shapes import IMAGE_TOKEN_INDEX, LLAMA_7B, llava_1_5_config
@@ -225,7 +225,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the tiny shape only, few repeats (a smoke test)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated, of 4bit and fp32")
-    parser.add_argument("--fuser", default="mmfuser", choices=["mmfuser", "igva", "concat", "average", "none"])
+    parser.add_argument("--fuser", default="mmfuser", choices=list(FUSERS))
     parser.add_argument("--llm-layers", type=int, default=2, help="decoder layers of the measured 7B-shaped model")
     parser.add_argument("--repeats", type=int, default=None, help="timed generate() calls per model (default 4)")
     parser.add_argument(
@@ -233,8 +233,9 @@ def main():
     )
     parser.add_argument("--json", type=Path, default=Path("bench_decode.json"))
     args = parser.parse_args()
-    if args.fuser == "igva":
-        parser.error("igva needs an instruction encoder and instruction inputs; benchmark mmfuser, concat or average")
+    if FUSERS[args.fuser].reads_instruction:
+        others = ", ".join(name for name, fuser in FUSERS.items() if not fuser.reads_instruction)
+        parser.error(f"{args.fuser} needs an instruction encoder and instruction inputs; benchmark one of {others}")
     args.precisions = [precision.strip() for precision in args.precisions.split(",") if precision.strip()]
     if not args.precisions or set(args.precisions) - set(PRECISIONS):
         parser.error(f"--precisions takes a comma-separated list of {', '.join(PRECISIONS)}, got {args.precisions}")

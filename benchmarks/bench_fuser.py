@@ -104,7 +104,7 @@ def fuser_config(fuser_type: str, vision: dict, encoder, quick: bool, text: dict
         fuser_type=fuser_type,
         fuser_num_heads=vision["num_attention_heads"],
         aggregator_hidden_size=64 if quick else 1024,
-        instruction_encoder_config=encoder if fuser_type == "igva" else None,
+        instruction_encoder_config=encoder if FUSERS[fuser_type].reads_instruction else None,
     )
 
 
@@ -127,7 +127,7 @@ def bench_fuser_overhead(quick: bool, repeats: int) -> dict:
             embeds = torch.randn(1, encoder.hidden_size)
 
             def run_fuser():
-                if fuser_type == "igva":
+                if fuser.reads_instruction:
                     instruction_encoder(instruction_ids)
                 return fuser(hidden_states, embeds)
 
@@ -184,8 +184,8 @@ def print_tables(core: dict, overhead: dict, parts: dict, prefill: dict, full_la
     print(f"| vision tower | {tower * 1e3:.1f} | 100.0 % | {parameters['vision tower']:.1f} |")
     for fuser_type in FUSER_TYPES:
         label, count = fuser_type, f"{parameters[fuser_type]:.1f}"
-        if fuser_type == "igva":
-            label, count = "igva + instruction encoder", f"{count} + {parameters['instruction encoder']:.1f}"
+        if FUSERS[fuser_type].reads_instruction:
+            label, count = f"{fuser_type} + instruction encoder", f"{count} + {parameters['instruction encoder']:.1f}"
         print(f"| {label} | {seconds[fuser_type] * 1e3:.1f} | {100 * seconds[fuser_type] / tower:.1f} % | {count} |")
 
     part = parts["seconds"]

@@ -26,6 +26,11 @@ torch.set_num_threads(2)
 FUSER_TYPES = tuple(hf_fusedvlm.FUSERS)
 
 
+def reads_instruction(fuser_type: str) -> bool:
+    """Whether the registered fuser reads the user's instruction (and so takes instruction inputs)."""
+    return hf_fusedvlm.FUSERS[fuser_type].reads_instruction
+
+
 def make_image(seed: int = 0, size: int = 32) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8"))
 
@@ -78,7 +83,7 @@ def fused_models(tiny_llava, tiny_instruction_encoder):
     llava, _ = tiny_llava
     encoder, _ = tiny_instruction_encoder
     return {
-        fuser_type: fused_from_llava(llava, fuser_type, instruction_encoder=encoder if fuser_type == "igva" else None)
+        fuser_type: fused_from_llava(llava, fuser_type, instruction_encoder=encoder if reads_instruction(fuser_type) else None)
         for fuser_type in FUSER_TYPES
     }
 

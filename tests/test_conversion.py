@@ -25,7 +25,7 @@ from hf_fusedvlm.conversion import (
     main,
 )
 
-from conftest import FUSER_TYPES, run_without_package
+from conftest import FUSER_TYPES, reads_instruction, run_without_package
 from hub_server import FakeHub, Repo
 
 
@@ -141,7 +141,7 @@ def converted(workdir, source, encoder_dir) -> dict:
             source,
             workdir / f"fused-{fuser}",
             fuser,
-            instruction_encoder=encoder_dir if fuser == "igva" else None,
+            instruction_encoder=encoder_dir if reads_instruction(fuser) else None,
             fuser_options=SMALL_IGVA if fuser == "igva" else None,
             verify=True,
             progress=False,
@@ -190,7 +190,7 @@ def test_every_fuser_converts_verifies_and_keeps_source_tensors(converted, sourc
             gammas = [tensors[name] for name in new if "gamma" in name]
             assert gammas and all(gamma.count_nonzero() == 0 for gamma in gammas)
         encoder_keys = {name for name in tensors if name.startswith("model.instruction_encoder.")}
-        assert bool(encoder_keys) == (fuser == "igva")
+        assert bool(encoder_keys) == reads_instruction(fuser)
         for name in encoder_keys:
             assert torch.equal(tensors[name], encoder_state[name.removeprefix("model.instruction_encoder.")])
 
@@ -202,11 +202,12 @@ def test_every_fuser_converts_verifies_and_keeps_source_tensors(converted, sourc
             "AutoModelForImageTextToText": "modeling_fused_llava.FusedLlavaForConditionalGeneration",
         }
         files = set(folder_files(output))
-        code = {"configuration_fused_llava.py", "modeling_fused_llava.py", "fusers.py", "processing_fused_llava.py"}
+        code = {"configuration_fused_llava.py", "modeling_fused_llava.py", "fusers.py", "fuser_registry.py",
+                "deformable_attention.py", "processing_fused_llava.py"}
         assert code <= files
         assert {"generation_config.json", "processor_config.json", "tokenizer.json", "chat_template.jinja",
                 "README.md"} <= files
-        assert any(path.startswith("instruction_tokenizer/") for path in files) == (fuser == "igva")
+        assert any(path.startswith("instruction_tokenizer/") for path in files) == reads_instruction(fuser)
         processor_config = json.loads((output / "processor_config.json").read_text())
         assert processor_config["auto_map"]["AutoProcessor"] == "processing_fused_llava.FusedLlavaProcessor"
         assert staging_leftovers(output.parent) == []

@@ -7,7 +7,7 @@ from transformers import AutoModel
 
 from hf_fusedvlm import FusedLlavaForConditionalGeneration, FusedLlavaModel
 
-from conftest import FUSER_TYPES, instruction_inputs, randomise, run_without_package
+from conftest import FUSER_TYPES, instruction_inputs, randomise, reads_instruction, run_without_package
 
 
 QUESTION = "What colour is the triangle?"
@@ -26,7 +26,7 @@ def instruction(tiny_instruction_encoder):
 
 
 def extra_inputs(fuser_type, instruction):
-    return instruction if fuser_type == "igva" else {}
+    return instruction if reads_instruction(fuser_type) else {}
 
 
 @pytest.mark.parametrize("fuser_type", FUSER_TYPES)
@@ -228,7 +228,7 @@ def test_mmfuser_gets_deformable_detr_init_on_every_construction_path(fused_mode
 def test_fp32_module_lists_name_only_existing_modules(fuser_type, fused_models):
     model = fused_models[fuser_type]
     has_fuser_weights = fuser_type in ("mmfuser", "igva")
-    encoder = ["instruction_encoder"] if fuser_type == "igva" else []
+    encoder = ["instruction_encoder"] if reads_instruction(fuser_type) else []
     fuser = ["fuser"] if has_fuser_weights else []
     assert model.model._keep_in_fp32_modules == set(encoder)
     assert model.model._keep_in_fp32_modules_strict == set(fuser)

@@ -10,7 +10,7 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from hf_fusedvlm import FusedLlavaProcessor, instruction_from_conversation, instruction_from_prompt
 from hf_fusedvlm.tiny import LLAVA_CHAT_TEMPLATE
 
-from conftest import FUSER_TYPES, instruction_inputs, make_image, run_without_package
+from conftest import FUSER_TYPES, instruction_inputs, make_image, reads_instruction, run_without_package
 
 
 QUESTION = "What colour is the triangle?"
@@ -229,7 +229,7 @@ def test_pad_to_square_passes_through_to_the_image_processor(processor):
     assert not torch.equal(pixel_values, image_processor(wide, do_pad=True, return_tensors="pt")["pixel_values"])
 
 
-@pytest.mark.parametrize("fuser_type", [fuser_type for fuser_type in FUSER_TYPES if fuser_type != "igva"])
+@pytest.mark.parametrize("fuser_type", [fuser_type for fuser_type in FUSER_TYPES if not reads_instruction(fuser_type)])
 def test_fusers_without_instruction_need_no_instruction_tokenizer(
     fuser_type, fused_models, processor, plain_processor, image
 ):

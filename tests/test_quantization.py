@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import FUSER_TYPES, instruction_inputs, run_without_package
+from conftest import FUSER_TYPES, instruction_inputs, reads_instruction, run_without_package
 from torch import nn
 from transformers import AutoModel, BitsAndBytesConfig, LlavaForConditionalGeneration
 
@@ -55,7 +55,7 @@ def prompt_inputs(tiny_llava, tiny_instruction_encoder, image):
 
 def model_inputs(prompt_inputs, fuser_type: str) -> dict:
     inputs, instruction = prompt_inputs
-    return {**inputs, **(instruction if fuser_type == "igva" else {})}
+    return {**inputs, **(instruction if reads_instruction(fuser_type) else {})}
 
 
 def greedy_tokens(model, inputs: dict) -> list[int]:

@@ -13,7 +13,7 @@ from transformers import AutoConfig
 
 from hf_fusedvlm import FusedLlavaConfig, FusedLlavaForConditionalGeneration, FusedLlavaModel
 
-from conftest import FUSER_TYPES
+from conftest import FUSER_TYPES, reads_instruction
 from transformers_sdist import load_test_modeling_common
 
 
@@ -88,7 +88,7 @@ class FusedLlavaModelTester:
 
     def get_config(self) -> FusedLlavaConfig:
         instruction_encoder_config = None
-        if self.fuser_type == "igva":
+        if reads_instruction(self.fuser_type):
             instruction_encoder_config = AutoConfig.for_model(
                 "bert",
                 vocab_size=self.instruction_vocab_size,
@@ -128,7 +128,7 @@ class FusedLlavaModelTester:
             "input_ids": input_ids,
             "attention_mask": torch.ones(input_ids.shape, dtype=torch.long),
         }
-        if self.fuser_type == "igva":
+        if reads_instruction(self.fuser_type):
             inputs["instruction_input_ids"] = common.ids_tensor(
                 [self.batch_size, self.instruction_length], self.instruction_vocab_size - 1
             ) + 1
