@@ -112,7 +112,7 @@ def fused_from_llava(
 
     Args:
         llava: the plain source model; its tensors are copied unchanged.
-        fuser_type: one of `FUSER_TYPES`.
+        fuser_type: a registered fuser (`hf_fusedvlm.FUSERS`).
         instruction_encoder: the sentence encoder for `igva` (its weights are copied in and frozen).
         fuser_kwargs: further `FusedLlavaConfig` fuser fields (`fuser_layers`, `fuser_layer_groups`, ...).
     """
