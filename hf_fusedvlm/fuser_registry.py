@@ -270,7 +270,9 @@ class MMFuserSpec(FuserSpec):
 
     layer_fields = ("fuser_layers",)
     config_fields = {
-        "fuser_num_heads": FuserField(16, int, "Heads of MMFuser's deformable attention; must divide the vision hidden size."),
+        "fuser_num_heads": FuserField(
+            16, int, "Heads of MMFuser's deformable attention; must divide the vision hidden size."
+        ),
         "fuser_num_points": FuserField(4, int, "Sampling points per head and level of MMFuser's deformable attention."),
         "fuser_layer_norm_eps": FuserField(1e-6, float, "Epsilon of MMFuser's layer norms."),
     }

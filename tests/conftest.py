@@ -83,7 +83,9 @@ def fused_models(tiny_llava, tiny_instruction_encoder):
     llava, _ = tiny_llava
     encoder, _ = tiny_instruction_encoder
     return {
-        fuser_type: fused_from_llava(llava, fuser_type, instruction_encoder=encoder if reads_instruction(fuser_type) else None)
+        fuser_type: fused_from_llava(
+            llava, fuser_type, instruction_encoder=encoder if reads_instruction(fuser_type) else None
+        )
         for fuser_type in FUSER_TYPES
     }
 
