@@ -1,5 +1,6 @@
 """FusedLlava model configuration."""
 
+import dataclasses
 import difflib
 import warnings
 
@@ -158,6 +159,13 @@ FUSER_FIELDS_DOC
             except TypeError as error:
                 raise StrictDataclassFieldValidationError(field=name, cause=error) from error
         super().__setattr__(name, value)
+
+    def __eq__(self, other):
+        # The dataclass comparison this replaces covers the declared fields only; the fusers' fields count as well.
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        names = [field.name for field in dataclasses.fields(self) if field.compare] + list(fuser_fields())
+        return all(getattr(self, name, None) == getattr(other, name, None) for name in names)
 
     @property
     def base_layer(self) -> int:

@@ -160,7 +160,8 @@ def test_a_fuser_defined_in_a_test_reaches_config_cli_processor_and_card(
     config = FusedLlavaConfig(**fields, fuser_type="weighted_sum", fuser_layers=[1, 3])
     assert config.weighted_sum_temperature == 1.0 and config.vision_layers_needed == [1, 3, 5]
     sharper = FusedLlavaConfig(**fields, fuser_type="weighted_sum", weighted_sum_temperature=0.5)
-    assert sharper.weighted_sum_temperature == 0.5
+    assert sharper.weighted_sum_temperature == 0.5 and sharper != config
+    assert sharper == FusedLlavaConfig(**fields, fuser_type="weighted_sum", weighted_sum_temperature=0.5)
     assert FusedLlavaConfig(**fields).to_dict()["weighted_sum_temperature"] == 1.0  # every config carries it
     with pytest.raises(ValueError, match="weighted_sum_temperature must be > 0, got 0.0"):
         FusedLlavaConfig(**fields, fuser_type="weighted_sum", weighted_sum_temperature=0.0)
