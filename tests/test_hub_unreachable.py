@@ -78,17 +78,17 @@ def test_a_reachable_endpoint_passes(online_hub, monkeypatch):
 @pytest.mark.parametrize(
     "command",
     [
-        ["-m", "conversion.convert_llava_to_fused", "--input", "someone/llava", "--output", "out", "--fuser", "mmfuser"],
-        ["-m", "hf_fusedvlm.training", "--model_name_or_path", "someone/fused-llava", "--data_path", "data.json",
-         "--output_dir", "out"],
+        "-m conversion.convert_llava_to_fused --input someone/llava --output out --fuser mmfuser".split(),
+        "-m hf_fusedvlm.training --model_name_or_path someone/fused-llava --data_path data.json --output_dir out".split(),
     ],
     ids=["fusedvlm-convert", "fusedvlm-train"],
 )
 def test_commands_fail_in_one_line_without_retrying(command, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE" and "proxy" not in key.lower()}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", PYTHONPATH=str(REPO_ROOT))
-    result = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr  # huggingface_hub logs each retry; none may happen
