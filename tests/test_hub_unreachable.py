@@ -33,7 +33,7 @@ def online_hub(monkeypatch):
 
 def test_a_refused_connection_is_reported(online_hub, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
-    assert "cannot be reached (Connection refused)" in hub_connection_error()
+    assert "could not be reached (Connection refused)" in hub_connection_error()
 
 
 def test_a_connection_that_never_opens_is_reported_after_the_timeout(online_hub, monkeypatch):
@@ -52,7 +52,7 @@ def test_a_connection_that_never_opens_is_reported_after_the_timeout(online_hub,
             waiting.append(client)
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{address[1]}")
         try:
-            assert hub_connection_error(timeout=0.5).endswith("cannot be reached (timed out)")
+            assert hub_connection_error(timeout=0.5).endswith("could not be reached (timed out)")
         finally:
             for client in waiting:
                 client.close()
@@ -92,5 +92,5 @@ def test_commands_fail_in_one_line_without_retrying(command, tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr  # huggingface_hub logs each retry; none may happen
-    assert "cannot be reached (Connection refused)" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0], lines[0]
+    assert "could not be reached (Connection refused)" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0], lines[0]
     assert not (tmp_path / "out").exists()

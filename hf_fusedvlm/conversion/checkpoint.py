@@ -24,7 +24,7 @@ HUB_CONNECT_TIMEOUT = 5.0
 
 
 def hub_connection_error(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
-    """Why the Hub endpoint (`HF_ENDPOINT`, default https://huggingface.co) cannot be reached, in a few words, or None
+    """Why the Hub endpoint (`HF_ENDPOINT`, default https://huggingface.co) could not be reached, in a few words, or None
     when a TCP connection to it opens within `timeout` seconds. None as well under `HF_HUB_OFFLINE` (the libraries
     then read only the cache) and behind a proxy (the proxy, not this machine, connects to the Hub)."""
     if constants.HF_HUB_OFFLINE:
@@ -38,7 +38,8 @@ def hub_connection_error(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
     try:
         socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
     except OSError as error:
-        return f"the Hub at {constants.ENDPOINT} cannot be reached ({error.strerror or error or type(error).__name__})"
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"the Hub at {constants.ENDPOINT} could not be reached ({reason})"
     return None
 
 
