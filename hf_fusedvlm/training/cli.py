@@ -161,7 +161,7 @@ def build_trainer(model, training_args, **kwargs) -> "FusedLlavaTrainer":
         from huggingface_hub import constants
 
         raise InvalidTrainingInput(
-            f"--push_to_hub: the Hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__}: {error}). "
+            f"--push_to_hub: the Hub at {constants.ENDPOINT} could not be reached ({type(error).__name__}: {error}). "
             "Check the network and HF_ENDPOINT, or train without --push_to_hub and upload the output folder later "
             "(`hf upload REPO OUTPUT_DIR`)."
         ) from None
