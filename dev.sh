@@ -22,6 +22,10 @@ pip=("$python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch
 "${pip[@]}" -c constraints.txt -e ".[test,quantization,train,plot]"
 case "$job" in
-  demo) exec "$python" -m conversion.convert_llava_to_fused --demo "$@" ;;
+  demo) "$python" -m conversion.convert_llava_to_fused --demo "$@" ;;
   test) exec "$python" -m pytest -q "$@" ;;
 esac
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  echo "The commands (fusedvlm-convert, fusedvlm-train, fusedvlm-synthetic-vqa) are in .venv/: run" \
+    "\`source .venv/bin/activate\` in your shell first."
+fi

@@ -192,7 +192,9 @@ FUSER_FIELDS_DOC
             if key.startswith(prefixes) and key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else f" Fuser fields: {', '.join(fields)}."
-                warnings.warn(f"FusedLlavaConfig got an unknown keyword {key!r}, which no fuser reads.{hint}")
+                warnings.warn(
+                    f"FusedLlavaConfig got an unknown keyword {key!r}, which no fuser reads.{hint}", stacklevel=2
+                )
 
     def _normalise_layer(self, layer, field: str) -> int:
         num_hidden_states = self.vision_config.num_hidden_layers + 1

@@ -112,6 +112,6 @@ def test_unreachable_hub_is_one_clear_line_and_never_shows_the_token(folders, tm
     completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2, completed.stderr[-3000:]
     assert "Traceback" not in completed.stderr
-    assert "fusedvlm-train: error: --push_to_hub: the Hub at http://127.0.0.1:9 cannot be reached" in completed.stderr
+    assert "fusedvlm-train: error: --push_to_hub: the Hub at http://127.0.0.1:9 could not be reached" in completed.stderr
     assert "train without --push_to_hub" in completed.stderr
     assert "hf_secret_value_42" not in completed.stdout + completed.stderr

@@ -3,9 +3,12 @@ it is a llava-hf checkpoint or one in the original LLaVA layout (told apart by s
 
 import json
 import os
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 
 from .errors import ConversionError
 
@@ -15,6 +18,37 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tik
 LLAVA_HF = "llava-hf"
 ORIGINAL = "original"
 FUSED_MODEL_TYPE = "fused_llava"
+# Seconds to wait for a TCP connection to the Hub before calling it unreachable. huggingface_hub retries a refused or
+# timed-out connection with back-off for about 40 s per file before it gives up; a user should learn in seconds.
+HUB_CONNECT_TIMEOUT = 5.0
+
+
+def hub_connection_error(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
+    """Why the Hub endpoint (`HF_ENDPOINT`, default https://huggingface.co) could not be reached, in a few words, or None
+    when a TCP connection to it opens within `timeout` seconds. None as well under `HF_HUB_OFFLINE` (the libraries
+    then read only the cache) and behind a proxy (the proxy, not this machine, connects to the Hub)."""
+    if constants.HF_HUB_OFFLINE:
+        return None
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    if endpoint.hostname is None:
+        return f"HF_ENDPOINT {constants.ENDPOINT!r} is not a URL"
+    if endpoint.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(endpoint.hostname):
+        return None
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"the Hub at {constants.ENDPOINT} could not be reached ({reason})"
+    return None
+
+
+def unreachable_hub_message(what: str, repo_id: str, reason: str) -> str:
+    """The one line a command prints when `repo_id` must come from a Hub it cannot reach."""
+    return (
+        f"{what} {repo_id}: {reason}. Check your connection (and HF_ENDPOINT or HTTPS_PROXY), pass a local folder, or "
+        "set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache."
+    )
 
 
 def resolve_checkpoint(
@@ -34,6 +68,9 @@ def resolve_checkpoint(
         raise ConversionError(f"{what} {text} is a file: give {hint} (or a Hub repo id).")
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", ""):
         raise ConversionError(f"{what} {text} does not exist: give an existing checkpoint folder or a Hub repo id.")
+    unreachable = hub_connection_error()
+    if unreachable:
+        raise ConversionError(unreachable_hub_message(what, text, unreachable))
     patterns = list(HUB_PATTERNS)
     if allow_pickles and not _repo_has_safetensors(text):
         patterns.append("*.bin")

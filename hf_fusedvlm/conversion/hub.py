@@ -7,6 +7,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelet
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+from .checkpoint import hub_connection_error
 from .errors import ConversionError
 from .writing import ConversionResult
 
@@ -60,6 +61,12 @@ def push_folder_to_hub(
 def check_hub_login(repo_id: str, token: str | None = None) -> None:
     """Before a long conversion: the Hub endpoint answers and a token is set, or a `ConversionError` with the fix
     (the token itself is never printed)."""
+    unreachable = hub_connection_error()
+    if unreachable:
+        raise ConversionError(
+            f"--push-to-hub {repo_id}: {unreachable}. Check your connection (and HF_ENDPOINT or HTTPS_PROXY), or drop "
+            "--push-to-hub and upload later with `hf upload`. Nothing was converted."
+        )
     api = HfApi(token=token)
     try:
         api.whoami()

@@ -138,8 +138,8 @@ def check_keys(config: FusedLlavaConfig, planned: list[PlannedShard], variant: s
         raise ConversionError(
             f"{folder} does not match the {variant!r} layout its config.json describes ({VARIANT_ORIGINS[variant]}): "
             + "; ".join(details)
-            + f". Supported layouts: {', '.join(VARIANTS)} (see the README section 'The original "
-            "format'); a checkpoint of another LLaVA fork cannot be imported."
+            + f". Supported layouts: {', '.join(VARIANTS)} (see 'The original format' in "
+            "docs/conversion.md); a checkpoint of another LLaVA fork cannot be imported."
         )
 
 

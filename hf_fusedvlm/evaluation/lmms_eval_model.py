@@ -302,7 +302,7 @@ class FusedLlavaSimple(FusedLlava):
             prompts, images = self._prompts_and_images([self._conversation(args) for args in batch])
             inputs = self._inputs(prompts, images)
             continuations = []
-            for context, target, _, doc_id, task, split in batch:
+            for _context, target, _, doc_id, task, split in batch:
                 text = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
                 continuations.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             # Prompts are left-padded; continuations go after them, right-padded, so that every row's prompt ends

@@ -28,29 +28,58 @@ input checks, `main`).
 """
 
 
-from .cli import DataArguments, check_output_dir, check_source, main, parse_arguments
-from .data import (
-    IGNORE_INDEX,
-    ROLES,
-    FusedLlavaDataCollator,
-    LlavaConversationDataset,
-    conversation_to_messages,
-    render_with_answer_spans,
-    validate_records,
-)
-from .errors import InvalidTrainingInput
-from .saving import fused_state_dict, full_precision_state_dict, save_fused_checkpoint
-from .stages import (
-    LORA_STAGES,
-    STAGES,
-    ModelArguments,
-    format_parameter_table,
-    freeze_for_stage,
-    load_model_for_stage,
-    parameter_part,
-    trainable_parameters,
-)
-from .trainer import FusedLlavaTrainer
+import importlib
+import logging
+
+
+# transformers' `TrainingArguments` and `Trainer` import peft, which imports bitsandbytes. On a CPU with AVX512-BF16,
+# importing bitsandbytes tries to fetch an optional 4-bit matmul kernel from the Hub through the `kernels` package and,
+# when that package is missing, logs a warning on this logger (its only message): every `fusedvlm-train` call, `--help`
+# and runs without 4-bit included, printed it. bitsandbytes then uses its own CPU kernel, the one the tests run;
+# `kernels` is left out on purpose (it downloads code from the Hub at run time).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+# Each public name and the module that defines it. Loaded on first use, so that `fusedvlm-train --help` and argument
+# errors answer before `Trainer` (and the peft and bitsandbytes it imports) are loaded.
+_EXPORTS = {
+    "DataArguments": "cli",
+    "FusedLlavaDataCollator": "data",
+    "FusedLlavaTrainer": "trainer",
+    "IGNORE_INDEX": "data",
+    "InvalidTrainingInput": "errors",
+    "LORA_STAGES": "stages",
+    "LlavaConversationDataset": "data",
+    "ModelArguments": "stages",
+    "ROLES": "data",
+    "STAGES": "stages",
+    "check_output_dir": "cli",
+    "check_source": "cli",
+    "conversation_to_messages": "data",
+    "format_parameter_table": "stages",
+    "freeze_for_stage": "stages",
+    "full_precision_state_dict": "saving",
+    "fused_state_dict": "saving",
+    "load_model_for_stage": "stages",
+    "main": "cli",
+    "parameter_part": "stages",
+    "parse_arguments": "cli",
+    "render_with_answer_spans": "data",
+    "save_fused_checkpoint": "saving",
+    "trainable_parameters": "stages",
+    "validate_records": "data",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 __all__ = [

@@ -4,15 +4,19 @@
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import AutoProcessor, HfArgumentParser, PretrainedConfig, TrainingArguments
 
 from ..configuration_fused_llava import FusedLlavaConfig
-from .data import FusedLlavaDataCollator, LlavaConversationDataset
+from ..conversion.checkpoint import hub_connection_error, unreachable_hub_message
 from .errors import InvalidTrainingInput
 from .recording import recorded_command
 from .stages import LORA_STAGES, ModelArguments, format_parameter_table, load_model_for_stage, trainable_parameters
-from .trainer import FusedLlavaTrainer
+
+
+if TYPE_CHECKING:
+    from .trainer import FusedLlavaTrainer
 
 
 @dataclass
@@ -54,6 +58,10 @@ def check_source(model_name_or_path: str) -> None:
             f"--model_name_or_path {model_name_or_path} does not exist: pass a fused checkpoint folder (made by "
             "fusedvlm-convert) or a Hub repo id."
         )
+    if not path.exists():
+        unreachable = hub_connection_error()
+        if unreachable:
+            raise InvalidTrainingInput(unreachable_hub_message("--model_name_or_path", model_name_or_path, unreachable))
     try:
         config, _ = PretrainedConfig.get_config_dict(model_name_or_path)
     except OSError as error:
@@ -98,7 +106,7 @@ def check_output_dir(output_dir: str, model_name_or_path: str) -> None:
         )
 
 
-def check_distributed(trainer: FusedLlavaTrainer, stage: str) -> None:
+def check_distributed(trainer: "FusedLlavaTrainer", stage: str) -> None:
     """Refuse the distributed set-ups whose saves could not be fused checkpoints."""
     if (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled) and stage == "qlora":
         raise InvalidTrainingInput(
@@ -124,15 +132,17 @@ def _hub_transport_errors() -> tuple[type[Exception], ...]:
     return tuple(errors) or (ConnectionError,)
 
 
-def build_trainer(model, training_args, **kwargs) -> FusedLlavaTrainer:
+def build_trainer(model, training_args, **kwargs) -> "FusedLlavaTrainer":
     """The trainer; with --push_to_hub Trainer creates the Hub repo here, so an unreachable Hub fails here, clearly."""
+    from .trainer import FusedLlavaTrainer
+
     try:
         return FusedLlavaTrainer(model=model, args=training_args, **kwargs)
     except _hub_transport_errors() as error:
         from huggingface_hub import constants
 
         raise InvalidTrainingInput(
-            f"--push_to_hub: the Hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__}: {error}). "
+            f"--push_to_hub: the Hub at {constants.ENDPOINT} could not be reached ({type(error).__name__}: {error}). "
             "Check the network and HF_ENDPOINT, or train without --push_to_hub and upload the output folder later "
             "(`hf upload REPO OUTPUT_DIR`)."
         ) from None
@@ -147,6 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     check_source(model_args.model_name_or_path)
     check_output_dir(training_args.output_dir, model_args.model_name_or_path)
+    if training_args.push_to_hub:
+        unreachable = hub_connection_error()
+        if unreachable:
+            raise InvalidTrainingInput(
+                f"--push_to_hub: {unreachable}. Check your connection (and HF_ENDPOINT or HTTPS_PROXY), or train "
+                "without --push_to_hub and upload the output folder later (`hf upload REPO OUTPUT_DIR`)."
+            )
+    # Imported here, after the arguments are parsed, so that `--help` and bad arguments answer without loading them.
+    from .data import FusedLlavaDataCollator, LlavaConversationDataset
+
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
     is_main = training_args.process_index == 0
     dataset = LlavaConversationDataset(data_args.data_path, data_args.image_folder, processor.image_token,
