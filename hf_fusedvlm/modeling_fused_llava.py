@@ -21,7 +21,6 @@ from transformers.utils import is_bitsandbytes_available, output_capturing
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_fused_llava import FusedLlavaConfig
-from .deformable_attention import MultiScaleDeformableAttention
 from .fusers import FUSERS, build_fuser, init_fuser_weights
 
 
@@ -175,13 +174,17 @@ class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
         super()._init_weights(module)
         init_fuser_weights(module)
 
-    def _initialize_weights(self, module, is_custom_code: bool = False):
-        # On the custom-code path transformers marks a module initialised when all its *own* parameters are; the
-        # deformable attention owns none (its linears are children), so Deformable-DETR's initialisation would be
-        # skipped. transformers' init functions still leave loaded tensors untouched.
-        if isinstance(module, MultiScaleDeformableAttention):
-            is_custom_code = False
-        super()._initialize_weights(module, is_custom_code)
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """`False`: initialise as transformers' own models are initialised.
+
+        For custom code, transformers' `initialize_weights` marks a module initialised, without calling its
+        `_init_weights`, when all the module's *own* parameters are; it passes that choice down to the sub-models, so
+        CLIP's attention and MLP blocks and the deformable attention (whose linears are children) would keep the
+        generic `Linear` init when weights are missing from a checkpoint, unlike a model built with `__init__`. That
+        shortcut protects remote code whose `_init_weights` overwrites loaded tensors; this model and its sub-models
+        initialise only through `transformers.initialization`, which leaves loaded tensors untouched."""
+        return False
 
     def _fusion_module_prefixes(self) -> tuple[list[str], list[str]]:
         """`(fp32_modules, strict_fp32_modules)` of this model, from its config: the instruction encoder (`igva`)

@@ -147,6 +147,7 @@ class FusedLlavaCommonTest(common.ModelTesterMixin):
     # LLaVA reads the tower's hidden states, which come before CLIP's post-layernorm: that norm never gets a gradient
     # (transformers' LLaVA tester skips the gradient-checkpointing tests for the same reason).
     test_all_params_have_gradient = False
+    test_can_init_all_missing_weights_before_2023 = True
 
     def setUp(self):
         self.model_tester = FusedLlavaModelTester(self, self.fuser_type)
