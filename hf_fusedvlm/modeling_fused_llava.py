@@ -463,7 +463,8 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
             per_image = (vision.image_size // vision.patch_size) ** 2
             if num_tokens != image_features.shape[0] and image_features.shape[0] % per_image == 0:
                 raise ValueError(
-                    f"{IMAGE_MISMATCH_PHRASE}: the prompts hold {num_tokens} image tokens ({num_tokens / per_image:g} images' worth), but "
+                    f"{IMAGE_MISMATCH_PHRASE}: the prompts hold {num_tokens} image tokens "
+                    f"({num_tokens / per_image:g} images' worth), but "
                     f"{image_features.shape[0] // per_image} images were given, each filling {per_image} image "
                     "tokens: write one image token per image and let the processor expand it (FusedLlavaProcessor "
                     "does), and pass every image of every prompt."

@@ -65,10 +65,11 @@ def expand_projector_input(weight: torch.Tensor, config: FusedLlavaConfig) -> to
     several layers already reads `(text_hidden, num_layers * vision_hidden)`, the `concat` fuser's layout: unchanged."""
     vision_size = config.vision_config.hidden_size
     if isinstance(config.vision_feature_layer, list):
-        if weight.shape[-1] != vision_size * len(config.vision_feature_layer):
+        num_layers = len(config.vision_feature_layer)
+        if weight.shape[-1] != vision_size * num_layers:
             raise ValueError(
-                f"{PROJECTOR_INPUT_KEY} has {weight.shape[-1]} input columns, expected {len(config.vision_feature_layer)}"
-                f" x the vision hidden size {vision_size} for vision_feature_layer={config.vision_feature_layer}."
+                f"{PROJECTOR_INPUT_KEY} has {weight.shape[-1]} input columns, expected {num_layers} x the vision "
+                f"hidden size {vision_size} for vision_feature_layer={config.vision_feature_layer}."
             )
         return weight
     if weight.shape[-1] != vision_size:
