@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GenerationMixin, LlavaForConditionalGeneration
 
-from hf_fusedvlm import FusedLlavaForConditionalGeneration
+from hf_fusedvlm import FusedLlavaForConditionalGeneration, FusedLlavaPreTrainedModel
 from hf_fusedvlm.conversion import convert_llava_checkpoint, fused_from_llava
 
 from conftest import FUSER_TYPES, instruction_inputs, randomise
@@ -98,3 +98,9 @@ def test_generation_mixin_is_a_direct_base():
     assert "GenerationMixin" in str(FusedLlavaForConditionalGeneration.__bases__)
     assert FusedLlavaForConditionalGeneration.can_generate()
     assert FusedLlavaForConditionalGeneration.generate is GenerationMixin.generate
+
+    # Naming it changes nothing else: the method resolution order is the one inherited through LLaVA.
+    class WithoutExplicitMixin(FusedLlavaPreTrainedModel, LlavaForConditionalGeneration):
+        pass
+
+    assert WithoutExplicitMixin.__mro__[1:] == FusedLlavaForConditionalGeneration.__mro__[1:]
