@@ -2,10 +2,11 @@
 list-valued `vision_feature_layer`, the image-mismatch error text, `GenerationMixin` among the direct bases."""
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
-from transformers import GenerationMixin, LlavaForConditionalGeneration
+from transformers import GenerationMixin, LlavaForConditionalGeneration, PreTrainedModel, set_seed
 
 from hf_fusedvlm import FusedLlavaForConditionalGeneration, FusedLlavaPreTrainedModel
 from hf_fusedvlm.conversion import convert_llava_checkpoint, fused_from_llava
@@ -91,6 +92,25 @@ def test_image_mismatch_error_keeps_llava_text(fuser_type, fused_models, tiny_ll
         llava(**inputs)
     with pytest.raises(ValueError, match=rf"^{LLAVA_MISMATCH}: the prompts hold 32 image tokens \(2 images' worth\)"):
         fused_models[fuser_type](**inputs, **extra)
+
+
+@pytest.mark.parametrize("fuser_type", FUSER_TYPES)
+def test_missing_weights_get_the_weights_init_gives(fuser_type, fused_models):
+    """transformers' `test_can_init_all_missing_weights`, also where its mixin skips this model (transformers < 5.23):
+    with the same seed before each module's initialisation, as that test sets it, a model loaded with no weights at
+    all equals one built with `__init__`. CLIP's attention and MLP blocks used to keep the generic Linear init."""
+    config = fused_models[fuser_type].config
+    initialize_weights = PreTrainedModel._initialize_weights
+
+    def seeded(*args, **kwargs):
+        set_seed(42)
+        initialize_weights(*args, **kwargs)
+
+    with mock.patch.object(PreTrainedModel, "_initialize_weights", seeded):
+        built = FusedLlavaForConditionalGeneration(copy.deepcopy(config)).state_dict()
+        loaded = FusedLlavaForConditionalGeneration.from_pretrained(None, config=copy.deepcopy(config), state_dict={})
+    differing = [name for name, tensor in loaded.state_dict().items() if not torch.equal(tensor, built[name])]
+    assert not differing
 
 
 def test_generation_mixin_is_a_direct_base():
