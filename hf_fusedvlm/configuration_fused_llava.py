@@ -17,6 +17,12 @@ except ImportError:  # transformers < 5.20 declares sub-configs as a plain mappi
 from .fuser_registry import fuser_class, fuser_fields
 
 
+# The fuser of a config that names none and whose vision_feature_layer is one layer.
+DEFAULT_FUSER_TYPE = "mmfuser"
+# The fuser LLaVA's list-valued vision_feature_layer (its layers concatenated on channels) maps to, and the fusers that
+# a list may be combined with: `none` means plain LLaVA, whose list is exactly that concatenation.
+LIST_FUSER_TYPE = "concat"
+LIST_COMPATIBLE_FUSER_TYPES = ("none", LIST_FUSER_TYPE)
 # How the instruction encoder's token states become one sentence embedding (sentence-transformers' pooling modes).
 INSTRUCTION_POOLINGS = ("mean", "cls", "max")
 
@@ -65,8 +71,14 @@ class FusedLlavaConfig(LlavaConfig):
     layer); negative indices count from the end. `fuser_layers` and `fuser_layer_groups` are stored normalised to
     non-negative values.
 
-    fuser_type (`str`, defaults to `"mmfuser"`):
+    As in LLaVA, `vision_feature_layer` may also be a list of layers, concatenated on channels in that order: that is
+    the `concat` fuser over those layers, so the config sets `fuser_type="concat"` and `fuser_layers` to them (when
+    the config is built, and when a list is assigned later). It is kept as given; a one-layer list is that layer.
+    A list cannot be combined with the fusers other than `none` and `concat`, nor with other `fuser_layers`.
+
+    fuser_type (`str`, *optional*):
         A registered fuser (`hf_fusedvlm.fusers.FUSERS`): `"mmfuser"`, `"igva"`, `"concat"`, `"average"`, `"none"`.
+        Defaults to `"mmfuser"`, or `"concat"` when `vision_feature_layer` lists several layers.
     fuser_layers (`list[int]`, *optional*):
         Layers fused by `mmfuser` (the last one is the query, so it must equal `vision_feature_layer`) and `concat`
         (concatenated along channels in this order). Defaults to MMFuser's CLIP-L layers 3, 8, 13, 18, 23 scaled to the
@@ -110,7 +122,7 @@ FUSER_FIELDS_DOC
     else:
         sub_configs = {**LlavaConfig.sub_configs, "instruction_encoder_config": AutoConfig}
 
-    fuser_type: str = "mmfuser"
+    fuser_type: str | None = None
     fuser_layers: list[int] | None = None
     fuser_layer_groups: list[list[int]] | None = None
     instruction_encoder_config: dict | PreTrainedConfig | None = None
@@ -126,14 +138,14 @@ FUSER_FIELDS_DOC
             model_type = encoder_kwargs.pop("model_type", _INSTRUCTION_ENCODER_DEFAULT_TYPE)
             self.instruction_encoder_config = CONFIG_MAPPING[model_type](**encoder_kwargs)
         super().__post_init__(**kwargs)
+        fuser_layers_given = self.fuser_layers is not None
+        if self.fuser_type is None:
+            several_layers = isinstance(self.vision_feature_layer, list) and len(self.vision_feature_layer) > 1
+            self.fuser_type = LIST_FUSER_TYPE if several_layers else DEFAULT_FUSER_TYPE
+        fuser_class(self.fuser_type)  # an unknown fuser_type is reported first
+        self._map_layer_list(keep_fuser_layers=fuser_layers_given)
         fuser = fuser_class(self.fuser_type)
-        if not isinstance(self.vision_feature_layer, int):
-            raise ValueError(
-                f"vision_feature_layer must be a single int (the base layer), got {self.vision_feature_layer!r}: "
-                "to concatenate several layers use fuser_type='concat' with fuser_layers."
-            )
         depth = self.vision_config.num_hidden_layers
-        self._normalise_layer(self.vision_feature_layer, "vision_feature_layer")
         if self.fuser_layers is None:
             self.fuser_layers = default_fuser_layers(depth)
         if self.fuser_layer_groups is None:
@@ -149,16 +161,6 @@ FUSER_FIELDS_DOC
         for name, field in fuser_fields().items():
             field.check_value(name, getattr(self, name))
 
-    def __setattr__(self, name, value):
-        # The fusers' fields are no dataclass fields (fusers registered after this class exists add theirs), so they
-        # get the type check `@strict` gives the declared ones here.
-        field = fuser_fields().get(name)
-        if field is not None:
-            try:
-                field.check_type(name, value)
-            except TypeError as error:
-                raise StrictDataclassFieldValidationError(field=name, cause=error) from error
-        super().__setattr__(name, value)
 
     def __eq__(self, other):
         # The dataclass comparison this replaces covers the declared fields only; the fusers' fields count as well.
@@ -167,10 +169,67 @@ FUSER_FIELDS_DOC
         names = [field.name for field in dataclasses.fields(self) if field.compare] + list(fuser_fields())
         return all(getattr(self, name, None) == getattr(other, name, None) for name in names)
 
+    def __setattr__(self, key, value):
+        # The fusers' fields are no dataclass fields (fusers registered after this class exists add theirs), so they
+        # get the type check `@strict` gives the declared ones here.
+        field = fuser_fields().get(key)
+        if field is not None:
+            try:
+                field.check_type(key, value)
+            except TypeError as error:
+                raise StrictDataclassFieldValidationError(field=key, cause=error) from error
+        # A list assigned to a built config keeps LLaVA's meaning (those layers concatenated); a refused one leaves the
+        # config as it was. While `__init__` sets vision_feature_layer the fuser fields are not set yet:
+        # `__post_init__` maps the list then.
+        if key != "vision_feature_layer" or not isinstance(value, list) or "fuser_layers" not in vars(self):
+            return super().__setattr__(key, value)
+        previous = {name: getattr(self, name) for name in ("vision_feature_layer", "fuser_type", "fuser_layers")}
+        super().__setattr__(key, value)
+        try:
+            self._map_layer_list(keep_fuser_layers=False)
+            fuser_class(self.fuser_type).check_config(self)
+        except ValueError:
+            vars(self).update(previous)
+            raise
+
+    def _map_layer_list(self, keep_fuser_layers: bool) -> None:
+        """A list-valued `vision_feature_layer` as the `concat` fuser over its layers (a one-layer list as that layer);
+        `keep_fuser_layers`: `fuser_layers` were given, and must then name the same layers."""
+        layers = self.vision_feature_layer
+        if not isinstance(layers, list):
+            return
+        if len(layers) == 1:
+            self.vision_feature_layer = layers[0]
+            return
+        if self.fuser_type not in LIST_COMPATIBLE_FUSER_TYPES:
+            raise ValueError(
+                f"vision_feature_layer={layers!r} lists several layers, which LLaVA concatenates (the "
+                f"{LIST_FUSER_TYPE!r} fuser), but fuser_type={self.fuser_type!r} reads one base layer: set "
+                "vision_feature_layer to that layer (an int) and the layers to fuse in fuser_layers."
+            )
+        normalised = self.normalised_feature_layer(layers)
+        if keep_fuser_layers and self.fuser_type == LIST_FUSER_TYPE:
+            fuser_layers = [self._normalise_layer(layer, "fuser_layers") for layer in self.fuser_layers]
+            if fuser_layers != normalised:
+                raise ValueError(
+                    f"vision_feature_layer={layers!r} and fuser_layers={self.fuser_layers!r} name different layers "
+                    f"for the {LIST_FUSER_TYPE!r} fuser: give the layers once, in fuser_layers."
+                )
+        self.fuser_type, self.fuser_layers = LIST_FUSER_TYPE, normalised
+
+    def normalised_feature_layer(self, layer: int | list[int]) -> int | list[int]:
+        """A `vision_feature_layer` value (the config's or a call's) as non-negative hidden-state indices; a one-layer
+        list is that layer, as in LLaVA."""
+        if isinstance(layer, list):
+            normalised = [self._normalise_layer(index, "vision_feature_layer") for index in layer]
+            return normalised[0] if len(normalised) == 1 else normalised
+        return self._normalise_layer(layer, "vision_feature_layer")
+
     @property
     def base_layer(self) -> int:
-        """`vision_feature_layer` as a non-negative hidden-state index."""
-        return self.vision_feature_layer % (self.vision_config.num_hidden_layers + 1)
+        """`vision_feature_layer` as a non-negative hidden-state index; the last listed layer when it lists several."""
+        layers = self.normalised_feature_layer(self.vision_feature_layer)
+        return layers[-1] if isinstance(layers, list) else layers
 
     @property
     def vision_layers_needed(self) -> list[int]:

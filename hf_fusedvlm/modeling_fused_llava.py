@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel, LlavaPreTrainedModel, PreTrainedConfig
+from transformers import (
+    AutoModel,
+    GenerationMixin,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaPreTrainedModel,
+    PreTrainedConfig,
+)
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -21,9 +28,11 @@ from transformers.utils import is_bitsandbytes_available, output_capturing
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_fused_llava import FusedLlavaConfig
-from .deformable_attention import MultiScaleDeformableAttention
 from .fusers import FUSERS, build_fuser, init_fuser_weights
 
+
+# The start of LlavaModel.get_placeholder_mask's error, which code and tests written for LLaVA match.
+IMAGE_MISMATCH_PHRASE = "Image features and image tokens do not match"
 
 # transformers >= 5.23 (which added `select_hidden_states`) records exactly the hidden-state indices listed in
 # `output_hidden_states`; older releases shift such a list by one, so they record every layer and the fuser's are kept.
@@ -175,13 +184,17 @@ class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
         super()._init_weights(module)
         init_fuser_weights(module)
 
-    def _initialize_weights(self, module, is_custom_code: bool = False):
-        # On the custom-code path transformers marks a module initialised when all its *own* parameters are; the
-        # deformable attention owns none (its linears are children), so Deformable-DETR's initialisation would be
-        # skipped. transformers' init functions still leave loaded tensors untouched.
-        if isinstance(module, MultiScaleDeformableAttention):
-            is_custom_code = False
-        super()._initialize_weights(module, is_custom_code)
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """`False`: initialise as transformers' own models are initialised.
+
+        For custom code, transformers' `initialize_weights` marks a module initialised, without calling its
+        `_init_weights`, when all the module's *own* parameters are; it passes that choice down to the sub-models, so
+        CLIP's attention and MLP blocks and the deformable attention (whose linears are children) would keep the
+        generic `Linear` init when weights are missing from a checkpoint, unlike a model built with `__init__`. That
+        shortcut protects remote code whose `_init_weights` overwrites loaded tensors; this model and its sub-models
+        initialise only through `transformers.initialization`, which leaves loaded tensors untouched."""
+        return False
 
     def _fusion_module_prefixes(self) -> tuple[list[str], list[str]]:
         """`(fp32_modules, strict_fp32_modules)` of this model, from its config: the instruction encoder (`igva`)
@@ -297,7 +310,10 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
             self.instruction_encoder.requires_grad_(False)
         else:
             self.instruction_encoder = None
-        self._built_feature_selection = (config.base_layer, config.vision_feature_select_strategy)
+        self._built_feature_selection = (
+            config.normalised_feature_layer(config.vision_feature_layer),
+            config.vision_feature_select_strategy,
+        )
         # Depend on the fuser type: only modules that exist are named (see `_fusion_module_prefixes`).
         self._keep_in_fp32_modules, self._keep_in_fp32_modules_strict = self._fusion_module_prefixes()
         self.post_init()
@@ -353,22 +369,14 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
     def check_feature_selection(self, vision_feature_layer=None, vision_feature_select_strategy=None) -> None:
         """Raise a clear `ValueError` when the config's or the call's vision feature selection differs from the one
         the fuser was built for: its layers and its token selection are fixed at construction."""
-        base_layer, select_strategy = self._built_feature_selection
-        configured = self.config.vision_feature_layer
-        if not isinstance(configured, int) or isinstance(configured, bool):
-            raise ValueError(
-                f"config.vision_feature_layer is {configured!r}, but a fused LLaVA reads one base layer (an int), "
-                "fixed when the model is built. To fuse several layers, build a model whose config sets "
-                f"fuser_type='concat' (or 'mmfuser') and fuser_layers={configured!r}."
-            )
-        num_hidden_states = self.config.vision_config.num_hidden_layers + 1
+        built_layer, select_strategy = self._built_feature_selection
         for source, layer, strategy in (
-            ("config", configured, self.config.vision_feature_select_strategy),
+            ("config", self.config.vision_feature_layer, self.config.vision_feature_select_strategy),
             ("call", vision_feature_layer, vision_feature_select_strategy),
         ):
-            if layer is not None and (not isinstance(layer, int) or layer % num_hidden_states != base_layer):
+            if layer is not None and self.config.normalised_feature_layer(layer) != built_layer:
                 raise ValueError(
-                    f"vision_feature_layer={layer!r} (from the {source}) differs from the base layer {base_layer} this "
+                    f"vision_feature_layer={layer!r} (from the {source}) differs from {built_layer}, the layer(s) this "
                     "model's fuser was built for; the fused layers cannot change after construction: build a new "
                     "model from a config with the layers you want (vision_feature_layer, fuser_layers, "
                     "fuser_layer_groups)."
@@ -383,7 +391,7 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
-        vision_feature_layer: int | None = None,
+        vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
@@ -397,7 +405,7 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`):
                 The images.
-            vision_feature_layer (`int`, *optional*):
+            vision_feature_layer (`int` or `list[int]`, *optional*):
                 Accepted for compatibility with [`LlavaModel.get_image_features`]; must be the config's (the fused
                 layers are fixed when the model is built).
             vision_feature_select_strategy (`str`, *optional*):
@@ -448,14 +456,15 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
         """[`LlavaModel.get_placeholder_mask`] (`image_features` of shape `(total_patches, hidden)`), with a mismatch
-        reported in images rather than feature rows."""
+        also reported in images; the message starts as LLaVA's, for code that matches it."""
         if input_ids is not None and not torch.compiler.is_compiling():
             num_tokens = int((input_ids == self.config.image_token_id).sum())
             vision = self.config.vision_config
             per_image = (vision.image_size // vision.patch_size) ** 2
             if num_tokens != image_features.shape[0] and image_features.shape[0] % per_image == 0:
                 raise ValueError(
-                    f"The prompts hold {num_tokens} image tokens ({num_tokens / per_image:g} images' worth), but "
+                    f"{IMAGE_MISMATCH_PHRASE}: the prompts hold {num_tokens} image tokens "
+                    f"({num_tokens / per_image:g} images' worth), but "
                     f"{image_features.shape[0] // per_image} images were given, each filling {per_image} image "
                     "tokens: write one image token per image and let the processor expand it (FusedLlavaProcessor "
                     "does), and pass every image of every prompt."
@@ -505,7 +514,7 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        vision_feature_layer: int | None = None,
+        vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
@@ -545,7 +554,9 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
         )
 
 
-class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForConditionalGeneration):
+# GenerationMixin is named among the direct bases, as transformers asks of generative models since v4.50 (it also comes
+# through LlavaForConditionalGeneration; the method resolution order is unchanged).
+class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForConditionalGeneration, GenerationMixin):
     """LLaVA with multi-layer visual feature fusion and a language modelling head."""
 
     def __init__(self, config: FusedLlavaConfig):
@@ -573,7 +584,7 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
-        vision_feature_layer: int | None = None,
+        vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
@@ -600,7 +611,7 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        vision_feature_layer: int | None = None,
+        vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,

@@ -2,7 +2,9 @@
 
 The parity rule (DESIGN.md): every source tensor is kept bit-identical; `mmfuser` starts with `gamma1 = gamma2 = 0`
 (the block returns its query layer, the source's `vision_feature_layer`); `igva`, `average` and `concat` widen the
-projector's first linear and the new input columns start at zero; `none` adds nothing.
+projector's first linear and the new input columns start at zero; `none` adds nothing. A source whose
+`vision_feature_layer` lists several layers (LLaVA concatenates them) becomes `concat` over those layers, its projector
+unchanged.
 """
 
 import re
@@ -45,12 +47,8 @@ def fused_config_from_llava(
     instruction_encoder_config: PreTrainedConfig | None = None,
     **fuser_kwargs,
 ) -> FusedLlavaConfig:
-    """The fused config of a plain LLaVA config: all LLaVA fields kept, fuser fields from the arguments."""
-    if not isinstance(llava_config.vision_feature_layer, int):
-        raise ValueError(
-            f"The source LLaVA reads several vision layers ({llava_config.vision_feature_layer}): only LLaVAs with "
-            "one vision_feature_layer can be converted with parity."
-        )
+    """The fused config of a plain LLaVA config: all LLaVA fields kept, fuser fields from the arguments (a source
+    whose `vision_feature_layer` lists several layers gives `concat` over them, see `FusedLlavaConfig`)."""
     fields = llava_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
         fields.pop(key, None)
@@ -63,8 +61,17 @@ def fused_config_from_llava(
 
 def expand_projector_input(weight: torch.Tensor, config: FusedLlavaConfig) -> torch.Tensor:
     """The source projector's `linear_1.weight` `(text_hidden, vision_hidden)` widened to the fuser's output with
-    zero columns, the source columns in the fuser's base-layer slot (`Fuser.projector_slots`)."""
+    zero columns, the source columns in the fuser's base-layer slot (`Fuser.projector_slots`). A source that lists
+    several layers already reads `(text_hidden, num_layers * vision_hidden)`, the `concat` fuser's layout: unchanged."""
     vision_size = config.vision_config.hidden_size
+    if isinstance(config.vision_feature_layer, list):
+        num_layers = len(config.vision_feature_layer)
+        if weight.shape[-1] != vision_size * num_layers:
+            raise ValueError(
+                f"{PROJECTOR_INPUT_KEY} has {weight.shape[-1]} input columns, expected {num_layers} x the vision "
+                f"hidden size {vision_size} for vision_feature_layer={config.vision_feature_layer}."
+            )
+        return weight
     if weight.shape[-1] != vision_size:
         raise ValueError(
             f"{PROJECTOR_INPUT_KEY} has {weight.shape[-1]} input columns, expected the vision hidden size "

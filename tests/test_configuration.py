@@ -76,7 +76,17 @@ def test_round_trip_through_save_and_autoconfig(tmp_path):
         ({"fuser_type": "average", "fuser_layer_groups": [[1, 2], []]}, "non-empty groups"),
         ({"fuser_type": "average", "fuser_layer_groups": []}, "non-empty list"),
         ({"vision_feature_layer": -8}, "vision_feature_layer holds -8"),
-        ({"vision_feature_layer": [-2, -3]}, "vision_feature_layer must be a single int"),
+        ({"vision_feature_layer": [-2, -9]}, "vision_feature_layer holds -9"),
+        ({"vision_feature_layer": [-2, -3], "fuser_type": "mmfuser"},
+         "vision_feature_layer=[-2, -3] lists several layers, which LLaVA concatenates (the 'concat' fuser), but "
+         "fuser_type='mmfuser' reads one base layer: set vision_feature_layer to that layer (an int) and the layers "
+         "to fuse in fuser_layers."),
+        ({"vision_feature_layer": [-2, -3], "fuser_type": "average"}, "fuser_type='average' reads one base layer"),
+        ({"vision_feature_layer": [-2, -3], "fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER,
+          "aggregator_hidden_size": 64}, "fuser_type='igva' reads one base layer"),
+        ({"vision_feature_layer": [-2, -3], "fuser_type": "concat", "fuser_layers": [1, 5]},
+         "vision_feature_layer=[-2, -3] and fuser_layers=[1, 5] name different layers for the 'concat' fuser"),
+        ({"vision_feature_layer": [-2, -2]}, "fuser_layers must not repeat a layer"),
         ({"fuser_num_heads": 5}, "fuser_num_heads=5 must divide the vision hidden size 64"),
         ({"fuser_type": "igva"}, "fuser_type='igva' needs instruction_encoder_config"),
         ({"fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER, "aggregator_hidden_size": 64,
@@ -105,3 +115,35 @@ def test_a_misspelt_fuser_field_warns_with_the_field_it_resembles():
     with pytest.warns(UserWarning, match="unknown keyword 'fuser_layer'.*Did you mean 'fuser_layers'"):
         config = tiny_config(fuser_type="concat", fuser_layer=[1, 5])
     assert config.fuser_layers == default_fuser_layers(6)  # the misspelt keyword was not applied
+
+
+@pytest.mark.parametrize("fuser_kwargs", [{}, {"fuser_type": "none"}, {"fuser_type": "concat"},
+                                          {"fuser_type": "concat", "fuser_layers": [-2, 1]}])
+def test_a_list_of_feature_layers_is_the_concat_fuser_over_them(fuser_kwargs, tmp_path):
+    """LLaVA's `vision_feature_layer=[...]` concatenates those layers on channels: the concat fuser over them."""
+    config = tiny_config(vision_feature_layer=[-2, -6], **fuser_kwargs)
+    assert (config.fuser_type, config.fuser_layers) == ("concat", [5, 1])
+    assert config.vision_feature_layer == [-2, -6]  # kept as LLaVA keeps it
+    assert config.vision_layers_needed == [1, 5]
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert (loaded.fuser_type, loaded.fuser_layers, loaded.vision_feature_layer) == ("concat", [5, 1], [-2, -6])
+
+
+def test_a_one_layer_list_is_that_layer():
+    config = tiny_config(vision_feature_layer=[-1], fuser_type="none")
+    assert (config.fuser_type, config.vision_feature_layer, config.base_layer) == ("none", -1, 6)
+
+
+def test_a_list_assigned_to_a_built_config_keeps_its_llava_meaning():
+    """As transformers' LLaVA tests do: build the config, then set `vision_feature_layer` to a list."""
+    config = tiny_config(fuser_type="none")
+    config.vision_feature_layer = [-1, -2]
+    assert (config.fuser_type, config.fuser_layers) == ("concat", [6, 5])
+    config = tiny_config(fuser_type="mmfuser")
+    with pytest.raises(ValueError, match="fuser_type='mmfuser' reads one base layer: .* fuser_layers"):
+        config.vision_feature_layer = [-1, -2]
+    config = tiny_config(fuser_type="none")
+    with pytest.raises(ValueError, match="fuser_layers must not repeat a layer"):
+        config.vision_feature_layer = [-1, 6]
+    assert (config.vision_feature_layer, config.fuser_type, config.fuser_layers) == (-2, "none", [1, 2, 3, 4, 5])

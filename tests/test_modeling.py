@@ -257,13 +257,18 @@ def test_get_image_features_accepts_output_flags_as_plain_llava(tiny_llava, fuse
 
 
 def test_changed_vision_feature_layer_gives_a_clear_error(fused_models, inputs):
+    model = copy.deepcopy(fused_models["mmfuser"])
+    with pytest.raises(ValueError, match="fuser_type='mmfuser' reads one base layer"):
+        model.config.vision_feature_layer = [-2, -1]
+    # On a plain (`none`) config a list means the concat fuser, which the built model does not have.
+    model = copy.deepcopy(fused_models["none"])
+    model.config.vision_feature_layer = [-2, -1]
+    with pytest.raises(ValueError, match=r"\[-2, -1\] \(from the config\) differs from 5, the layer\(s\) this model's"):
+        model(**inputs)
     for fuser_type in ("mmfuser", "none"):
         model = copy.deepcopy(fused_models[fuser_type])
-        model.config.vision_feature_layer = [-2, -1]
-        with pytest.raises(ValueError, match=r"fuser_type='concat' \(or 'mmfuser'\) and fuser_layers=\[-2, -1\]"):
-            model(**inputs)
         model.config.vision_feature_layer = -1
-        with pytest.raises(ValueError, match="differs from the base layer 5 this model's fuser was built for"):
+        with pytest.raises(ValueError, match="differs from 5, the layer\\(s\\) this model's fuser was built for"):
             model(**inputs)
     model = fused_models["average"]
     with pytest.raises(ValueError, match="vision_feature_layer=-1 \\(from the call\\) differs"):

@@ -2,14 +2,17 @@
 
 The tester follows transformers' `tests/models/llava/test_modeling_llava.py`: a tiny Llama and CLIP tower, three
 images, the image tokens at the start of each row. Tests that cannot apply to a fused LLaVA are skipped through
-`NOT_APPLICABLE`, each with its reason.
+`NOT_APPLICABLE`, each with its reason. The tests where the sub-configs matter also run, for every fuser, on that
+tester's own configs verbatim (`LLAVA_TESTER_TEXT_CONFIG`, `LLAVA_TESTER_VISION_CONFIG`), with the LLaVA-specific tests
+of that file.
 """
 
+import copy
 import unittest
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from hf_fusedvlm import FusedLlavaConfig, FusedLlavaForConditionalGeneration, FusedLlavaModel
 
@@ -36,6 +39,29 @@ NOT_APPLICABLE = {
     ),
 }
 NOT_APPLICABLE_FOR: dict[str, dict[str, str]] = {}
+
+# transformers' LLaVA tester's sub-configs, verbatim: the tower config names no model_type (LlavaConfig's default, a
+# CLIP tower) and sets projection_dim; the text config carries the tester's extra fields.
+LLAVA_TESTER_TEXT_CONFIG = {
+    "model_type": "llama", "seq_length": 7, "is_training": True, "use_input_mask": True, "use_token_type_ids": False,
+    "use_labels": True, "vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "intermediate_size": 37, "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512, "type_vocab_size": 16, "type_sequence_label_size": 2, "initializer_range": 0.02,
+    "num_labels": 3, "num_choices": 4, "pad_token_id": 1,
+}
+LLAVA_TESTER_VISION_CONFIG = {
+    "image_size": 8, "patch_size": 2, "num_channels": 3, "is_training": True, "hidden_size": 32, "projection_dim": 32,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37, "dropout": 0.1, "attention_dropout": 0.1,
+    "initializer_range": 0.02,
+}
+# The common tests that also run on those configs: the ones that build, initialise, save or train from the config.
+LLAVA_TESTER_COMMON_TESTS = (
+    "test_can_init_all_missing_weights",
+    "test_save_load",
+    "test_training",
+)
+# The start of LLaVA's error for images that do not match the image tokens.
+LLAVA_MISMATCH = "Image features and image tokens do not match"
 
 
 class FusedLlavaModelTester:
@@ -85,6 +111,11 @@ class FusedLlavaModelTester:
             "attention_dropout": 0.1,
             "initializer_range": 0.02,
         }
+
+    def llava_tester_configs(self) -> "FusedLlavaModelTester":
+        """This tester with transformers' LLaVA tester's own sub-configs (same sizes)."""
+        self.text_config, self.vision_config = dict(LLAVA_TESTER_TEXT_CONFIG), dict(LLAVA_TESTER_VISION_CONFIG)
+        return self
 
     def get_config(self) -> FusedLlavaConfig:
         instruction_encoder_config = None
@@ -147,6 +178,9 @@ class FusedLlavaCommonTest(common.ModelTesterMixin):
     # LLaVA reads the tower's hidden states, which come before CLIP's post-layernorm: that norm never gets a gradient
     # (transformers' LLaVA tester skips the gradient-checkpointing tests for the same reason).
     test_all_params_have_gradient = False
+    # The mixin runs this test only for models it dates from 2023 on, reading a copyright line this package does not
+    # write: it applies to every model (weights missing from a checkpoint must get the weights __init__ gives).
+    test_can_init_all_missing_weights_before_2023 = True
 
     def setUp(self):
         self.model_tester = FusedLlavaModelTester(self, self.fuser_type)
@@ -163,10 +197,103 @@ class FusedLlavaCommonTest(common.ModelTesterMixin):
         return config, {key: value for key, value in inputs.items() if key.startswith(("pixel", "instruction"))}
 
 
+class FusedLlavaOnLlavaTesterConfigs(FusedLlavaCommonTest):
+    """The common tests on transformers' LLaVA tester's own sub-configs; only `LLAVA_TESTER_COMMON_TESTS` are run
+    (`test_common_tests_on_llava_tester_configs`), so these classes are kept out of module scope."""
+
+    def setUp(self):
+        super().setUp()
+        self.model_tester.llava_tester_configs()
+
+
+LLAVA_TESTER_CASES = {}
 for _fuser_type in FUSER_TYPES:
     _name = f"FusedLlava{_fuser_type.title()}CommonTest"
     globals()[_name] = type(_name, (FusedLlavaCommonTest, unittest.TestCase), {"fuser_type": _fuser_type})
+    LLAVA_TESTER_CASES[_fuser_type] = type(
+        f"FusedLlava{_fuser_type.title()}OnLlavaTesterConfigs",
+        (FusedLlavaOnLlavaTesterConfigs, unittest.TestCase),
+        {"fuser_type": _fuser_type},
+    )
 del _fuser_type, _name
+
+
+@pytest.mark.parametrize("test_name", LLAVA_TESTER_COMMON_TESTS)
+@pytest.mark.parametrize("fuser_type", FUSER_TYPES)
+def test_common_tests_on_llava_tester_configs(fuser_type, test_name):
+    case = LLAVA_TESTER_CASES[fuser_type](test_name)
+    case.setUp()
+    getattr(case, test_name)()
+
+
+def llava_tester_inputs(fuser_type: str):
+    return FusedLlavaModelTester(None, fuser_type).llava_tester_configs().prepare_config_and_inputs_for_common()
+
+
+@pytest.mark.parametrize("vision_feature_layer", [-1, [-1], [-1, -2]], ids=["int", "one-layer-list", "list"])
+@pytest.mark.parametrize("fuser_type", FUSER_TYPES)
+def test_llava_vision_feature_layers(fuser_type, vision_feature_layer):
+    """LLaVA's `test_vision_feature_layers`: the layers set on a built config. A list is the concat fuser over those
+    layers (projector width: one vision width per layer) where the fuser is `none` or `concat`, and refused at once,
+    naming fuser_layers, by the fusers that read one base layer."""
+    config, inputs = llava_tester_inputs(fuser_type)
+    several = isinstance(vision_feature_layer, list) and len(vision_feature_layer) > 1
+    if several and fuser_type not in ("none", "concat"):
+        with pytest.raises(ValueError, match=f"fuser_type='{fuser_type}' reads one base layer: .*fuser_layers"):
+            config.vision_feature_layer = vision_feature_layer
+        return
+    config.vision_feature_layer = vision_feature_layer
+    for model_class in (FusedLlavaModel, FusedLlavaForConditionalGeneration):
+        model = model_class(config).eval()
+        base_model = getattr(model, "model", model)
+        if fuser_type == "none" or several:
+            num_layers = len(vision_feature_layer) if several else 1
+            expected_width = num_layers * config.vision_config.hidden_size
+            assert base_model.multi_modal_projector.linear_1.in_features == expected_width
+        with torch.no_grad():
+            model(**inputs)
+
+
+@pytest.fixture(scope="module")
+def llava_mismatch_error() -> type[Exception]:
+    """The exception LlavaForConditionalGeneration raises, on the LLaVA tester's inputs, for one image too few."""
+    config, inputs = llava_tester_inputs("none")
+    llava_config = LlavaConfig(
+        text_config=LLAVA_TESTER_TEXT_CONFIG,
+        vision_config=LLAVA_TESTER_VISION_CONFIG,
+        image_token_index=config.image_token_index,
+        vision_feature_layer=config.vision_feature_layer,
+        image_seq_length=config.image_seq_length,
+    )
+    llava = LlavaForConditionalGeneration(llava_config).eval()
+    with pytest.raises(Exception, match=LLAVA_MISMATCH) as error, torch.no_grad():
+        llava(**{**inputs, "pixel_values": inputs["pixel_values"][-1:]})
+    return error.type
+
+
+@pytest.mark.parametrize("fuser_type", FUSER_TYPES)
+def test_llava_mismatching_num_image_tokens(fuser_type, llava_mismatch_error):
+    """LLaVA's `test_mismatching_num_image_tokens`, raising what LLaVA raises, with LLaVA's phrase. An instruction
+    row per prompt stays given (`igva`); `image_sample_index` then says which prompt each image belongs to."""
+    config, inputs = llava_tester_inputs(fuser_type)
+
+    def image_index(rows):
+        return {"image_sample_index": torch.tensor(rows)} if fuser_type == "igva" else {}
+
+    for model_class in (FusedLlavaModel, FusedLlavaForConditionalGeneration):
+        model = model_class(config).eval()
+        current = copy.deepcopy(inputs)
+        with torch.no_grad():
+            model(**current)
+            # One image removed, its image tokens left in the text.
+            current["pixel_values"] = current["pixel_values"][-1:]
+            with pytest.raises(llava_mismatch_error, match=LLAVA_MISMATCH):
+                model(**current, **image_index([2]))
+            # Two prompts with one image's tokens each: one image is too few, two are right.
+            two_prompts = {key: torch.cat([value[:1]] * 2) for key, value in current.items() if key != "pixel_values"}
+            with pytest.raises(llava_mismatch_error, match=LLAVA_MISMATCH):
+                model(**two_prompts, pixel_values=current["pixel_values"][:1], **image_index([0]))
+            model(**two_prompts, pixel_values=torch.cat([current["pixel_values"][:1]] * 2))
 
 
 def test_not_applicable_names_existing_common_tests():
