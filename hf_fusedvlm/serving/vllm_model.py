@@ -91,6 +91,14 @@ class FusedLlavaDummyInputsBuilder(BaseDummyInputsBuilder[FusedLlavaProcessingIn
 
 
 class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessingInfo]):
+    def get_dummy_inputs(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: MultiModalDummyOptions):
+        """vLLM's profiling inputs (image tokens only), with an instruction for fusers that read one: `apply` refuses
+        images asked about without one."""
+        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
+        if self.info.reads_instruction():
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={"instructions": "Describe the image."})
+        return inputs
+
     def apply(self, inputs, timing_ctx):
         """Adds the instruction taken from the prompt to the processor options, for fusers that read one, unless
         the request gave `instructions` itself. vLLM hands the processor the tokenised prompt, so the prompt is
@@ -102,11 +110,29 @@ class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessing
                 "image itself. Pass the images (PIL images or arrays) instead."
             )
         options = inputs.hf_processor_mm_kwargs
-        if self.info.reads_instruction() and "instructions" not in options and inputs.mm_data_items:
-            prompt = self.info.get_tokenizer().decode(inputs.prompt)
-            instruction = self.info.get_hf_processor().get_instruction(prompt)
-            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**options, "instructions": instruction})
+        self.check_processor_options(options)
+        if self.info.reads_instruction() and inputs.mm_data_items:
+            if "instructions" not in options:
+                prompt = self.info.get_tokenizer().decode(inputs.prompt)
+                instruction = self.info.get_hf_processor().get_instruction(prompt)
+                inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**options, "instructions": instruction})
+            check_instruction(inputs.hf_processor_mm_kwargs["instructions"])
         return super().apply(inputs, timing_ctx)
+
+    def check_processor_options(self, options: Mapping[str, object]) -> None:
+        """Refuses `mm_processor_kwargs` that neither the processor nor its image processor knows: transformers would
+        drop them without a word, and the request would be answered as if they had been applied."""
+        scopes = self.info.supported_mm_processor_kwargs
+        known = set(scopes).union(*scopes.values())
+        if self.info.reads_instruction():
+            known.add("instructions")
+        unknown = sorted(set(options) - known)
+        if unknown:
+            instructions = "`instructions` and " if self.info.reads_instruction() else ""
+            raise ValueError(
+                f"Unknown mm_processor_kwargs {unknown} for this {self.info.get_hf_config().fuser_type} fused LLaVA: "
+                f"it accepts {instructions}the options of its image processor and tokenizer (e.g. do_pad)."
+            )
 
     def _get_hf_mm_text(self, mm_counts: Mapping[str, int]) -> str | None:
         # The processor only tokenises an instruction for a prompt; one image token per image keeps them paired.
@@ -188,6 +214,20 @@ def build_vision_tower(config: FusedLlavaConfig, quant_config, prefix: str) -> n
         require_post_norm=False,
         prefix=prefix,
     )
+
+
+def check_instruction(instruction: object) -> None:
+    """Refuses an instruction a fuser cannot read: not one string, or empty (an image with no question about it)."""
+    if not isinstance(instruction, str):
+        raise ValueError(
+            f"mm_processor_kwargs['instructions'] must be one string (the fuser's instruction for this prompt's "
+            f"images), not {type(instruction).__name__}."
+        )
+    if not instruction.strip():
+        raise ValueError(
+            "This fused LLaVA's fuser weighs the vision layers by the user's instruction, and the request has none: "
+            "add text to the last user turn, or pass mm_processor_kwargs={'instructions': '...'}."
+        )
 
 
 def pad_rows(rows: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
