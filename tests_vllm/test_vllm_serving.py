@@ -249,3 +249,19 @@ def test_throughput_benchmark_quick_mode_prints_ratios_and_writes_json(tmp_path)
     assert set(results) == {"none", "igva"}
     assert results["none"]["throughput_ratio_to_plain"] == 1.0
     assert results["igva"]["requests_per_second"] > 0
+
+
+def test_vllm_refuses_a_head_size_its_cpu_attention_cannot_run_at_start(tmp_path):
+    """The toy model (head size 16) is refused while vLLM builds its config, before any worker starts, with one line
+    naming the head size; never by a server that reports ready and fails its first request."""
+    folder = HERE.parent / "examples" / "toy-fused-llava"
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(free_port()),
+        "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes", "1G", "--enforce-eager",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode != 0
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("hf_fusedvlm.serving.vllm_config.UnservableCheckpointError: "), completed.stderr[-3000:]
+    assert "head size 16" in last_line and "32, 64" in last_line
+    assert "EngineCore" not in completed.stdout + completed.stderr  # refused before the engine process starts
