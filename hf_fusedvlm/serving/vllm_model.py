@@ -45,6 +45,10 @@ from ..processing_fused_llava import FusedLlavaProcessor
 
 
 INSTRUCTION_FIELDS = ("instruction_input_ids", "instruction_attention_mask")
+# The `mm_processor_kwargs` the plugin reads itself, for fusers that read an instruction: `instructions` (the
+# instruction, as the processor takes it) and `instruction_turn` (where it comes from when not given).
+PLUGIN_OPTIONS = ("instructions", "instruction_turn")
+INSTRUCTION_TURNS = ("last", "image")
 
 
 class FusedLlavaProcessingInfo(BaseProcessingInfo):
@@ -52,7 +56,8 @@ class FusedLlavaProcessingInfo(BaseProcessingInfo):
         return self.ctx.get_hf_config(FusedLlavaConfig)
 
     def get_hf_processor(self, **kwargs: object) -> FusedLlavaProcessor:
-        kwargs.pop("instructions", None)  # a call option, not a processor setting
+        for option in PLUGIN_OPTIONS:  # call options, not processor settings
+            kwargs.pop(option, None)
         return self.ctx.get_hf_processor(FusedLlavaProcessor, **kwargs)
 
     def reads_instruction(self) -> bool:
@@ -100,24 +105,50 @@ class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessing
         return inputs
 
     def apply(self, inputs, timing_ctx):
-        """Adds the instruction taken from the prompt to the processor options, for fusers that read one, unless
-        the request gave `instructions` itself. vLLM hands the processor the tokenised prompt, so the prompt is
-        decoded first; the rule removes special tokens and collapses whitespace, so a tokenizer whose decoding
-        changes only spacing gives the instruction the text prompt would."""
+        """Adds the instruction taken from the prompt (by `instruction_turn`, see `instruction_from_prompt`) to the
+        processor options, for fusers that read one, unless the request or the server gave `instructions` itself.
+        vLLM hands the processor the tokenised prompt, so the prompt is decoded first; the rule removes special
+        tokens and collapses whitespace, so a tokenizer whose decoding changes only spacing gives the instruction the
+        text prompt would."""
         if isinstance(inputs.mm_data_items.get("image"), ImageEmbeddingItems):
             raise ValueError(
                 "A fused LLaVA cannot take precomputed image embeddings: its fuser reads several vision layers of the "
                 "image itself. Pass the images (PIL images or arrays) instead."
             )
         options = inputs.hf_processor_mm_kwargs
-        self.check_processor_options(options)
+        settings = self.info.ctx.get_merged_mm_kwargs(options)  # with the server's --mm-processor-kwargs
+        self.check_processor_options(settings)
         if self.info.reads_instruction() and inputs.mm_data_items:
-            if "instructions" not in options:
+            instruction = settings.get("instructions")
+            if instruction is None:
                 prompt = self.info.get_tokenizer().decode(inputs.prompt)
-                instruction = self.info.get_hf_processor().get_instruction(prompt)
-                inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**options, "instructions": instruction})
-            check_instruction(inputs.hf_processor_mm_kwargs["instructions"])
+                instruction = self.instruction_from_prompt(prompt, settings.get("instruction_turn", "last"))
+            check_instruction(instruction)
+            # The options are the image's cache key: the instruction alone, however it was found, so that the same
+            # image and instruction share one entry.
+            options = {key: value for key, value in options.items() if key != "instruction_turn"}
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**options, "instructions": instruction})
         return super().apply(inputs, timing_ctx)
+
+    def instruction_from_prompt(self, prompt: str, turn: str) -> str:
+        """The instruction in a decoded prompt: its last user turn (`turn="last"`, the processor's rule, what
+        transformers reads), or the user turn holding its first image (`turn="image"`).
+
+        The instruction is part of the image's cache key, and vLLM's prefix cache keys every block from the image on
+        by it: under "last", each new turn of a chat re-encodes the image and recomputes the conversation from the
+        image on; under "image", the image keeps the question it came with and the conversation stays cached."""
+        if turn not in INSTRUCTION_TURNS:
+            raise ValueError(
+                f"mm_processor_kwargs['instruction_turn'] must be one of {list(INSTRUCTION_TURNS)}, not {turn!r}."
+            )
+        processor = self.info.get_hf_processor()
+        if turn == "image":
+            _, assistant_marker = processor.chat_role_markers()
+            image_start = prompt.find(processor.image_token)
+            turn_end = prompt.find(assistant_marker, image_start) if assistant_marker and image_start >= 0 else -1
+            if turn_end >= 0:
+                prompt = prompt[:turn_end]
+        return processor.get_instruction(prompt)
 
     def check_processor_options(self, options: Mapping[str, object]) -> None:
         """Refuses `mm_processor_kwargs` that neither the processor nor its image processor knows: transformers would
@@ -125,10 +156,10 @@ class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessing
         scopes = self.info.supported_mm_processor_kwargs
         known = set(scopes).union(*scopes.values())
         if self.info.reads_instruction():
-            known.add("instructions")
+            known.update(PLUGIN_OPTIONS)
         unknown = sorted(set(options) - known)
         if unknown:
-            instructions = "`instructions` and " if self.info.reads_instruction() else ""
+            instructions = "`instructions`, `instruction_turn` and " if self.info.reads_instruction() else ""
             raise ValueError(
                 f"Unknown mm_processor_kwargs {unknown} for this {self.info.get_hf_config().fuser_type} fused LLaVA: "
                 f"it accepts {instructions}the options of its image processor and tokenizer (e.g. do_pad)."
