@@ -165,6 +165,17 @@ class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessing
                 f"it accepts {instructions}the options of its image processor and tokenizer (e.g. do_pad)."
             )
 
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        # vLLM adds the server's --mm-processor-kwargs to every processor call; `instruction_turn` among them is the
+        # plugin's option, which the processor does not take (transformers would warn on every request).
+        processor = self.info.get_hf_processor(**hf_kwargs)
+
+        def call_processor(**kwargs):
+            kwargs.pop("instruction_turn", None)
+            return processor(**kwargs)
+
+        return self.info.ctx.call_hf_processor(call_processor, hf_data, hf_kwargs)
+
     def _get_hf_mm_text(self, mm_counts: Mapping[str, int]) -> str | None:
         # The processor only tokenises an instruction for a prompt; one image token per image keeps them paired.
         return self.dummy_inputs.get_dummy_text(mm_counts) if self.info.reads_instruction() else None
