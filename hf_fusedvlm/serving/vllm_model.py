@@ -5,9 +5,10 @@ vLLM's own CLIP / SigLIP tower and language model (tensor parallel), the package
 checkpoint is read as saved by transformers; nothing in it changes.
 
 IGVA reads the user's instruction. The multimodal processor takes it from the prompt by the rule of
-[`FusedLlavaProcessor.get_instruction`] (the last user turn), unless the request passes
-`mm_processor_kwargs={"instructions": "..."}`; either way it becomes a processor option, so it is part of vLLM's
-multimodal cache key and an image asked about twice with two instructions is encoded twice.
+[`FusedLlavaProcessor.get_instruction`] (the last user turn, or with `mm_processor_kwargs={"instruction_turn":
+"image"}` the turn holding the image), unless the request passes `mm_processor_kwargs={"instructions": "..."}`; either
+way it becomes a processor option, so it is part of vLLM's multimodal cache key and an image asked about twice with
+two instructions is encoded twice.
 """
 
 import dataclasses
@@ -268,7 +269,7 @@ def check_instruction(instruction: object) -> None:
     if not instruction.strip():
         raise ValueError(
             "This fused LLaVA's fuser weighs the vision layers by the user's instruction, and the request has none: "
-            "add text to the last user turn, or pass mm_processor_kwargs={'instructions': '...'}."
+            "add text to the user's turn, or pass mm_processor_kwargs={'instructions': '...'}."
         )
 
 
