@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "serving.md"
 RECIPE_HEADING = "## A first server on a CPU machine"
 DOCUMENTED_PORT = "8000"
-START_SECONDS = 400
+START_SECONDS = 600  # about 100 s on 2 idle cores; CI machines may be busier
 
 
 def recipe_blocks() -> list[tuple[str, str]]:
@@ -138,7 +138,17 @@ def test_the_documented_server_answers_the_documented_requests(recipe_folder):
         assert server.poll() is None, "the server exited after answering"
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stops the server and its engine processes (its own process group); a server still starting may ignore
+    SIGTERM, so it gets SIGKILL after a minute."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=60)
 
 
@@ -161,7 +171,7 @@ def test_the_documented_python_script_runs(recipe_folder):
     script = recipe_folder / "offline.py"
     script.write_text(steps()["python"][0])
     completed = subprocess.run(
-        [sys.executable, script.name], cwd=recipe_folder, env=recipe_env(), capture_output=True, text=True, timeout=600
+        [sys.executable, script.name], cwd=recipe_folder, env=recipe_env(), capture_output=True, text=True, timeout=900
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
     printed = [line for line in completed.stdout.splitlines() if line.startswith("'")]
