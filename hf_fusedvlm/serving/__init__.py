@@ -9,11 +9,17 @@ ARCHITECTURE = "FusedLlavaForConditionalGeneration"
 
 
 def register() -> None:
-    """Registers the fused architecture with vLLM's model registry (the model module is imported lazily) and the
-    fused config and processor with transformers' Auto classes."""
+    """Registers the fused architecture with vLLM's model registry (the model module is imported lazily) and its
+    start-time config check, and the fused config and processor with transformers' Auto classes."""
     from vllm import ModelRegistry
 
     import hf_fusedvlm  # noqa: F401  (registers `fused_llava` with AutoConfig and AutoProcessor)
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.vllm_model:{ARCHITECTURE}")
+    # vLLM's per-architecture config hooks run before any worker starts: unservable checkpoints are refused there.
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from .vllm_config import FusedLlavaConfigCheck
+
+    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, FusedLlavaConfigCheck)

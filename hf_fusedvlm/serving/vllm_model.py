@@ -5,9 +5,10 @@ vLLM's own CLIP / SigLIP tower and language model (tensor parallel), the package
 checkpoint is read as saved by transformers; nothing in it changes.
 
 IGVA reads the user's instruction. The multimodal processor takes it from the prompt by the rule of
-[`FusedLlavaProcessor.get_instruction`] (the last user turn), unless the request passes
-`mm_processor_kwargs={"instructions": "..."}`; either way it becomes a processor option, so it is part of vLLM's
-multimodal cache key and an image asked about twice with two instructions is encoded twice.
+[`FusedLlavaProcessor.get_instruction`] (the last user turn, or with `mm_processor_kwargs={"instruction_turn":
+"image"}` the turn holding the image), unless the request passes `mm_processor_kwargs={"instructions": "..."}`; either
+way it becomes a processor option, so it is part of vLLM's multimodal cache key and an image asked about twice with
+two instructions is encoded twice.
 """
 
 import dataclasses
@@ -45,6 +46,10 @@ from ..processing_fused_llava import FusedLlavaProcessor
 
 
 INSTRUCTION_FIELDS = ("instruction_input_ids", "instruction_attention_mask")
+# The `mm_processor_kwargs` the plugin reads itself, for fusers that read an instruction: `instructions` (the
+# instruction, as the processor takes it) and `instruction_turn` (where it comes from when not given).
+PLUGIN_OPTIONS = ("instructions", "instruction_turn")
+INSTRUCTION_TURNS = ("last", "image")
 
 
 class FusedLlavaProcessingInfo(BaseProcessingInfo):
@@ -52,7 +57,8 @@ class FusedLlavaProcessingInfo(BaseProcessingInfo):
         return self.ctx.get_hf_config(FusedLlavaConfig)
 
     def get_hf_processor(self, **kwargs: object) -> FusedLlavaProcessor:
-        kwargs.pop("instructions", None)  # a call option, not a processor setting
+        for option in PLUGIN_OPTIONS:  # call options, not processor settings
+            kwargs.pop(option, None)
         return self.ctx.get_hf_processor(FusedLlavaProcessor, **kwargs)
 
     def reads_instruction(self) -> bool:
@@ -91,22 +97,85 @@ class FusedLlavaDummyInputsBuilder(BaseDummyInputsBuilder[FusedLlavaProcessingIn
 
 
 class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessingInfo]):
+    def get_dummy_inputs(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: MultiModalDummyOptions):
+        """vLLM's profiling inputs (image tokens only), with an instruction for fusers that read one: `apply` refuses
+        images asked about without one."""
+        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
+        if self.info.reads_instruction():
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={"instructions": "Describe the image."})
+        return inputs
+
     def apply(self, inputs, timing_ctx):
-        """Adds the instruction taken from the prompt to the processor options, for fusers that read one, unless
-        the request gave `instructions` itself. vLLM hands the processor the tokenised prompt, so the prompt is
-        decoded first; the rule removes special tokens and collapses whitespace, so a tokenizer whose decoding
-        changes only spacing gives the instruction the text prompt would."""
+        """Adds the instruction taken from the prompt (by `instruction_turn`, see `instruction_from_prompt`) to the
+        processor options, for fusers that read one, unless the request or the server gave `instructions` itself.
+        vLLM hands the processor the tokenised prompt, so the prompt is decoded first; the rule removes special
+        tokens and collapses whitespace, so a tokenizer whose decoding changes only spacing gives the instruction the
+        text prompt would."""
         if isinstance(inputs.mm_data_items.get("image"), ImageEmbeddingItems):
             raise ValueError(
                 "A fused LLaVA cannot take precomputed image embeddings: its fuser reads several vision layers of the "
                 "image itself. Pass the images (PIL images or arrays) instead."
             )
         options = inputs.hf_processor_mm_kwargs
-        if self.info.reads_instruction() and "instructions" not in options and inputs.mm_data_items:
-            prompt = self.info.get_tokenizer().decode(inputs.prompt)
-            instruction = self.info.get_hf_processor().get_instruction(prompt)
+        settings = self.info.ctx.get_merged_mm_kwargs(options)  # with the server's --mm-processor-kwargs
+        self.check_processor_options(settings)
+        if self.info.reads_instruction() and inputs.mm_data_items:
+            instruction = settings.get("instructions")
+            if instruction is None:
+                prompt = self.info.get_tokenizer().decode(inputs.prompt)
+                instruction = self.instruction_from_prompt(prompt, settings.get("instruction_turn", "last"))
+            check_instruction(instruction)
+            # The options are the image's cache key: the instruction alone, however it was found, so that the same
+            # image and instruction share one entry.
+            options = {key: value for key, value in options.items() if key != "instruction_turn"}
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**options, "instructions": instruction})
         return super().apply(inputs, timing_ctx)
+
+    def instruction_from_prompt(self, prompt: str, turn: str) -> str:
+        """The instruction in a decoded prompt: its last user turn (`turn="last"`, the processor's rule, what
+        transformers reads), or the user turn holding its first image (`turn="image"`).
+
+        The instruction is part of the image's cache key, and vLLM's prefix cache keys every block from the image on
+        by it: under "last", each new turn of a chat re-encodes the image and recomputes the conversation from the
+        image on; under "image", the image keeps the question it came with and the conversation stays cached."""
+        if turn not in INSTRUCTION_TURNS:
+            raise ValueError(
+                f"mm_processor_kwargs['instruction_turn'] must be one of {list(INSTRUCTION_TURNS)}, not {turn!r}."
+            )
+        processor = self.info.get_hf_processor()
+        if turn == "image":
+            _, assistant_marker = processor.chat_role_markers()
+            image_start = prompt.find(processor.image_token)
+            turn_end = prompt.find(assistant_marker, image_start) if assistant_marker and image_start >= 0 else -1
+            if turn_end >= 0:
+                prompt = prompt[:turn_end]
+        return processor.get_instruction(prompt)
+
+    def check_processor_options(self, options: Mapping[str, object]) -> None:
+        """Refuses `mm_processor_kwargs` that neither the processor nor its image processor knows: transformers would
+        drop them without a word, and the request would be answered as if they had been applied."""
+        scopes = self.info.supported_mm_processor_kwargs
+        known = set(scopes).union(*scopes.values())
+        if self.info.reads_instruction():
+            known.update(PLUGIN_OPTIONS)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            instructions = "`instructions`, `instruction_turn` and " if self.info.reads_instruction() else ""
+            raise ValueError(
+                f"Unknown mm_processor_kwargs {unknown} for this {self.info.get_hf_config().fuser_type} fused LLaVA: "
+                f"it accepts {instructions}the options of its image processor and tokenizer (e.g. do_pad)."
+            )
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        # vLLM adds the server's --mm-processor-kwargs to every processor call; `instruction_turn` among them is the
+        # plugin's option, which the processor does not take (transformers would warn on every request).
+        processor = self.info.get_hf_processor(**hf_kwargs)
+
+        def call_processor(**kwargs):
+            kwargs.pop("instruction_turn", None)
+            return processor(**kwargs)
+
+        return self.info.ctx.call_hf_processor(call_processor, hf_data, hf_kwargs)
 
     def _get_hf_mm_text(self, mm_counts: Mapping[str, int]) -> str | None:
         # The processor only tokenises an instruction for a prompt; one image token per image keeps them paired.
@@ -188,6 +257,20 @@ def build_vision_tower(config: FusedLlavaConfig, quant_config, prefix: str) -> n
         require_post_norm=False,
         prefix=prefix,
     )
+
+
+def check_instruction(instruction: object) -> None:
+    """Refuses an instruction a fuser cannot read: not one string, or empty (an image with no question about it)."""
+    if not isinstance(instruction, str):
+        raise ValueError(
+            f"mm_processor_kwargs['instructions'] must be one string (the fuser's instruction for this prompt's "
+            f"images), not {type(instruction).__name__}."
+        )
+    if not instruction.strip():
+        raise ValueError(
+            "This fused LLaVA's fuser weighs the vision layers by the user's instruction, and the request has none: "
+            "add text to the user's turn, or pass mm_processor_kwargs={'instructions': '...'}."
+        )
 
 
 def pad_rows(rows: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
