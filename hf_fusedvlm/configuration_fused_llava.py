@@ -23,7 +23,7 @@ INSTRUCTION_POOLINGS = ("mean", "cls", "max")
 # Vision towers whose hidden states have no class token: LLaVA's "default" strategy would drop a real patch.
 TOWERS_WITHOUT_CLASS_TOKEN = ("siglip_vision_model", "siglip2_vision_model", "siglip", "siglip2")
 # Prefixes of this config's own fields: an unknown keyword with one of them is most likely a misspelt field.
-_FUSER_FIELD_PREFIXES = ("fuser_", "aggregator_", "instruction_", "balance_")
+_FUSER_FIELD_PREFIXES = ("fuser_", "aggregator_", "instruction_", "balance_", "dense_connector_")
 
 # Reference layouts for a 24-layer CLIP-L tower (hidden-state indices, 0 = embeddings).
 _REFERENCE_DEPTH = 24
@@ -68,7 +68,8 @@ class FusedLlavaConfig(LlavaConfig):
     non-negative values.
 
     fuser_type (`str`, defaults to `"mmfuser"`):
-        A registered fuser (`hf_fusedvlm.fusers.FUSERS`): `"mmfuser"`, `"igva"`, `"concat"`, `"average"`, `"none"`.
+        A registered fuser (`hf_fusedvlm.fusers.FUSERS`): `"mmfuser"`, `"igva"`, `"dense_connector"`, `"concat"`,
+        `"average"`, `"none"`.
     fuser_layers (`list[int]`, *optional*):
         Layers fused by `mmfuser` (the last one is the query, so it must equal `vision_feature_layer`) and `concat`
         (concatenated along channels in this order). Defaults to MMFuser's CLIP-L layers 3, 8, 13, 18, 23 scaled to the
@@ -91,6 +92,10 @@ class FusedLlavaConfig(LlavaConfig):
     balance_loss_weight (`float`, defaults to 0.02):
         Weight of IGVA's balance loss (negative mean entropy of the group weights), added to the LM loss when
         `labels` are given. 0 disables it.
+    dense_connector_type (`str`, defaults to `"dci"`):
+        The Dense Connector variant of `dense_connector`: `"dci"` (the base layer with the means of the lower and the
+        upper half of the tower's hidden states, as the released checkpoints) or `"sci"` (the base layer with hidden
+        states 7 and 15). `"sti"`, which adds image tokens, is refused.
     instruction_encoder_config (`dict` or `PreTrainedConfig`, *optional*):
         Config of the text encoder that embeds the instruction for `igva` (any `AutoModel` text encoder, e.g. MPNet
         for all-mpnet-base-v2). Required for `igva`, ignored otherwise.
@@ -133,6 +138,7 @@ class FusedLlavaConfig(LlavaConfig):
     aggregator_num_layers: int = 4
     aggregator_num_heads: int = 4
     balance_loss_weight: float | int = 0.02
+    dense_connector_type: str = "dci"
     instruction_encoder_config: dict | PreTrainedConfig | None = None
     instruction_pooling: str = "mean"
     instruction_embedding_normalize: bool = True

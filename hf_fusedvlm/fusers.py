@@ -409,6 +409,101 @@ class MMFuser(Fuser):
         return FuserOutput(query + self.gamma1 * attended)
 
 
+# The Dense Connector variants that keep LLaVA's image-token count; `sti` appends pooled tokens instead.
+DENSE_CONNECTOR_TYPES = ("dci", "sci")
+# The hidden states that Dense Connector's `sci` variant concatenates, fixed in the official code for every tower.
+DENSE_CONNECTOR_SCI_LAYERS = (7, 15)
+
+
+@register_fuser("dense_connector")
+class DenseConnectorFuser(Fuser):
+    """`dense_connector`: the base layer's patch features concatenated on channels with two more visual features
+    (`dense_connector_type`): `dci`, the means of two contiguous ranges of hidden states; `sci`, hidden states 7 and
+    15. No weights: the projector reads three vision widths.
+
+    The ranges are those of the official code. It reads the hidden states of the tower it runs: all of CLIP's, but
+    only the first `num_hidden_layers - 1` layers of SigLIP's, whose last layer it deletes. `dci` averages the first
+    and the second half of that tower's hidden states but its last one (CLIP-L/336, 24 layers: 0..11 and 12..23;
+    SigLIP-so400m, 27 layers: 0..12 and 13..25, its base layer being 26, the last layer the official tower runs).
+    """
+
+    layer_fields = ("dense_connector_type",)
+    title = "the Dense Connector (Yao et al., NeurIPS 2024)"
+    description = (
+        "The base layer's patch features are concatenated along channels with two more visual features and projected: "
+        "for `dci` the means of the lower and the upper half of the vision tower's hidden states, for `sci` hidden "
+        "states 7 and 15 (Dense Connector's dense channel and sparse channel integration)."
+    )
+    parity = "the projector's new input columns, which read the two added features, start at zero"
+
+    def __init__(self, config: "FusedLlavaConfig"):
+        super().__init__(config)
+        self.base_layer = config.base_layer
+        self.layer_groups = self.dense_layer_groups(config)
+
+    @staticmethod
+    def official_tower_depth(config: "FusedLlavaConfig") -> int:
+        """The layers the official code runs: SigLIP towers without their last layer (the official SigLIP tower
+        deletes it; the code recognises SigLIP by name, as here by model type), every layer of the others."""
+        depth = config.vision_config.num_hidden_layers
+        return depth - 1 if "siglip" in config.vision_config.model_type else depth
+
+    @classmethod
+    def dense_layer_groups(cls, config: "FusedLlavaConfig") -> list[list[int]]:
+        """The hidden states behind the two added features, per feature (averaged when a group holds several)."""
+        if config.dense_connector_type == "sci":
+            return [[layer] for layer in DENSE_CONNECTOR_SCI_LAYERS]
+        depth = cls.official_tower_depth(config)
+        return [list(range(0, depth // 2)), list(range(depth // 2, depth))]
+
+    @classmethod
+    def check_config(cls, config):
+        variant = config.dense_connector_type
+        if variant == "sti":
+            raise ValueError(
+                "dense_connector_type='sti' (Dense Connector's sparse token integration) appends pooled tokens of "
+                "hidden states 7 and 15 to the image tokens, so an image fills more tokens than the vision tower has "
+                "patches; fused LLaVA keeps LLaVA's image-token count and cannot run it: use 'dci' or 'sci'."
+            )
+        if variant not in DENSE_CONNECTOR_TYPES:
+            raise ValueError(
+                f"Unknown dense_connector_type {variant!r}: choose one of {', '.join(DENSE_CONNECTOR_TYPES)}."
+            )
+        has_class_token = config.vision_feature_select_strategy == "default"
+        if "siglip" not in config.vision_config.model_type and not has_class_token:
+            raise ValueError(
+                "dense_connector drops the class token from every layer it reads, as the official code does on CLIP "
+                "towers: set vision_feature_select_strategy='default'."
+            )
+        depth = cls.official_tower_depth(config)
+        unused = " (the official code leaves its last layer out)" if depth < config.vision_config.num_hidden_layers else ""
+        if variant == "sci" and depth < max(DENSE_CONNECTOR_SCI_LAYERS):
+            raise ValueError(
+                f"dense_connector_type='sci' reads hidden states {DENSE_CONNECTOR_SCI_LAYERS}, but the vision tower "
+                f"runs only {depth} layers{unused}."
+            )
+        if depth < 2:
+            raise ValueError(
+                f"dense_connector_type='dci' averages two ranges of hidden states, but the vision tower runs only "
+                f"{depth} layer{unused}."
+            )
+
+    @classmethod
+    def layers_read(cls, config):
+        return {layer for group in cls.dense_layer_groups(config) for layer in group} | {config.base_layer}
+
+    @classmethod
+    def projector_slots(cls, config):
+        return 0, 3  # base layer first, then the two added features
+
+    def forward(self, vision_hidden_states, instruction_embeds=None) -> FuserOutput:
+        added = [
+            torch.stack([self.patches(vision_hidden_states[layer]) for layer in group]).mean(0)
+            for group in self.layer_groups
+        ]
+        return FuserOutput(torch.cat([self.patches(vision_hidden_states[self.base_layer]), *added], dim=-1))
+
+
 def init_fuser_weights(module: nn.Module) -> None:
     """Fuser-specific initialisation of one module (other modules keep the default Linear/LayerNorm init)."""
     if isinstance(module, MultiScaleDeformableAttention):
