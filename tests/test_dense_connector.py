@@ -5,13 +5,40 @@ and `dense_connector_dci` / `_sci` step by step, with their hard-coded indices; 
 runs them (SigLIP without its last layer) with transformers' own vision models.
 """
 
+import json
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
-from conftest import randomise
-from reference_math import dense_connector_reference, mlp_projector_reference
-from transformers import AutoConfig, AutoModel, LlamaForCausalLM
+from conftest import make_image, randomise
+from PIL import Image
+from reference_math import StateView, dense_connector_reference, mlp_projector_reference
+from test_original_conversion import (
+    ORIGINAL_VOCAB,
+    original_config,
+    original_llm_state,
+    original_tokenizer,
+    random_tensors,
+    write_original,
+)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoProcessor,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionModel,
+)
+from transformers.image_transforms import convert_to_rgb, normalize, rescale, resize
+from transformers.image_utils import ChannelDimension, PILImageResampling
 
-from hf_fusedvlm import FusedLlavaConfig, build_fuser
+from hf_fusedvlm import FusedLlavaConfig, FusedLlavaForConditionalGeneration, build_fuser
+from hf_fusedvlm.conversion import ConversionError, convert_original_checkpoint
+from hf_fusedvlm.tiny import tiny_llava_config
 
 
 SIGLIP_SO400M = {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
@@ -86,7 +113,8 @@ def official_tower(model, siglip: bool):
 
 def reference_logits(model, input_ids, image_features) -> torch.Tensor:
     """The official `prepare_inputs_labels_for_multimodal` for one sample and image: the text embedded around the
-    image placeholder, the image features in its place, then the LLM."""
+    image placeholder, the image features in its place, then the LLM (`model.model.language_model` and
+    `model.lm_head` loaded into transformers' Llama)."""
     llm = LlamaForCausalLM(model.config.text_config).eval()
     llm.model.load_state_dict(model.model.language_model.state_dict())
     llm.lm_head.load_state_dict(model.lm_head.state_dict())
@@ -108,8 +136,6 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_image_features_and_logits_match_the_official_math(vision, variant, tmp_path):
     """A fused model with random non-zero weights, saved and loaded through AutoModel with trust_remote_code, gives
     the official code's image features and first-step logits."""
-    from hf_fusedvlm import FusedLlavaForConditionalGeneration
-
     siglip = vision["model_type"].startswith("siglip")
     model = FusedLlavaForConditionalGeneration(dense_config(vision, variant)).eval()
     randomise(model, seed=0)
@@ -130,3 +156,113 @@ def test_image_features_and_logits_match_the_official_math(vision, variant, tmp_
     assert features.shape == (num_patches, 64)
     assert relative_error(features, expected) <= 1e-5
     assert relative_error(logits, reference_logits(model, input_ids, expected)) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------ import
+
+
+SIGLIP_NAME = "google/siglip-so400m-patch14-384"
+
+
+def write_siglip_tower(folder, vision_state: dict) -> None:
+    """A SigLIP checkpoint folder as google publishes them: a full SiglipModel (with its pooling head) and its
+    preprocessor_config.json."""
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "vocab_size": 99}
+    siglip = SiglipModel(SiglipConfig(vision_config={k: v for k, v in SIGLIP_SO400M.items()
+                                                     if k not in ("model_type", "vision_use_head")},
+                                      text_config=text))
+    randomise(siglip, seed=9)
+    siglip.vision_model.load_state_dict(vision_state, strict=False)
+    folder.mkdir(parents=True)
+    siglip.save_pretrained(folder)
+    preprocessor = {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5] * 3,
+                    "image_std": [0.5] * 3, "image_processor_type": "SiglipImageProcessor", "resample": 3,
+                    "rescale_factor": 1 / 255, "size": {"height": 384, "width": 384}}
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+
+
+def official_pixels(image) -> torch.Tensor:
+    """The official preprocessing: LLaVA-1.5's `expand2square` with the image mean as background, then the SigLIP
+    image processor's resize to 384 px (bicubic), rescale and normalise with mean and std 0.5."""
+    width, height = image.size
+    side = max(width, height)
+    background = tuple(int(x * 255) for x in (0.5, 0.5, 0.5))
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    array = np.array(convert_to_rgb(square))
+    array = resize(array, size=(384, 384), resample=PILImageResampling.BICUBIC, data_format=ChannelDimension.FIRST)
+    array = rescale(array, scale=1 / 255, data_format=ChannelDimension.FIRST)
+    array = normalize(array, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), data_format=ChannelDimension.FIRST)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(tmp_path_factory):
+    """A Dense Connector checkpoint in the official layout (Vicuna-like LLM, SigLIP tower named by the config, the
+    tower's 26 run layers inside as the official trainer saves them) and the SigLIP folder google publishes."""
+    root = tmp_path_factory.mktemp("dense")
+    llm_config = tiny_llava_config(original_tokenizer())
+    llava = LlavaForConditionalGeneration(LlavaConfig(
+        text_config={**llm_config.text_config.to_dict(), "vocab_size": 128, "pad_token_id": 101},
+        vision_config=llm_config.vision_config, image_token_index=100))
+    randomise(llava, seed=3)
+    tower = SiglipVisionModel(AutoConfig.for_model(**SIGLIP_SO400M)).eval()
+    randomise(tower, seed=4)
+    tower_state = tower.vision_model.state_dict() if hasattr(tower, "vision_model") else tower.state_dict()
+    write_siglip_tower(root / "siglip", tower_state)
+    run_tower = {f"model.vision_tower.vision_tower.vision_model.{key}": value for key, value in tower_state.items()
+                 if not key.startswith("encoder.layers.26.")}
+    projector = random_tensors({"model.mm_projector.0.weight": (64, 192), "model.mm_projector.0.bias": (64,),
+                                "model.mm_projector.2.weight": (64, 64), "model.mm_projector.2.bias": (64,)}, seed=5)
+    state = {**original_llm_state(llava), **projector, **run_tower}
+    config = original_config(llava, model_type="llava_llama", mm_vision_tower=SIGLIP_NAME, mm_hidden_size=192,
+                             mm_dense_connector_type="dci", mm_vision_select_layer=-2)
+    write_original(root / "dense-connector", config, state)
+    convert_original_checkpoint(root / "dense-connector", root / "fused", vision_tower=root / "siglip",
+                                progress=False)
+    return SimpleNamespace(root=root, llava=llava, tower_state=tower_state, state=state, config=config)
+
+
+
+
+def test_imported_checkpoint_computes_the_official_math(dense_checkpoint):
+    folder = dense_checkpoint.root / "fused"
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    config = model.config
+    assert (config.fuser_type, config.dense_connector_type, config.base_layer) == ("dense_connector", "dci", 26)
+    assert config.vision_config.num_hidden_layers == 27 and not config.vision_config.vision_use_head
+    assert config.vision_feature_select_strategy == "full" and config.image_seq_length == 729
+    # Layer 26 (the official tower deletes it) comes from the SigLIP folder, the 26 run layers from the checkpoint.
+    saved = model.model.vision_tower.state_dict()
+    for key, value in dense_checkpoint.tower_state.items():
+        if not key.startswith("head."):
+            torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
+
+    image = make_image(0, size=48).crop((0, 0, 48, 30))  # not square: the official code pads it
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown in the image?"}]}],
+        add_generation_prompt=True,
+    )
+    assert prompt.startswith("A chat between a curious user and an artificial intelligence assistant.")
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    assert (inputs["input_ids"] == config.image_token_index).sum() == 729
+    assert relative_error(inputs["pixel_values"][0], official_pixels(image)) <= 1e-6
+
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"]).pooler_output[0]
+        logits = model(**inputs).logits
+        official = SiglipVisionModel(AutoConfig.for_model(**{**SIGLIP_SO400M, "num_hidden_layers": 26})).eval()
+        run_state = {k.removeprefix("model.vision_tower.vision_tower.vision_model."): v
+                     for k, v in dense_checkpoint.state.items() if k.startswith("model.vision_tower.")}
+        (official.vision_model if hasattr(official, "vision_model") else official).load_state_dict(run_state)
+        hidden_states = [state[0] for state in official(official_pixels(image)[None], output_hidden_states=True).hidden_states]
+    projector = StateView(dense_checkpoint.state, "model.mm_projector.")
+    expected = mlp_projector_reference(dense_connector_reference(hidden_states, "dci", is_siglip=True),
+                                       projector[0], projector[2])
+    assert relative_error(features, expected) <= 1e-5
+    # First-step logits: the official LLM (original vocabulary) on the text around the image features.
+    reference = reference_logits(dense_checkpoint.llava, inputs["input_ids"], expected)
+    assert relative_error(logits[..., :ORIGINAL_VOCAB], reference[..., :ORIGINAL_VOCAB]) <= 1e-5
+
