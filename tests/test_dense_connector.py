@@ -16,14 +16,18 @@ from PIL import Image
 from reference_math import StateView, dense_connector_reference, mlp_projector_reference
 from test_original_conversion import (
     ORIGINAL_VOCAB,
+    write_tower,
     original_config,
     original_llm_state,
     original_tokenizer,
     random_tensors,
     write_original,
 )
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoConfig,
+    CLIPVisionModel,
+    PreTrainedTokenizerFast,
     AutoModel,
     AutoProcessor,
     LlamaForCausalLM,
@@ -266,3 +270,100 @@ def test_imported_checkpoint_computes_the_official_math(dense_checkpoint):
     reference = reference_logits(dense_checkpoint.llava, inputs["input_ids"], expected)
     assert relative_error(logits[..., :ORIGINAL_VOCAB], reference[..., :ORIGINAL_VOCAB]) <= 1e-5
 
+
+
+def rewrite(dense_checkpoint, folder, **config_changes):
+    """A copy of the Dense Connector checkpoint with config keys changed."""
+    write_original(folder, {**dense_checkpoint.config, **config_changes}, dense_checkpoint.state)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("changes", "tower", "message"),
+    [
+        ({}, "clip", r"'clip_vision_model' model, but the checkpoint names the SigLIP tower 'google/siglip-so400m"),
+        ({"mm_dense_connector_type": "sti"}, "siglip", r"sparse token integration \(mm_dense_connector_type 'sti'\)"),
+        ({"mm_hidden_size": 128}, "siglip", r"mm_hidden_size=128 .* three widths of the --vision-tower \(64\), i\.e\. 192"),
+    ],
+    ids=["clip-tower", "sti", "width"],
+)
+def test_bad_inputs_are_clear_errors_and_leave_nothing(dense_checkpoint, changes, tower, message, tmp_path):
+    source = rewrite(dense_checkpoint, tmp_path / "source", **changes)
+    if tower == "clip":
+        write_tower(tmp_path / "clip", CLIPVisionModel(tiny_llava_config(original_tokenizer()).vision_config).state_dict())
+    tower_folder = tmp_path / "clip" if tower == "clip" else dense_checkpoint.root / "siglip"
+    before = {path.name: path.stat().st_size for path in source.iterdir()}
+    with pytest.raises(ConversionError, match=message):
+        convert_original_checkpoint(source, tmp_path / "out", vision_tower=tower_folder, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert {path.name: path.stat().st_size for path in source.iterdir()} == before
+
+
+def llama_3_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Llama-3's special tokens in the original vocabulary's 100 rows."""
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    words = ["user", "system", "You", "are", "a", "What", "is", "shown", "in", "the", "image", "?"]
+    words += [f"w{index}" for index in range(ORIGINAL_VOCAB - len(specials) - len(words))]
+    tokenizer = Tokenizer(models.WordLevel({token: index for index, token in enumerate(specials + words)},
+                                           unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>")
+
+
+def test_llama_3_checkpoint_gets_the_official_llama_3_conversation(dense_checkpoint, tmp_path):
+    source = rewrite(dense_checkpoint, tmp_path / "source", bos_token_id=0, eos_token_id=1)
+    llama_3_tokenizer().save_pretrained(source)
+    convert_original_checkpoint(source, tmp_path / "out", vision_tower=dense_checkpoint.root / "siglip",
+                                progress=False)
+    processor = AutoProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A circle."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
+    ]
+    # conversation.py's conv_llama_3: the system text carries <|begin_of_text|> and its header; every message is
+    # the role's header, the message and <|eot_id|>; the assistant's header names the role `system`.
+    system = ("You are a helpful language and vision assistant. You are able to understand the visual content that "
+              "the user provides, and assist the user with a variety of tasks using natural language.")
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n".format
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == (
+        "<|begin_of_text|>" + header("system") + system + "<|eot_id|>"
+        + header("user") + "<image>\nWhat is shown?<|eot_id|>" + header("system") + "A circle.<|eot_id|>"
+        + header("user") + "Sure?<|eot_id|>" + header("system")
+    )
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [1, 4]  # <|end_of_text|> and <|eot_id|>, as the official evaluation stops
+
+
+def test_vicuna_checkpoint_gets_the_vicuna_v1_conversation(dense_checkpoint):
+    processor = AutoProcessor.from_pretrained(dense_checkpoint.root / "fused", trust_remote_code=True)
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A circle."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
+    ]
+    # conversation.py's conv_vicuna_v1 (`--version v1`, `--conv-mode vicuna_v1`): separator style TWO.
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nWhat is shown? ASSISTANT: A circle."
+        "</s>USER: Sure? ASSISTANT:"
+    )
+
+
+def test_imported_checkpoint_in_4_bit_keeps_the_fuser_unquantised(dense_checkpoint):
+    bnb = pytest.importorskip("bitsandbytes", reason="the quantization extra is not installed")
+    from transformers import BitsAndBytesConfig
+
+    folder = dense_checkpoint.root / "fused"
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True,
+                                      quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    quantised = {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    assert not any(name.startswith("model.fuser") for name in quantised)
+    assert any(name.startswith("model.multi_modal_projector.") for name in quantised)
+    assert any(name.startswith("model.language_model.") for name in quantised)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(images=make_image(0), text="USER: <image>\nWhat is shown? ASSISTANT:", return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 3
