@@ -367,3 +367,19 @@ def test_imported_checkpoint_in_4_bit_keeps_the_fuser_unquantised(dense_checkpoi
     inputs = processor(images=make_image(0), text="USER: <image>\nWhat is shown? ASSISTANT:", return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_model_card_credits_the_authors_and_marks_their_scores_as_reported(dense_checkpoint, tmp_path):
+    card = (dense_checkpoint.root / "fused" / "README.md").read_text()
+    assert "trained and released by the authors of Dense Connector" in card and "yao2024dense" in card
+    assert "| variant (`dense_connector_type`) | dci |" in card
+    assert "[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25]]" in card
+    assert "Results reported by the authors" not in card  # a local folder: which release it is is unknown
+    convert_original_checkpoint(dense_checkpoint.root / "dense-connector", tmp_path / "out", progress=False,
+                                vision_tower=dense_checkpoint.root / "siglip",
+                                base_model="HuanjinYao/DenseConnector-v1.5-13B")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "These scores are **reported by the original authors** for HuanjinYao/DenseConnector-v1.5-13B" in card
+    assert "they were **not measured here**" in card
+    assert "| TextVQA | SQA-IMG | GQA | LLaVA-Bench-in-the-Wild | MMBench | MM-Vet | MMMU | MathVista |" in card
+    assert "| 64.7 | 73.0 | 65.4 | 73.6 | 71.4 | 41.6 | 34.3 | 29.6 |" in card
