@@ -41,7 +41,7 @@ from transformers.image_transforms import convert_to_rgb, normalize, rescale, re
 from transformers.image_utils import ChannelDimension, PILImageResampling
 
 from hf_fusedvlm import FusedLlavaConfig, FusedLlavaForConditionalGeneration, build_fuser
-from hf_fusedvlm.conversion import ConversionError, convert_original_checkpoint
+from hf_fusedvlm.conversion import ConversionError, convert_original_checkpoint, main
 from hf_fusedvlm.tiny import tiny_llava_config
 
 
@@ -375,9 +375,10 @@ def test_model_card_credits_the_authors_and_marks_their_scores_as_reported(dense
     assert "| variant (`dense_connector_type`) | dci |" in card
     assert "[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25]]" in card
     assert "Results reported by the authors" not in card  # a local folder: which release it is is unknown
-    convert_original_checkpoint(dense_checkpoint.root / "dense-connector", tmp_path / "out", progress=False,
-                                vision_tower=dense_checkpoint.root / "siglip",
-                                base_model="HuanjinYao/DenseConnector-v1.5-13B")
+    code = main(["--input", str(dense_checkpoint.root / "dense-connector"), "--output", str(tmp_path / "out"),
+                 "--vision-tower", str(dense_checkpoint.root / "siglip"), "--verify", "--no-progress",
+                 "--base-model", "HuanjinYao/DenseConnector-v1.5-13B"])
+    assert code == 0
     card = (tmp_path / "out" / "README.md").read_text()
     assert "These scores are **reported by the original authors** for HuanjinYao/DenseConnector-v1.5-13B" in card
     assert "they were **not measured here**" in card

@@ -92,8 +92,8 @@ def build_parser(prog: str = "fusedvlm-convert") -> argparse.ArgumentParser:
             "Convert a LLaVA checkpoint into a fused LLaVA loadable with trust_remote_code=True. Both formats are "
             "recognised from config.json: llava-hf (LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf; "
             "needs --fuser) and original (haotian-liu/LLaVA layout, e.g. liuhaotian/llava-v1.5-7b, or trained with "
-            "the official MMFuser or IGVA code; needs --vision-tower). A new fuser starts so that the result "
-            "computes exactly what the source computes. With --demo and no --input it converts a built-in tiny "
+            "the official MMFuser, IGVA or Dense Connector code; needs --vision-tower). A new fuser starts so that "
+            "the result computes exactly what the source computes. With --demo and no --input it converts a built-in tiny "
             "LLaVA (no download), loads the result and answers a question about an image."
         ),
         epilog=(
@@ -123,7 +123,11 @@ def build_parser(prog: str = "fusedvlm-convert") -> argparse.ArgumentParser:
         "--instruction-encoder",
         help=f"sentence-transformers folder or Hub repo id, e.g. {INSTRUCTION_ENCODER_EXAMPLE} (igva)",
     )
-    parser.add_argument("--vision-tower", help="original format: the CLIP model named by mm_vision_tower")
+    parser.add_argument(
+        "--vision-tower",
+        help="original format: the CLIP model named by mm_vision_tower (Dense Connector's released models: SigLIP, "
+        "google/siglip-so400m-patch14-384)",
+    )
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating weights (default: keep the source's)")
     parser.add_argument("--verify", action="store_true", help="check the result computes what the source does")
     parser.add_argument(
