@@ -454,7 +454,7 @@ class DenseConnectorFuser(Fuser):
         if config.dense_connector_type == "sci":
             return [[layer] for layer in DENSE_CONNECTOR_SCI_LAYERS]
         depth = cls.official_tower_depth(config)
-        return [list(range(0, depth // 2)), list(range(depth // 2, depth))]
+        return [list(range(depth // 2)), list(range(depth // 2, depth))]
 
     @classmethod
     def check_config(cls, config):
@@ -476,7 +476,8 @@ class DenseConnectorFuser(Fuser):
                 "towers: set vision_feature_select_strategy='default'."
             )
         depth = cls.official_tower_depth(config)
-        unused = " (the official code leaves its last layer out)" if depth < config.vision_config.num_hidden_layers else ""
+        truncated = depth < config.vision_config.num_hidden_layers
+        unused = " (the official code leaves its last layer out)" if truncated else ""
         if variant == "sci" and depth < max(DENSE_CONNECTOR_SCI_LAYERS):
             raise ValueError(
                 f"dense_connector_type='sci' reads hidden states {DENSE_CONNECTOR_SCI_LAYERS}, but the vision tower "

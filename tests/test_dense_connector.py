@@ -73,8 +73,8 @@ def dense_config(vision: dict, variant: str = "dci", **fields) -> FusedLlavaConf
 @pytest.mark.parametrize(
     ("vision", "variant", "groups", "base"),
     [
-        (SIGLIP_SO400M, "dci", [list(range(0, 13)), list(range(13, 26))], 26),
-        (CLIP_L, "dci", [list(range(0, 12)), list(range(12, 24))], 23),
+        (SIGLIP_SO400M, "dci", [list(range(13)), list(range(13, 26))], 26),
+        (CLIP_L, "dci", [list(range(12)), list(range(12, 24))], 23),
         (SIGLIP_SO400M, "sci", [[7], [15]], 26),
         (CLIP_L, "sci", [[7], [15]], 23),
     ],

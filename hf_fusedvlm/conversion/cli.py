@@ -93,8 +93,8 @@ def build_parser(prog: str = "fusedvlm-convert") -> argparse.ArgumentParser:
             "recognised from config.json: llava-hf (LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf; "
             "needs --fuser) and original (haotian-liu/LLaVA layout, e.g. liuhaotian/llava-v1.5-7b, or trained with "
             "the official MMFuser, IGVA or Dense Connector code; needs --vision-tower). A new fuser starts so that "
-            "the result computes exactly what the source computes. With --demo and no --input it converts a built-in tiny "
-            "LLaVA (no download), loads the result and answers a question about an image."
+            "the result computes exactly what the source computes. With --demo and no --input it converts a built-in "
+            "tiny LLaVA (no download), loads the result and answers a question about an image."
         ),
         epilog=(
             "Examples: fusedvlm-convert --input llava-hf/llava-1.5-7b-hf --output ./llava-1.5-7b-mmfuser --fuser "

@@ -116,7 +116,9 @@ def plan_checkpoint(
     return planned
 
 
-def plan_vision_tower(shards: list[StoredShard], dtype, config: FusedLlavaConfig, present: set[str]) -> list[PlannedShard]:
+def plan_vision_tower(
+    shards: list[StoredShard], dtype, config: FusedLlavaConfig, present: set[str]
+) -> list[PlannedShard]:
     """The vision tensors of a CLIP or SigLIP checkpoint (a full CLIPModel / SiglipModel, or its vision model with or
     without the `vision_model.` prefix of older transformers) as the fused tower, leaving out the tensors already in
     `present` (the checkpoint's own copy of the tower, which wins) and a pooling head the fused tower does not have."""
@@ -131,7 +133,9 @@ def plan_vision_tower(shards: list[StoredShard], dtype, config: FusedLlavaConfig
         return has_head or not name(key).startswith(TOWER_PREFIX + "head.")
 
     return [
-        planned_shard([plan_tensor(name(tensor.key), tensor, dtype) for tensor in shard.tensors if wanted(tensor.key)], shard)
+        planned_shard(
+            [plan_tensor(name(tensor.key), tensor, dtype) for tensor in shard.tensors if wanted(tensor.key)], shard
+        )
         for shard in shards
     ]
 
@@ -164,7 +168,8 @@ def plan_conversion(shards, variant, keys, config, tower_folder, encoder, source
     # A trained checkpoint may hold its tower, whole (CLIP) or as the official code runs it (Dense Connector's SigLIP
     # without its last layer): --vision-tower gives whatever it lacks.
     present = {entry.name for shard in planned for entry in shard.entries}
-    planned += plan_vision_tower(read_shards(tower_folder, "--vision-tower", allow_pickles=True), dtype, config, present)
+    tower_shards = read_shards(tower_folder, "--vision-tower", allow_pickles=True)
+    planned += plan_vision_tower(tower_shards, dtype, config, present)
     new_tensors = []
     if variant == "llava":
         new_tensors += plan_new_tensors(new_fuser_tensors(config, seed=0), dtype)
