@@ -223,9 +223,9 @@ def dense_checkpoint(tmp_path_factory):
     config = original_config(llava, model_type="llava_llama", mm_vision_tower=SIGLIP_NAME, mm_hidden_size=192,
                              mm_dense_connector_type="dci", mm_vision_select_layer=-2)
     write_original(root / "dense-connector", config, state)
-    convert_original_checkpoint(root / "dense-connector", root / "fused", vision_tower=root / "siglip",
-                                progress=False)
-    return SimpleNamespace(root=root, llava=llava, tower_state=tower_state, state=state, config=config)
+    result = convert_original_checkpoint(root / "dense-connector", root / "fused", vision_tower=root / "siglip",
+                                         verify=True, progress=False)
+    return SimpleNamespace(root=root, llava=llava, tower_state=tower_state, state=state, config=config, result=result)
 
 
 
@@ -269,6 +269,8 @@ def test_imported_checkpoint_computes_the_official_math(dense_checkpoint):
     # First-step logits: the official LLM (original vocabulary) on the text around the image features.
     reference = reference_logits(dense_checkpoint.llava, inputs["input_ids"], expected)
     assert relative_error(logits[..., :ORIGINAL_VOCAB], reference[..., :ORIGINAL_VOCAB]) <= 1e-5
+    # --verify compared an image prompt with the source computation, in float32.
+    assert dense_checkpoint.result.verify_tolerance == 1e-6 and dense_checkpoint.result.verify_max_abs_diff < 1e-4
 
 
 

@@ -56,7 +56,7 @@ from .pipeline import check_fuser_choice, describe_result, fuser_class_or_error,
 from .sentence_encoder import SentenceEncoder, load_sentence_encoder
 from .shards import StoredShard, read_shards
 from .staging import staged_output
-from .verify import verify_against_llm
+from .verify import verify_against_llm, verify_dense_connector
 from .writing import (
     PlannedShard,
     count_parameters,
@@ -341,7 +341,8 @@ def convert_original_checkpoint(
             IGVA checkpoints it is fixed by the checkpoint.
         fuser_layers, fuser_layer_groups, fuser_options, dtype, push_to_hub, private, base_model, progress: as
             `convert_llava_checkpoint`.
-        verify: check the result before moving it into place (see `verify.verify_against_llm`).
+        verify: check the result before moving it into place (see `verify.verify_against_llm`; Dense Connector:
+            `verify.verify_dense_connector`, the whole image prompt against the source computation).
 
     Returns: a `ConversionResult`.
     """
@@ -408,8 +409,13 @@ def convert_original_checkpoint(
             source_text_config = text_config_from_original(
                 source.raw, source.vocab_size, source.raw.get("pad_token_id")
             )
-            result.verify_max_abs_diff, result.verify_tolerance = verify_against_llm(
-                staging, source.folder, source_text_config, dtype
-            )
+            if source.variant == "dense-connector":
+                result.verify_max_abs_diff, result.verify_tolerance = verify_dense_connector(
+                    staging, source.folder, source.shards, source_text_config, dtype
+                )
+            else:
+                result.verify_max_abs_diff, result.verify_tolerance = verify_against_llm(
+                    staging, source.folder, source_text_config, dtype
+                )
     origin = origin or source.folder.name
     return publish_result(result, push_to_hub, private, f"Import {source.variant} LLaVA from {origin}")
