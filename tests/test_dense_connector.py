@@ -41,8 +41,9 @@ from transformers.image_transforms import convert_to_rgb, normalize, rescale, re
 from transformers.image_utils import ChannelDimension, PILImageResampling
 
 from hf_fusedvlm import FusedLlavaConfig, FusedLlavaForConditionalGeneration, build_fuser
-from hf_fusedvlm.conversion import ConversionError, convert_original_checkpoint, main
-from hf_fusedvlm.tiny import tiny_llava_config
+from hf_fusedvlm.conversion import ConversionError, convert_original_checkpoint, fused_from_llava, main
+from hf_fusedvlm.conversion.cli import parse_fuser_options
+from hf_fusedvlm.tiny import build_tiny_llava, tiny_llava_config
 
 
 SIGLIP_SO400M = {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
@@ -386,3 +387,21 @@ def test_model_card_credits_the_authors_and_marks_their_scores_as_reported(dense
     assert "they were **not measured here**" in card
     assert "| TextVQA | SQA-IMG | GQA | LLaVA-Bench-in-the-Wild | MMBench | MM-Vet | MMMU | MathVista |" in card
     assert "| 64.7 | 73.0 | 65.4 | 73.6 | 71.4 | 41.6 | 34.3 | 29.6 |" in card
+
+
+@pytest.mark.parametrize("variant", ["dci", "sci"])
+@pytest.mark.parametrize("vision_model_type", ["clip_vision_model", "siglip_vision_model"])
+def test_parity_start_from_a_plain_llava(variant, vision_model_type):
+    """`fused_from_llava(llava, "dense_connector")` computes what the source computes (new projector columns 0)."""
+    llava, processor = build_tiny_llava(seed=0, num_vision_layers=17, vision_model_type=vision_model_type)
+    fused = fused_from_llava(llava, "dense_connector", dense_connector_type=variant)
+    assert fused.config.dense_connector_type == variant and fused.model.fuser.output_size == 3 * 64
+    inputs = processor(images=make_image(0), text="USER: <image>\nWhat is shown? ASSISTANT:", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**inputs).logits, llava(**inputs).logits, rtol=0, atol=0)
+
+
+def test_command_line_chooses_the_variant():
+    assert parse_fuser_options(["dense_connector_type=sci"]) == {"dense_connector_type": "sci"}
+    with pytest.raises(ConversionError, match="fuser_num_heads needs a number"):
+        parse_fuser_options(["fuser_num_heads=many"])

@@ -13,6 +13,8 @@ from .pipeline import FUSER_OPTIONS, INSTRUCTION_ENCODER_EXAMPLE
 from .writing import ConversionResult
 
 
+# Fuser options whose value is a word (`--fuser-option dense_connector_type=sci`), not JSON.
+TEXT_FUSER_OPTIONS = ("dense_connector_type",)
 # Flags whose value may start with '-' (negative layer indices): argparse would take `-5,-3,-2` for an option.
 NEGATIVE_VALUE_FLAGS = ("--fuser-layers", "--fuser-groups")
 
@@ -66,6 +68,9 @@ def parse_fuser_options(items: list[str] | None) -> dict:
         try:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
+            if name in TEXT_FUSER_OPTIONS:
+                options[name] = value
+                continue
             raise ConversionError(f"--fuser-option {name} needs a number or true/false, got {value!r}.") from None
     return options
 

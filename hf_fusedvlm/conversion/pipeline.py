@@ -21,6 +21,7 @@ FUSER_OPTIONS = (
     "aggregator_num_heads",
     "balance_loss_weight",
     "instruction_embedding_normalize",
+    "dense_connector_type",
 )
 INSTRUCTION_ENCODER_EXAMPLE = "sentence-transformers/all-mpnet-base-v2"
 
