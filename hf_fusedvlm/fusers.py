@@ -288,8 +288,9 @@ class IGVAFuser(AverageFuser):
     title = "the instruction-guided vision aggregator of IGVA (Li, Zheng et al., arXiv 2501.08443)"
     description = (
         "A frozen sentence encoder embeds the user's instruction; with the CLS features of K groups of layers it "
-        "gives softmax weights over the groups. The weighted mean of the groups' patch features is concatenated "
-        "after the base layer's patch features and projected."
+        "gives softmax weights over the groups (on towers without a class token, such as SigLIP, each group's mean "
+        "patch feature takes the CLS feature's place). The weighted mean of the groups' patch features is "
+        "concatenated after the base layer's patch features and projected."
     )
     parity = "the projector's new input columns, which read the fused groups, start at zero"
 
