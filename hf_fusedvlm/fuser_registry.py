@@ -339,9 +339,9 @@ class DenseConnectorSpec(FuserSpec):
         "dense_connector_type": FuserField(
             "dci",
             str,
-            "The Dense Connector variant: 'dci' (the base layer with the means of the lower and the upper half of the "
-            "tower's hidden states, as the released checkpoints) or 'sci' (the base layer with hidden states 7 and "
-            "15); 'sti', which adds image tokens, is refused.",
+            "The Dense Connector variant: `dci` (the base layer with the means of the lower and the upper half of the "
+            "tower's hidden states, as the released checkpoints) or `sci` (the base layer with hidden states 7 and "
+            "15); `sti`, which adds image tokens, is refused.",
         ),
     }
     title = "the Dense Connector (Yao et al., NeurIPS 2024)"
