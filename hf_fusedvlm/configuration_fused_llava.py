@@ -77,8 +77,8 @@ class FusedLlavaConfig(LlavaConfig):
     A list cannot be combined with the fusers other than `none` and `concat`, nor with other `fuser_layers`.
 
     fuser_type (`str`, *optional*):
-        A registered fuser (`hf_fusedvlm.fusers.FUSERS`): `"mmfuser"`, `"igva"`, `"concat"`, `"average"`, `"none"`.
-        Defaults to `"mmfuser"`, or `"concat"` when `vision_feature_layer` lists several layers.
+        A registered fuser (`hf_fusedvlm.fusers.FUSERS`): `"mmfuser"`, `"igva"`, `"dense_connector"`, `"concat"`,
+        `"average"`, `"none"`. Defaults to `"mmfuser"`, or `"concat"` when `vision_feature_layer` lists several layers.
     fuser_layers (`list[int]`, *optional*):
         Layers fused by `mmfuser` (the last one is the query, so it must equal `vision_feature_layer`) and `concat`
         (concatenated along channels in this order). Defaults to MMFuser's CLIP-L layers 3, 8, 13, 18, 23 scaled to the

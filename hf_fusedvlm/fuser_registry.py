@@ -42,9 +42,14 @@ class FuserField:
     help: str
     minimum: int | float | None = None
 
+    @property
+    def types(self) -> tuple[type, ...]:
+        """The accepted value types, as a tuple."""
+        return self.type if isinstance(self.type, tuple) else (self.type,)
+
     def check_type(self, name: str, value: Any) -> None:
         """Raise a `TypeError` unless `value` has one of the field's types."""
-        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        types = self.types
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             expected = " | ".join(accepted.__name__ for accepted in types)
             raise TypeError(f"Field '{name}' expected {expected}, got {type(value).__name__} (value: {value!r})")
@@ -68,7 +73,9 @@ class FuserSpec:
       initialisation the base layer's features occupy slot `base_slot`, which is where parity conversion puts the
       plain LLaVA projector's columns (the other columns start at zero); `base_slot` is `None` when no slot holds
       them, and such a fuser cannot be converted with parity;
-    - `title`, `description`, `parity`: what model cards say of it.
+    - `title`, `description`, `parity`: what model cards say of it;
+    - `card_rows(config)`: the rows it adds to the model card's table, `(label, value)`; by default each of its
+      `config_fields` under its name.
     """
 
     fuser_type: ClassVar[str]
@@ -90,6 +97,10 @@ class FuserSpec:
     @classmethod
     def projector_slots(cls, config: "PreTrainedConfig") -> tuple[int | None, int]:
         return 0, 1
+
+    @classmethod
+    def card_rows(cls, config: "PreTrainedConfig") -> list[tuple[str, Any]]:
+        return [(f"`{name}`", getattr(config, name)) for name in cls.config_fields]
 
 
 FUSERS: dict[str, type[FuserSpec]] = {}
@@ -240,8 +251,9 @@ class IGVAFuserSpec(AverageFuserSpec):
     title = "the instruction-guided vision aggregator of IGVA (Li, Zheng et al., arXiv 2501.08443)"
     description = (
         "A frozen sentence encoder embeds the user's instruction; with the CLS features of K groups of layers it "
-        "gives softmax weights over the groups. The weighted mean of the groups' patch features is concatenated "
-        "after the base layer's patch features and projected."
+        "gives softmax weights over the groups (on towers without a class token, such as SigLIP, each group's mean "
+        "patch feature takes the CLS feature's place). The weighted mean of the groups' patch features is "
+        "concatenated after the base layer's patch features and projected."
     )
     parity = "the projector's new input columns, which read the fused groups, start at zero"
 
@@ -303,3 +315,103 @@ class MMFuserSpec(FuserSpec):
     @classmethod
     def layers_read(cls, config):
         return set(config.fuser_layers)
+
+
+# The Dense Connector variants that keep LLaVA's image-token count; `sti` appends pooled tokens instead.
+DENSE_CONNECTOR_TYPES = ("dci", "sci")
+# The hidden states that Dense Connector's `sci` variant concatenates, fixed in the official code for every tower.
+DENSE_CONNECTOR_SCI_LAYERS = (7, 15)
+
+
+@register_fuser("dense_connector")
+class DenseConnectorSpec(FuserSpec):
+    """`dense_connector`: the base layer's patch features concatenated on channels with two more visual features
+    (`dense_connector_type`): `dci`, the means of two contiguous ranges of hidden states; `sci`, hidden states 7 and
+    15. No weights: the projector reads three vision widths.
+
+    The ranges are those of the official code. It reads the hidden states of the tower it runs: all of CLIP's, but
+    only the first `num_hidden_layers - 1` layers of SigLIP's, whose last layer it deletes. `dci` averages the first
+    and the second half of that tower's hidden states but its last one (CLIP-L/336, 24 layers: 0..11 and 12..23;
+    SigLIP-so400m, 27 layers: 0..12 and 13..25, its base layer being 26, the last layer the official tower runs).
+    """
+
+    config_fields = {
+        "dense_connector_type": FuserField(
+            "dci",
+            str,
+            "The Dense Connector variant: `dci` (the base layer with the means of the lower and the upper half of the "
+            "tower's hidden states, as the released checkpoints) or `sci` (the base layer with hidden states 7 and "
+            "15); `sti`, which adds image tokens, is refused.",
+        ),
+    }
+    title = "the Dense Connector (Yao et al., NeurIPS 2024)"
+    description = (
+        "The base layer's patch features are concatenated along channels with two more visual features and projected: "
+        "for `dci` the means of the lower and the upper half of the vision tower's hidden states, for `sci` hidden "
+        "states 7 and 15 (Dense Connector's dense channel and sparse channel integration)."
+    )
+    parity = "the projector's new input columns, which read the two added features, start at zero"
+
+    @staticmethod
+    def official_tower_depth(config: "PreTrainedConfig") -> int:
+        """The layers the official code runs: SigLIP towers without their last layer (the official SigLIP tower
+        deletes it; the code recognises SigLIP by name, as here by model type), every layer of the others."""
+        depth = config.vision_config.num_hidden_layers
+        return depth - 1 if "siglip" in config.vision_config.model_type else depth
+
+    @classmethod
+    def dense_layer_groups(cls, config: "PreTrainedConfig") -> list[list[int]]:
+        """The hidden states behind the two added features, per feature (averaged when a group holds several)."""
+        if config.dense_connector_type == "sci":
+            return [[layer] for layer in DENSE_CONNECTOR_SCI_LAYERS]
+        depth = cls.official_tower_depth(config)
+        return [list(range(depth // 2)), list(range(depth // 2, depth))]
+
+    @classmethod
+    def check_config(cls, config):
+        variant = config.dense_connector_type
+        if variant == "sti":
+            raise ValueError(
+                "dense_connector_type='sti' (Dense Connector's sparse token integration) appends pooled tokens of "
+                "hidden states 7 and 15 to the image tokens, so an image fills more tokens than the vision tower has "
+                "patches; fused LLaVA keeps LLaVA's image-token count and cannot run it: use 'dci' or 'sci'."
+            )
+        if variant not in DENSE_CONNECTOR_TYPES:
+            raise ValueError(
+                f"Unknown dense_connector_type {variant!r}: choose one of {', '.join(DENSE_CONNECTOR_TYPES)}."
+            )
+        has_class_token = config.vision_feature_select_strategy == "default"
+        if "siglip" not in config.vision_config.model_type and not has_class_token:
+            raise ValueError(
+                "dense_connector drops the class token from every layer it reads, as the official code does on CLIP "
+                "towers: set vision_feature_select_strategy='default'."
+            )
+        depth = cls.official_tower_depth(config)
+        truncated = depth < config.vision_config.num_hidden_layers
+        unused = " (the official code leaves its last layer out)" if truncated else ""
+        if variant == "sci" and depth < max(DENSE_CONNECTOR_SCI_LAYERS):
+            raise ValueError(
+                f"dense_connector_type='sci' reads hidden states {DENSE_CONNECTOR_SCI_LAYERS}, but the vision tower "
+                f"runs only {depth} layers{unused}."
+            )
+        if depth < 2:
+            raise ValueError(
+                f"dense_connector_type='dci' averages two ranges of hidden states, but the vision tower runs only "
+                f"{depth} layer{unused}."
+            )
+
+    @classmethod
+    def layers_read(cls, config):
+        return {layer for group in cls.dense_layer_groups(config) for layer in group} | {config.base_layer}
+
+    @classmethod
+    def projector_slots(cls, config):
+        return 0, 3  # base layer first, then the two added features
+
+    @classmethod
+    def card_rows(cls, config):
+        # The variant, and the hidden states it reads (which the config names only through the variant).
+        return [
+            ("variant (`dense_connector_type`)", config.dense_connector_type),
+            ("added features (hidden states, each group averaged)", cls.dense_layer_groups(config)),
+        ]

@@ -27,6 +27,7 @@ from .fuser_registry import (
     FUSERS,
     AverageFuserSpec,
     ConcatFuserSpec,
+    DenseConnectorSpec,
     FuserField,
     FuserSpec,
     IGVAFuserSpec,
@@ -264,6 +265,24 @@ class MMFuser(MMFuserSpec, Fuser):
         normed = self.norm1(attended)
         attended = attended + self.gamma2 * self.self_attn(normed, reference, normed, [grid])
         return FuserOutput(query + self.gamma1 * attended)
+
+
+@register_fuser("dense_connector")
+class DenseConnectorFuser(DenseConnectorSpec, Fuser):
+    """`dense_connector`: the base layer's patch features concatenated on channels with the means of the
+    `dense_layer_groups` (one hidden state each for `sci`). No weights."""
+
+    def __init__(self, config: "FusedLlavaConfig"):
+        super().__init__(config)
+        self.base_layer = config.base_layer
+        self.layer_groups = self.dense_layer_groups(config)
+
+    def forward(self, vision_hidden_states, instruction_embeds=None) -> FuserOutput:
+        added = [
+            torch.stack([self.patches(vision_hidden_states[layer]) for layer in group]).mean(0)
+            for group in self.layer_groups
+        ]
+        return FuserOutput(torch.cat([self.patches(vision_hidden_states[self.base_layer]), *added], dim=-1))
 
 
 def init_fuser_weights(module: nn.Module) -> None:

@@ -137,3 +137,27 @@ class StateView:
         while any(key.startswith(f"{self._prefix}{index}.") for key in self._state):
             yield self[index]
             index += 1
+
+
+def dense_connector_reference(hidden_states, variant: str, is_siglip: bool) -> torch.Tensor:
+    """Dense Connector's projector input for one image, following the official `encode_images` and
+    `dense_connector_dci` / `dense_connector_sci` step by step, with their hard-coded indices (CLIP-L: 24 layers;
+    SigLIP-so400m: 27 layers, of which the official tower deletes the last).
+
+    `hidden_states`: the hidden states of the tower as the official code runs it (SigLIP: without its last layer),
+    each `(tokens, D)`. The main features are `hidden_states[-1]` on SigLIP (its tower reads its last layer) and
+    `hidden_states[-2]` without the class token on CLIP (`mm_vision_select_layer = -2`, `patch`). Returns
+    `(patches, 3 * D)` in float64."""
+    start = 0 if is_siglip else 1  # `[:, :]` on SigLIP, `[:, 1:]` on CLIP
+    main = hidden_states[-1] if is_siglip else hidden_states[-2][start:]
+    if variant == "sci":
+        added = [hidden_states[7][start:], hidden_states[15][start:]]
+    else:
+        count = 13 if is_siglip else 12
+        added = []
+        for first in (0, count):
+            total = hidden_states[first][start:].double()
+            for index in range(first + 1, first + count):
+                total = total + hidden_states[index][start:].double()
+            added.append(total / count)
+    return torch.cat([main.double(), *[feature.double() for feature in added]], dim=-1)

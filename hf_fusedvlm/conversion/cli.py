@@ -6,7 +6,7 @@ import json
 import signal
 import sys
 
-from ..fuser_registry import FUSERS, instruction_fusers
+from ..fuser_registry import FUSERS, fuser_fields, instruction_fusers
 from .convert import convert_checkpoint
 from .errors import DTYPES, ConversionError, VerificationError
 from .pipeline import INSTRUCTION_ENCODER_EXAMPLE, known_fuser_options
@@ -55,8 +55,8 @@ def parse_groups(text: str | None) -> list[list[int]] | None:
 
 def parse_fuser_options(items: list[str] | None) -> dict:
     """`["aggregator_hidden_size=256", "fuser_num_heads=8"]` -> `{"aggregator_hidden_size": 256, ...}` (values are
-    parsed as JSON)."""
-    options, known = {}, known_fuser_options()
+    parsed as JSON; a field that takes a `str` also takes a bare word, `dense_connector_type=sci`)."""
+    options, known, fields = {}, known_fuser_options(), fuser_fields()
     for item in items or []:
         name, separator, value = item.partition("=")
         if not separator or name not in known:
@@ -64,6 +64,9 @@ def parse_fuser_options(items: list[str] | None) -> dict:
         try:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
+            if name in fields and str in fields[name].types:
+                options[name] = value
+                continue
             raise ConversionError(f"--fuser-option {name} needs a number or true/false, got {value!r}.") from None
     return options
 
@@ -90,9 +93,9 @@ def build_parser(prog: str = "fusedvlm-convert") -> argparse.ArgumentParser:
             "Convert a LLaVA checkpoint into a fused LLaVA loadable with trust_remote_code=True. Both formats are "
             "recognised from config.json: llava-hf (LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf; "
             "needs --fuser) and original (haotian-liu/LLaVA layout, e.g. liuhaotian/llava-v1.5-7b, or trained with "
-            "the official MMFuser or IGVA code; needs --vision-tower). A new fuser starts so that the result "
-            "computes exactly what the source computes. With --demo and no --input it converts a built-in tiny "
-            "LLaVA (no download), loads the result and answers a question about an image."
+            "the official MMFuser, IGVA or Dense Connector code; needs --vision-tower). A new fuser starts so that "
+            "the result computes exactly what the source computes. With --demo and no --input it converts a built-in "
+            "tiny LLaVA (no download), loads the result and answers a question about an image."
         ),
         epilog=(
             "Examples: fusedvlm-convert --input llava-hf/llava-1.5-7b-hf --output ./llava-1.5-7b-mmfuser --fuser "
@@ -124,7 +127,11 @@ def build_parser(prog: str = "fusedvlm-convert") -> argparse.ArgumentParser:
         help=f"sentence-transformers folder or Hub repo id, e.g. {INSTRUCTION_ENCODER_EXAMPLE} "
         f"({', '.join(instruction_fusers())})",
     )
-    parser.add_argument("--vision-tower", help="original format: the CLIP model named by mm_vision_tower")
+    parser.add_argument(
+        "--vision-tower",
+        help="original format: the CLIP model named by mm_vision_tower (Dense Connector's released models: SigLIP, "
+        "google/siglip-so400m-patch14-384)",
+    )
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating weights (default: keep the source's)")
     parser.add_argument("--verify", action="store_true", help="check the result computes what the source does")
     parser.add_argument(

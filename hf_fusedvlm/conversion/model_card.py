@@ -14,6 +14,26 @@ from .errors import ConversionError
 
 MODEL_CARD_TEMPLATE = "fused_llava.md"
 
+# The benchmarks of Dense Connector's model zoo table (docs/ModelZoo.md of HJYao00/DenseConnector), in its order.
+DENSE_CONNECTOR_BENCHMARKS = (
+    "TextVQA", "SQA-IMG", "GQA", "LLaVA-Bench-in-the-Wild", "MMBench", "MM-Vet", "MMMU", "MathVista"
+)
+# Scores the Dense Connector authors report for their released LLaVA-1.5 checkpoints (not measured here), per Hub id.
+REPORTED_SCORES = {
+    "HuanjinYao/DenseConnector-v1.5-7B": (62.6, 70.5, 64.4, 67.4, 68.4, 35.4, 36.7, 25.5),
+    "HuanjinYao/DenseConnector-v1.5-13B": (64.7, 73.0, 65.4, 73.6, 71.4, 41.6, 34.3, 29.6),
+    "HuanjinYao/DenseConnector-v1.5-8B": (62.2, 75.2, 65.1, 68.8, 74.4, 34.6, 40.4, 28.6),
+}
+REPORTED_SCORES_SOURCE = "https://github.com/HJYao00/DenseConnector/blob/main/docs/ModelZoo.md"
+
+
+def reported_scores(origin: str | None) -> dict[str, float] | None:
+    """The authors' published scores of the checkpoint with Hub id `origin` (case-insensitive), if it is listed."""
+    for repo_id, scores in REPORTED_SCORES.items():
+        if origin is not None and origin.lower() == repo_id.lower():
+            return dict(zip(DENSE_CONNECTOR_BENCHMARKS, scores))
+    return None
+
 
 def model_card_template() -> Path:
     """`model_cards/fused_llava.md`: installed as `hf_fusedvlm/model_cards/`, or in the source tree beside the
@@ -55,7 +75,8 @@ def render_model_card(
 ) -> ModelCard:
     """The model card of a converted checkpoint; with `training_summary` (markdown), the card of a fine-tuned one,
     `convert_command` then being the training command; with `imported_from` (the code it was trained with), the card
-    of a trained checkpoint imported from the original LLaVA format."""
+    of a trained checkpoint imported from the original LLaVA format, with the authors' published scores when
+    `base_model` is one of `REPORTED_SCORES`."""
     fuser = config.fuser_type
     described = fuser_class(fuser)
     tags = ["llava", "fused-llava", "multi-layer-visual-fusion", f"fuser-{fuser}", "custom_code"]
@@ -82,7 +103,7 @@ def render_model_card(
         base_layer=config.base_layer,
         fuser_layers=layers,
         fuser_layer_groups=groups,
-        fuser_settings=[(name, getattr(config, name)) for name in described.config_fields],
+        fuser_rows=described.card_rows(config),
         instruction_encoder=instruction_encoder,
         new_parameters=f"{new_parameters:,}",
         dtype=str(config.dtype).removeprefix("torch.") if config.dtype is not None else "as the base model",
@@ -90,6 +111,8 @@ def render_model_card(
         convert_command=convert_command,
         training_summary=training_summary,
         imported_from=imported_from,
+        reported_scores=reported_scores(base_model) if imported_from else None,
+        reported_scores_source=REPORTED_SCORES_SOURCE,
     )
 
 

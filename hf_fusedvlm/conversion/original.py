@@ -27,6 +27,7 @@ from .original_layout import (
     VARIANT_ORIGINS,
     VARIANTS,
     detect_variant,
+    names_siglip_tower,
     fuser_for_variant,
     fused_config_from_original,
     map_original_key,
@@ -34,7 +35,16 @@ from .original_layout import (
     read_original_config,
     text_config_from_original,
 )
-from .original_processor import add_llava_tokens, load_llm_tokenizer, read_vision_tower, write_companions
+from .original_processor import (
+    LLAMA_3_CHAT_TEMPLATE,
+    LLAVA_V1_CHAT_TEMPLATE,
+    VICUNA_V1_CHAT_TEMPLATE,
+    add_llava_tokens,
+    is_llama_3_tokenizer,
+    load_llm_tokenizer,
+    read_vision_tower,
+    write_companions,
+)
 from ..parity import (
     FUSER_PREFIX,
     INSTRUCTION_ENCODER_PREFIX,
@@ -46,7 +56,7 @@ from .pipeline import check_fuser_choice, describe_result, fuser_class_or_error,
 from .sentence_encoder import SentenceEncoder, load_sentence_encoder
 from .shards import StoredShard, read_shards
 from .staging import staged_output
-from .verify import verify_against_llm
+from .verify import verify_against_llm, verify_dense_connector
 from .writing import (
     PlannedShard,
     count_parameters,
@@ -106,17 +116,25 @@ def plan_checkpoint(
     return planned
 
 
-def plan_vision_tower(shards: list[StoredShard], dtype) -> list[PlannedShard]:
-    """The vision tensors of a CLIP checkpoint (a full CLIPModel, or a CLIPVisionModel with or without the
-    `vision_model.` prefix of older transformers) as the fused tower."""
+def plan_vision_tower(
+    shards: list[StoredShard], dtype, config: FusedLlavaConfig, present: set[str]
+) -> list[PlannedShard]:
+    """The vision tensors of a CLIP or SigLIP checkpoint (a full CLIPModel / SiglipModel, or its vision model with or
+    without the `vision_model.` prefix of older transformers) as the fused tower, leaving out the tensors already in
+    `present` (the checkpoint's own copy of the tower, which wins) and a pooling head the fused tower does not have."""
+    has_head = getattr(config.vision_config, "vision_use_head", False)
+
+    def name(key: str) -> str:
+        return TOWER_PREFIX + key.removeprefix("vision_model.")
+
+    def wanted(key: str) -> bool:
+        if key.split(".")[0] in CLIP_TEXT_PARTS or RECOMPUTED_BUFFER.search(key) or name(key) in present:
+            return False
+        return has_head or not name(key).startswith(TOWER_PREFIX + "head.")
+
     return [
         planned_shard(
-            [
-                plan_tensor(TOWER_PREFIX + tensor.key.removeprefix("vision_model."), tensor, dtype)
-                for tensor in shard.tensors
-                if tensor.key.split(".")[0] not in CLIP_TEXT_PARTS and not RECOMPUTED_BUFFER.search(tensor.key)
-            ],
-            shard,
+            [plan_tensor(name(tensor.key), tensor, dtype) for tensor in shard.tensors if wanted(tensor.key)], shard
         )
         for shard in shards
     ]
@@ -147,8 +165,11 @@ def plan_conversion(shards, variant, keys, config, tower_folder, encoder, source
     """(planned shards, new tensor entries): the checkpoint's tensors, the tower's when the checkpoint lacks them,
     fresh fuser tensors for a plain LLaVA, the encoder's when the checkpoint holds no copy."""
     planned = plan_checkpoint(shards, variant, config, source_vocab, dtype)
-    if not any(key.startswith("model.vision_tower.vision_tower.") for key in keys):
-        planned += plan_vision_tower(read_shards(tower_folder, "--vision-tower", allow_pickles=True), dtype)
+    # A trained checkpoint may hold its tower, whole (CLIP) or as the official code runs it (Dense Connector's SigLIP
+    # without its last layer): --vision-tower gives whatever it lacks.
+    present = {entry.name for shard in planned for entry in shard.entries}
+    tower_shards = read_shards(tower_folder, "--vision-tower", allow_pickles=True)
+    planned += plan_vision_tower(tower_shards, dtype, config, present)
     new_tensors = []
     if variant == "llava":
         new_tensors += plan_new_tensors(new_fuser_tensors(config, seed=0), dtype)
@@ -235,7 +256,12 @@ def read_source(input, fuser_type: str | None, instruction_encoder, fixed_layers
 def build_target(source: OriginalSource, vision_tower, instruction_encoder, settings: dict, dtype) -> FusedTarget:
     """The fused config, tokenizer (with `<image>` and `<pad>`), image processor, tower and sentence encoder."""
     tower_folder, tower_repo = require_vision_tower(vision_tower, source.raw, source.keys, source.folder)
-    vision_config, image_processor = read_vision_tower(tower_folder, str(vision_tower))
+    siglip_named = (
+        source.raw.get("mm_vision_tower")
+        if source.variant == "dense-connector" and names_siglip_tower(source.raw)
+        else None
+    )
+    vision_config, image_processor = read_vision_tower(tower_folder, str(vision_tower), siglip_named)
     image_processor.do_pad = source.raw.get("image_aspect_ratio") == "pad"
     encoder = load_sentence_encoder(instruction_encoder, dtype) if instruction_encoder is not None else None
     tokenizer = load_llm_tokenizer(source.folder)
@@ -257,6 +283,14 @@ def build_target(source: OriginalSource, vision_tower, instruction_encoder, sett
     return FusedTarget(
         config, text_config, tokenizer, image_processor, tower_folder, tower_repo or tower_folder.name, encoder
     )
+
+
+def chat_template(variant: str, tokenizer) -> str:
+    """The conversation the checkpoint was trained with: `llava_v1` for the LLaVA code and the MMFuser and IGVA forks;
+    for Dense Connector, `vicuna_v1` or, with a Llama-3 LLM, `llama_3`."""
+    if variant != "dense-connector":
+        return LLAVA_V1_CHAT_TEMPLATE
+    return LLAMA_3_CHAT_TEMPLATE if is_llama_3_tokenizer(tokenizer) else VICUNA_V1_CHAT_TEMPLATE
 
 
 def original_card(
@@ -294,20 +328,21 @@ def convert_original_checkpoint(
     base_model: str | None = None,
     progress: bool = True,
 ):
-    """Convert an original-format LLaVA checkpoint (plain, MMFuser or IGVA) into a fused one; see the module
-    docstring.
+    """Convert an original-format LLaVA checkpoint (plain, MMFuser, IGVA or Dense Connector) into a fused one; see
+    the module docstring.
 
     Args:
         input: checkpoint folder or Hub repo id.
         output: folder to create: new, empty, or with `overwrite` an earlier fused LLaVA output.
-        vision_tower: folder or Hub id of the CLIP model named by the checkpoint's `mm_vision_tower` (config, image
-            processor and, unless the checkpoint holds its own tower, weights).
+        vision_tower: folder or Hub id of the CLIP (or, for Dense Connector, SigLIP) model named by the checkpoint's
+            `mm_vision_tower` (config, image processor and the tower weights the checkpoint does not hold).
         instruction_encoder: sentence-transformers folder or Hub id of IGVA's sentence encoder.
         fuser_type: for a plain LLaVA, the fuser to add with parity initialisation (default `none`); for MMFuser and
             IGVA checkpoints it is fixed by the checkpoint.
         fuser_layers, fuser_layer_groups, fuser_options, dtype, push_to_hub, private, base_model, progress: as
             `convert_llava_checkpoint`.
-        verify: check the result before moving it into place (see `verify.verify_against_llm`).
+        verify: check the result before moving it into place (see `verify.verify_against_llm`; Dense Connector:
+            `verify.verify_dense_connector`, the whole image prompt against the source computation).
 
     Returns: a `ConversionResult`.
     """
@@ -359,6 +394,7 @@ def convert_original_checkpoint(
             target.image_processor,
             target.encoder,
             card,
+            chat_template(source.variant, target.tokenizer),
         )
         result = describe_result(
             output,
@@ -373,8 +409,13 @@ def convert_original_checkpoint(
             source_text_config = text_config_from_original(
                 source.raw, source.vocab_size, source.raw.get("pad_token_id")
             )
-            result.verify_max_abs_diff, result.verify_tolerance = verify_against_llm(
-                staging, source.folder, source_text_config, dtype
-            )
+            if source.variant == "dense-connector":
+                result.verify_max_abs_diff, result.verify_tolerance = verify_dense_connector(
+                    staging, source.folder, source.shards, source_text_config, dtype
+                )
+            else:
+                result.verify_max_abs_diff, result.verify_tolerance = verify_against_llm(
+                    staging, source.folder, source_text_config, dtype
+                )
     origin = origin or source.folder.name
     return publish_result(result, push_to_hub, private, f"Import {source.variant} LLaVA from {origin}")

@@ -12,6 +12,9 @@ the config and the keys (`VARIANTS`):
   `sentence_embed_dim`); `model.vision_aggregator.*` becomes `model.fuser.*` (its `transformers.N` blocks
   `blocks.N`), the frozen sentence encoder `model.sentence_embedder.0.auto_model.*` `model.instruction_encoder.*`.
 - `igva-average`: IGVA's pre-training mode (`aggregate_by_average: true`), the `average` fuser.
+- `dense-connector`: Dense Connector (`mm_dense_connector_type` `dci` or `sci`, `mm_hidden_size` three tower widths),
+  the `dense_connector` fuser; the projector keeps its names. Its released checkpoints read a SigLIP tower, which the
+  official code recognises by name (`siglip` in `mm_vision_tower`) and runs without its last layer.
 """
 
 import ast
@@ -27,14 +30,17 @@ from .errors import ConversionError
 from ..parity import FUSER_PREFIX, INSTRUCTION_ENCODER_PREFIX, fused_config_from_llava
 from .sentence_encoder import SentenceEncoder
 
-VARIANTS = ("llava", "mmfuser", "igva", "igva-average")
-VARIANT_FUSERS = {"mmfuser": "mmfuser", "igva": "igva", "igva-average": "average"}
+VARIANTS = ("llava", "mmfuser", "igva", "igva-average", "dense-connector")
+VARIANT_FUSERS = {"mmfuser": "mmfuser", "igva": "igva", "igva-average": "average", "dense-connector": "dense_connector"}
 VARIANT_ORIGINS = {
     "llava": "haotian-liu/LLaVA",
     "mmfuser": "the official MMFuser code (yuecao0119/MMFuser)",
     "igva": "the official IGVA code (YiZheng-zy/IGVA)",
     "igva-average": "the official IGVA code (YiZheng-zy/IGVA), pre-training mode",
+    "dense-connector": "the official Dense Connector code (HJYao00/DenseConnector)",
 }
+# The Dense Connector variants the official code runs (`mm_dense_connector_type`); other values mean none.
+DENSE_CONNECTOR_TYPES = ("sti", "sci", "dci")
 # The original model types and the LLM config each one extends.
 ORIGINAL_MODEL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
 # MSCrossAttnBlock of the official MMFuser code hard-codes these (and LayerNorm eps 1e-6).
@@ -71,10 +77,11 @@ KEY_RENAMES = {
         ("model.sentence_embedder.0.auto_model.", INSTRUCTION_ENCODER_PREFIX),
     ),
     "igva-average": _LLM_RENAMES + _MLP_PROJECTOR,
+    "dense-connector": _LLM_RENAMES + _MLP_PROJECTOR,
 }
 TOWER_PREFIX = "model.vision_tower."
-# The parts of a full CLIPModel checkpoint that the vision tower does not use.
-CLIP_TEXT_PARTS = ("text_model", "text_projection", "visual_projection", "logit_scale")
+# The parts of a full CLIPModel / SiglipModel checkpoint that the vision tower does not use.
+CLIP_TEXT_PARTS = ("text_model", "text_projection", "visual_projection", "logit_scale", "logit_bias")
 EMBEDDING_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -145,6 +152,9 @@ def detect_variant(raw: dict, keys: set[str]) -> str:
     # The IGVA code writes vit_aggregate_groups (None when unused) into every config it saves.
     if raw.get("vit_aggregate_groups") is not None or any(key.startswith("model.vision_aggregator.") for key in keys):
         return "igva-average" if raw.get("aggregate_by_average") else "igva"
+    # The Dense Connector code writes mm_dense_connector_type into every config; only these values switch it on.
+    if raw.get("mm_dense_connector_type") in DENSE_CONNECTOR_TYPES:
+        return "dense-connector"
     layers = parse_select_layer(raw.get("mm_vision_select_layer", -2))
     if isinstance(layers, list) or any(key.startswith("model.mm_projector.0.cross_attn.") for key in keys):
         return "mmfuser"
@@ -224,6 +234,9 @@ def fused_config_from_original(
         fuser_kwargs["fuser_layers"] = layers[:num_levels] + [layers[-1]]
         fuser_kwargs.setdefault("fuser_layer_norm_eps", 1e-6)
         base_layer = layers[-1]
+    elif variant == "dense-connector":
+        base_layer, strategy = dense_connector_feature_selection(raw, layers, strategy, vision_config)
+        fuser_kwargs["dense_connector_type"] = raw["mm_dense_connector_type"]
     else:
         # IGVA always drops the CLS token of the base layer and reads the groups' CLS rows itself.
         strategy = "default"
@@ -248,11 +261,12 @@ def fused_config_from_original(
     if encoder is not None:
         fuser_kwargs = {**encoder.config_fields, **fuser_kwargs}
     num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    has_class_token = not is_siglip_config(vision_config)
     llava_config = LlavaConfig(
         text_config=text_config,
         vision_config=vision_config,
         image_token_index=image_token_index,
-        image_seq_length=num_patches + (1 if strategy == "full" else 0),
+        image_seq_length=num_patches + (1 if strategy == "full" and has_class_token else 0),
         vision_feature_layer=base_layer,
         vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu",
@@ -269,6 +283,42 @@ def fused_config_from_original(
         raise ConversionError(f"The checkpoint's fusion settings do not fit its vision tower: {error}") from error
     config.pad_token_id = text_config.pad_token_id
     return config
+
+
+def is_siglip_config(vision_config) -> bool:
+    return vision_config.model_type in ("siglip", "siglip_vision_model")
+
+
+def names_siglip_tower(raw: dict) -> bool:
+    """Whether the official Dense Connector code builds its SigLIP tower for this config: it tests the tower's name."""
+    return "siglip" in str(raw.get("mm_vision_tower", "")).lower()
+
+
+def dense_connector_feature_selection(raw: dict, layers, strategy: str, vision_config) -> tuple[int, str]:
+    """(base layer, select strategy) of a Dense Connector checkpoint, once its variant and tower width are checked.
+
+    The official SigLIP tower deletes its last layer and reads the last one left, whatever `mm_vision_select_layer`
+    says, so the base layer is the tower's layer `num_hidden_layers - 1`; a CLIP tower reads `mm_vision_select_layer`
+    as in LLaVA."""
+    variant = raw["mm_dense_connector_type"]
+    if variant == "sti":
+        raise ConversionError(
+            "The checkpoint uses Dense Connector's sparse token integration (mm_dense_connector_type 'sti'), which "
+            "appends pooled tokens to each image's tokens; a fused LLaVA keeps LLaVA's image-token count, so only "
+            "'dci' and 'sci' checkpoints (the released ones are 'dci') can be imported."
+        )
+    width = vision_config.hidden_size
+    if raw.get("mm_hidden_size") != 3 * width:
+        raise ConversionError(
+            f"The checkpoint's projector reads mm_hidden_size={raw.get('mm_hidden_size')} channels, but Dense "
+            f"Connector '{variant}' gives three widths of the --vision-tower ({width}), i.e. {3 * width}: give the "
+            f"vision tower it was trained with ({raw.get('mm_vision_tower')})."
+        )
+    if isinstance(layers, list):
+        raise ConversionError(f"A Dense Connector checkpoint reads one base layer, mm_vision_select_layer is {layers}.")
+    if is_siglip_config(vision_config):
+        return vision_config.num_hidden_layers - 1, "full"
+    return layers, strategy
 
 
 def fuser_for_variant(variant: str, fuser_type: str | None) -> str:

@@ -7,7 +7,15 @@ import math
 from pathlib import Path
 
 from tokenizers import AddedToken
-from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, GenerationConfig, LlavaImageProcessorPil
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlavaImageProcessorPil,
+    SiglipVisionConfig,
+)
+from transformers.image_utils import PILImageResampling
 from transformers.image_processing_utils import ImageProcessingMixin
 
 from ..configuration_fused_llava import FusedLlavaConfig
@@ -27,36 +35,93 @@ LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the human's questions."
 )
-# The `llava_v1` conversation of the original code (separator style TWO: " " after user turns, "</s>" after
-# assistant turns), image placeholders first in the user turn as the original training data has them. A leading
-# system message replaces the default system prompt.
-LLAVA_V1_CHAT_TEMPLATE = (
-    "{% set ns = namespace(system='" + LLAVA_V1_SYSTEM.replace("'", "\\'") + "', start=0) %}"
-    "{% if messages and messages[0]['role'] == 'system' %}{% set ns.start = 1 %}"
-    "{% if messages[0]['content'] is string %}{% set ns.system = messages[0]['content'] %}"
-    "{% else %}{% set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text') "
-    "| map(attribute='text') | join(' ') %}{% endif %}{% endif %}"
-    "{{ ns.system + ' ' }}"
-    "{% for message in messages[ns.start:] %}"
-    "{{ message['role'].upper() + ': ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for block in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}{{ '</s>' }}{% else %}{{ ' ' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+# `vicuna_v1`, the conversation Dense Connector's Vicuna models were trained (`--version v1`) and evaluated with.
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
+LLAMA_3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
 )
 
 
-def read_vision_tower(folder: Path, name: str) -> tuple[CLIPVisionConfig, LlavaImageProcessorPil]:
-    """The CLIP vision config and the image processor settings of `--vision-tower`."""
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def conversation_chat_template(
+    system: str, system_prefix: str, system_end: str, user: str, user_end: str, assistant: str, assistant_end: str
+) -> str:
+    """A chat template writing a conversation as the original code's `Conversation.get_prompt` does: the system
+    prompt (a leading system message replaces it), then each turn as its role's prefix, the message and its end; the
+    generation prompt is the assistant prefix without its trailing whitespace when the prefix ends in a space
+    (`ASSISTANT:`), as written. Image placeholders come first in their turn, each on its own line, as in the
+    original training data."""
+    generation = assistant.rstrip(" ")
+    return (
+        "{% set ns = namespace(system=" + _jinja_string(system) + ", start=0) %}"
+        "{% if messages and messages[0]['role'] == 'system' %}{% set ns.start = 1 %}"
+        "{% if messages[0]['content'] is string %}{% set ns.system = messages[0]['content'] %}"
+        "{% else %}{% set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text') "
+        "| map(attribute='text') | join(' ') %}{% endif %}{% endif %}"
+        "{{ " + _jinja_string(system_prefix) + " + ns.system + " + _jinja_string(system_end) + " }}"
+        "{% for message in messages[ns.start:] %}"
+        "{% if message['role'] == 'assistant' %}{{ " + _jinja_string(assistant) + " }}"
+        "{% else %}{{ " + _jinja_string(user) + " }}{% endif %}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for block in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+        "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
+        "{% endif %}"
+        "{% if message['role'] == 'assistant' %}{{ " + _jinja_string(assistant_end) + " }}"
+        "{% else %}{{ " + _jinja_string(user_end) + " }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ " + _jinja_string(generation) + " }}{% endif %}"
+    )
+
+
+def vicuna_chat_template(system: str) -> str:
+    """Separator style TWO (`llava_v1`, `vicuna_v1`): " " after the system prompt and user turns, "</s>" after
+    assistant turns."""
+    return conversation_chat_template(system, "", " ", "USER: ", " ", "ASSISTANT: ", "</s>")
+
+
+# The `llava_v1` conversation of the original code, which the plain, MMFuser and IGVA models were trained with.
+LLAVA_V1_CHAT_TEMPLATE = vicuna_chat_template(LLAVA_V1_SYSTEM)
+VICUNA_V1_CHAT_TEMPLATE = vicuna_chat_template(VICUNA_V1_SYSTEM)
+# Dense Connector's `llama_3` conversation, as its code writes it: every turn ends with <|eot_id|>, and the assistant's
+# turns carry the header of the role named `system` there.
+LLAMA_3_HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
+LLAMA_3_CHAT_TEMPLATE = conversation_chat_template(
+    LLAMA_3_SYSTEM,
+    "<|begin_of_text|>" + LLAMA_3_HEADER.format("system"),
+    "<|eot_id|>",
+    LLAMA_3_HEADER.format("user"),
+    "<|eot_id|>",
+    LLAMA_3_HEADER.format("system"),
+    "<|eot_id|>",
+)
+
+
+def is_llama_3_tokenizer(tokenizer) -> bool:
+    """Llama-3's tokenizer (the header and end-of-turn tokens of its chat format), as opposed to Vicuna's."""
+    vocab = tokenizer.get_vocab()
+    return "<|eot_id|>" in vocab and "<|start_header_id|>" in vocab
+
+
+def read_vision_tower(
+    folder: Path, name: str, siglip_named: str | None = None
+) -> tuple[CLIPVisionConfig | SiglipVisionConfig, LlavaImageProcessorPil]:
+    """The vision config and the image processor of `--vision-tower`: a CLIP model, or the SigLIP model of a
+    checkpoint whose code builds SigLIP towers (`siglip_named`: the tower the checkpoint's config names)."""
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as error:
         raise ConversionError(f"--vision-tower {name}: no loadable config.json ({error}).") from error
-    if config.model_type == "clip":
+    if config.model_type in ("clip", "siglip"):
         config = config.vision_config
+    if siglip_named is not None:
+        return siglip_vision_tower(config, name, siglip_named)
     if config.model_type != "clip_vision_model":
         raise ConversionError(
             f"--vision-tower {name} is a {config.model_type!r} model: the original LLaVA code builds CLIP towers "
@@ -71,6 +136,36 @@ def read_vision_tower(folder: Path, name: str) -> tuple[CLIPVisionConfig, LlavaI
         ) from error
     known = set(LlavaImageProcessorPil().to_dict()) - {"image_processor_type"}
     image_processor = LlavaImageProcessorPil(**{key: value for key, value in settings.items() if key in known})
+    return config, image_processor
+
+
+# The official Dense Connector SigLIP image processor: a fixed 384 px square, bicubic, mean and std 0.5, no crop.
+SIGLIP_IMAGE_SIZE = 384
+SIGLIP_MEAN_STD = [0.5, 0.5, 0.5]
+
+
+def siglip_vision_tower(config, name: str, named: str) -> tuple[SiglipVisionConfig, LlavaImageProcessorPil]:
+    """A SigLIP tower as the official Dense Connector code builds it: no pooling head (it replaces it with the
+    identity), images resized to 384 px whatever the tower's preprocessor_config.json says."""
+    if config.model_type != "siglip_vision_model":
+        raise ConversionError(
+            f"--vision-tower {name} is a {config.model_type!r} model, but the checkpoint names the SigLIP tower "
+            f"{named!r}, which its code builds as a SigLIP model: give that SigLIP model (e.g. --vision-tower "
+            "google/siglip-so400m-patch14-384)."
+        )
+    if config.image_size != SIGLIP_IMAGE_SIZE:
+        raise ConversionError(
+            f"--vision-tower {name} reads {config.image_size} px images, but the official code resizes every image "
+            f"to {SIGLIP_IMAGE_SIZE} px: give the tower the checkpoint names ({named})."
+        )
+    config.vision_use_head = False
+    image_processor = LlavaImageProcessorPil(
+        size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE},
+        do_center_crop=False,
+        resample=PILImageResampling.BICUBIC,
+        image_mean=SIGLIP_MEAN_STD,
+        image_std=SIGLIP_MEAN_STD,
+    )
     return config, image_processor
 
 
@@ -111,8 +206,10 @@ def write_companions(
     image_processor,
     encoder: SentenceEncoder | None,
     card,
+    chat_template: str = LLAVA_V1_CHAT_TEMPLATE,
 ) -> None:
-    """Everything beside the weights: config and remote code, generation config, processor, model card."""
+    """Everything beside the weights: config and remote code, generation config, processor (with `chat_template`,
+    the conversation the model was trained with), model card."""
     write_remote_code(config, staging)
     generation_config = (
         GenerationConfig.from_pretrained(source)
@@ -120,6 +217,12 @@ def write_companions(
         else GenerationConfig.from_model_config(text_config)
     )
     generation_config.pad_token_id = text_config.pad_token_id
+    if chat_template == LLAMA_3_CHAT_TEMPLATE:
+        # Llama-3 ends a turn with <|eot_id|>; the official evaluation stops there as well as at the end of text.
+        eos = generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        generation_config.eos_token_id = eos + [end_of_turn] if end_of_turn not in eos else eos
     generation_config.save_pretrained(staging)
     FusedLlavaProcessor(
         image_processor=image_processor,
@@ -127,7 +230,8 @@ def write_companions(
         instruction_tokenizer=encoder.tokenizer if encoder else None,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        chat_template=LLAVA_V1_CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
+        chat_template=chat_template,
+        # LLaVA's processors count the class token the default strategy drops; SigLIP has none.
+        num_additional_image_tokens=0 if config.vision_config.model_type.startswith("siglip") else 1,
     ).save_pretrained(staging)
     card.save(staging / "README.md")

@@ -4,9 +4,20 @@ what the source computes. Runs on the staging folder, before the result is moved
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+)
 
+from ..fusers import fuser_class
 from .errors import VerificationError
+from .shards import StoredShard
 
 
 # `--verify` passes when |fused - source| <= tolerance * max(1, |source|) for every logit. float32 runs the same
@@ -90,3 +101,66 @@ def verify_against_llm(
     if not torch.isfinite(image_logits).all():
         raise VerificationError("--verify: the converted model gives non-finite logits for an image and prompt.")
     return compare_logits(actual, expected, dtype, "on text alone, the converted model's logits and the source LLM's")
+
+
+def stored_tensors(shards: list[StoredShard], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of `shards` whose keys start with `prefix`, under the rest of their key (read from disk)."""
+    tensors = {}
+    for shard in shards:
+        wanted = [tensor for tensor in shard.tensors if tensor.key.startswith(prefix)]
+        if not wanted:
+            continue
+        if shard.is_safetensors:
+            with safe_open(shard.path, framework="pt") as reader:
+                tensors.update({tensor.key.removeprefix(prefix): reader.get_tensor(tensor.key) for tensor in wanted})
+        else:
+            tensors.update({tensor.key.removeprefix(prefix): tensor.tensor for tensor in wanted})
+    return tensors
+
+
+def dense_connector_source_features(config, tower_state: dict, projector: dict, pixel_values, dtype) -> torch.Tensor:
+    """The image features `(num_images, num_patches, text_hidden)` as the official Dense Connector code computes them:
+    transformers' vision model run as the official code runs it (SigLIP without its last layer), the main features
+    and the Dense Connector features concatenated on channels, then the source's `mm_projector` (Linear, GELU,
+    Linear)."""
+    fuser = fuser_class(config.fuser_type)
+    vision_config = config.vision_config.to_dict()
+    vision_config["num_hidden_layers"] = fuser.official_tower_depth(config)
+    tower = AutoModel.from_config(AutoConfig.for_model(**vision_config), dtype=dtype).eval()
+    tower.load_state_dict(tower_state, strict=False)  # the official tower lacks the deleted last layer
+    hidden_states = tower(pixel_values.to(dtype), output_hidden_states=True).hidden_states
+    start = 1 if config.vision_feature_select_strategy == "default" else 0
+    features = [hidden_states[config.base_layer][:, start:]] + [
+        torch.stack([hidden_states[layer][:, start:] for layer in group]).mean(0)
+        for group in fuser.dense_layer_groups(config)
+    ]
+    hidden = torch.cat(features, dim=-1)
+    hidden = F.linear(hidden, projector["0.weight"].to(dtype), projector["0.bias"].to(dtype))
+    return F.linear(F.gelu(hidden), projector["2.weight"].to(dtype), projector["2.bias"].to(dtype))
+
+
+def verify_dense_connector(
+    output: Path, source: Path, source_shards: list[StoredShard], text_config, dtype: torch.dtype | None = None
+) -> tuple[float, float]:
+    """Dense Connector sources: one image prompt through the converted model gives the logits of the source
+    computation (`dense_connector_source_features` spliced into the source LLM's text embeddings, as the official
+    code's `prepare_inputs_labels_for_multimodal` does), over the source's vocabulary."""
+    dtype = dtype or torch.float32
+    processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
+    inputs = processor(images=verification_image(), text=build_prompt(processor, VERIFY_QUESTION), return_tensors="pt")
+    with torch.inference_mode():
+        model = AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True, dtype=dtype).eval()
+        actual = model(**inputs).logits.float()[..., : text_config.vocab_size]
+        config, tower_state = model.config, model.model.vision_tower.state_dict()
+        del model
+        projector = stored_tensors(source_shards, "model.mm_projector.")
+        features = dense_connector_source_features(config, tower_state, projector, inputs["pixel_values"], dtype)
+        llm = AutoModelForCausalLM.from_pretrained(source, config=text_config, dtype=dtype).eval()
+        input_ids = inputs["input_ids"]
+        is_image = input_ids == config.image_token_id
+        embeds = torch.zeros(*input_ids.shape, text_config.hidden_size, dtype=dtype)
+        embeds[~is_image] = llm.get_input_embeddings()(input_ids[~is_image])
+        embeds[is_image] = features.reshape(-1, features.shape[-1])
+        expected = llm(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits.float()
+        del llm
+    return compare_logits(actual, expected, dtype, "for an image prompt, the converted model's logits and the source's")
