@@ -37,10 +37,23 @@ def checkpoint_config(scale: float, quick: bool):
     from llava_shapes import LLAMA_7B, llava_1_5_config
 
     if quick:
-        vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-                      image_size=112, patch_size=14, projection_dim=256)
-        text = dict(LLAMA_7B, hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8,
-                    num_key_value_heads=8)
+        vision = dict(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            image_size=112,
+            patch_size=14,
+            projection_dim=256,
+        )
+        text = dict(
+            LLAMA_7B,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+        )
         return llava_1_5_config(vision, text, dtype="bfloat16")
     return llava_1_5_config(text=dict(LLAMA_7B, num_hidden_layers=max(1, round(32 * scale))), dtype="bfloat16")
 
@@ -68,7 +81,7 @@ def generate(folder: Path, scale: float, quick: bool, shard_bytes: int) -> dict:
         chunk = torch.cat([pool] * math.ceil(numel / pool.numel()))[:numel] if numel > pool.numel() else None
         if chunk is None:
             start = (start + 7919) % (pool.numel() - numel + 1)
-            chunk = pool[start:start + numel]
+            chunk = pool[start : start + numel]
         current.append(OutputTensor(name, torch.bfloat16, shape, tensor=chunk.view(shape)))
         size += 2 * numel
     shards.append(current)
@@ -85,21 +98,27 @@ def generate(folder: Path, scale: float, quick: bool, shard_bytes: int) -> dict:
         weight_map.update({entry.name: name for entry in entries})
     total = sum(entry.nbytes for shard in shards for entry in shard)
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     config.save_pretrained(folder)
     image_size = config.vision_config.image_size
     LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
-                                           crop_size={"height": image_size, "width": image_size}),
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
         tokenizer=build_tiny_llm_tokenizer(),
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     ).save_pretrained(folder)
-    return {"total_bytes": total, "num_shards": len(shards),
-            "largest_shard_bytes": max((folder / shard_name(i + 1, len(shards))).stat().st_size
-                                       for i in range(len(shards)))}
+    return {
+        "total_bytes": total,
+        "num_shards": len(shards),
+        "largest_shard_bytes": max(
+            (folder / shard_name(i + 1, len(shards))).stat().st_size for i in range(len(shards))
+        ),
+    }
 
 
 def peak_rss_bytes() -> int:
@@ -129,11 +148,15 @@ def run_child(mode: str, source: Path, target: Path, fuser: str) -> None:
         imported = time.perf_counter()
         convert_llava_checkpoint(source, target, fuser, progress=False)
     finished = time.perf_counter()
-    print(json.dumps({
-        "wall_s": finished - imported,
-        "import_s": imported - started,
-        "peak_rss_bytes": peak_rss_bytes(),
-    }))
+    print(
+        json.dumps(
+            {
+                "wall_s": finished - imported,
+                "import_s": imported - started,
+                "peak_rss_bytes": peak_rss_bytes(),
+            }
+        )
+    )
 
 
 def measure(mode: str, source: Path, target: Path, fuser: str) -> dict:
@@ -170,31 +193,45 @@ def main() -> None:
     expected = (0.06 if args.quick else 0.6 + 13.5 * max(1, round(32 * args.scale)) / 32) * GIB
     free = shutil.disk_usage(workdir).free
     if free < 2.2 * expected:
-        raise SystemExit(f"{workdir} has {free / GIB:.1f} GiB free, the benchmark needs about "
-                         f"{2.2 * expected / GIB:.1f} GiB (source + one output at a time): use --scale, --quick "
-                         "or --workdir.")
+        raise SystemExit(
+            f"{workdir} has {free / GIB:.1f} GiB free, the benchmark needs about "
+            f"{2.2 * expected / GIB:.1f} GiB (source + one output at a time): use --scale, --quick "
+            "or --workdir."
+        )
     source = workdir / "llava-7b-shaped"
     print(f"Generating a synthetic checkpoint (~{expected / GIB:.1f} GiB) in {source} ...", flush=True)
     started = time.perf_counter()
     shutil.rmtree(source, ignore_errors=True)
     info = generate(source, args.scale, args.quick, shard_bytes)
-    print(f"  {info['num_shards']} shards, {info['total_bytes'] / GIB:.2f} GiB, largest shard "
-          f"{info['largest_shard_bytes'] / GIB:.2f} GiB, generated in {time.perf_counter() - started:.0f} s",
-          flush=True)
+    print(
+        f"  {info['num_shards']} shards, {info['total_bytes'] / GIB:.2f} GiB, largest shard "
+        f"{info['largest_shard_bytes'] / GIB:.2f} GiB, generated in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
 
     runs = {"copy": [], "convert": []}
     for repeat in range(repeats):
         for mode in ("copy", "convert"):
             runs[mode].append(measure(mode, source, workdir / f"out-{mode}", args.fuser))
-            print(f"  run {repeat + 1}/{repeats} {mode:8s} wall {runs[mode][-1]['wall_s']:7.2f} s  peak RSS "
-                  f"{runs[mode][-1]['peak_rss_bytes'] / GIB:.2f} GiB", flush=True)
-    summary = {mode: {"median_wall_s": statistics.median(r["wall_s"] for r in rs),
-                      "median_import_s": statistics.median(r["import_s"] for r in rs),
-                      "max_peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs)} for mode, rs in runs.items()}
+            print(
+                f"  run {repeat + 1}/{repeats} {mode:8s} wall {runs[mode][-1]['wall_s']:7.2f} s  peak RSS "
+                f"{runs[mode][-1]['peak_rss_bytes'] / GIB:.2f} GiB",
+                flush=True,
+            )
+    summary = {
+        mode: {
+            "median_wall_s": statistics.median(r["wall_s"] for r in rs),
+            "median_import_s": statistics.median(r["import_s"] for r in rs),
+            "max_peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
+        }
+        for mode, rs in runs.items()
+    }
     wall_ratio = summary["convert"]["median_wall_s"] / summary["copy"]["median_wall_s"]
     rss_limit = info["largest_shard_bytes"] + GIB
-    goals = {"peak_rss_le_largest_shard_plus_1GiB": summary["convert"]["max_peak_rss_bytes"] <= rss_limit,
-             "wall_le_1.5x_copy": wall_ratio <= 1.5}
+    goals = {
+        "peak_rss_le_largest_shard_plus_1GiB": summary["convert"]["max_peak_rss_bytes"] <= rss_limit,
+        "wall_le_1.5x_copy": wall_ratio <= 1.5,
+    }
 
     print()
     print("| step    | median wall (s) | ratio to copy | peak RSS (GiB) | import (s) |")
@@ -202,19 +239,36 @@ def main() -> None:
     for mode in ("copy", "convert"):
         row = summary[mode]
         ratio = row["median_wall_s"] / summary["copy"]["median_wall_s"]
-        print(f"| {mode:7s} | {row['median_wall_s']:15.2f} | {ratio:13.2f} | {row['max_peak_rss_bytes'] / GIB:14.2f} "
-              f"| {row['median_import_s']:10.2f} |")
+        print(
+            f"| {mode:7s} | {row['median_wall_s']:15.2f} | {ratio:13.2f} | {row['max_peak_rss_bytes'] / GIB:14.2f} "
+            f"| {row['median_import_s']:10.2f} |"
+        )
     print()
-    print(f"source {info['total_bytes'] / GIB:.2f} GiB in {info['num_shards']} shards (largest "
-          f"{info['largest_shard_bytes'] / GIB:.2f} GiB); fuser {args.fuser}; {repeats} runs each")
-    print(f"goal peak RSS <= largest shard + 1 GiB ({rss_limit / GIB:.2f} GiB): "
-          f"{'met' if goals['peak_rss_le_largest_shard_plus_1GiB'] else 'NOT met'}")
+    print(
+        f"source {info['total_bytes'] / GIB:.2f} GiB in {info['num_shards']} shards (largest "
+        f"{info['largest_shard_bytes'] / GIB:.2f} GiB); fuser {args.fuser}; {repeats} runs each"
+    )
+    print(
+        f"goal peak RSS <= largest shard + 1 GiB ({rss_limit / GIB:.2f} GiB): "
+        f"{'met' if goals['peak_rss_le_largest_shard_plus_1GiB'] else 'NOT met'}"
+    )
     print(f"goal wall <= 1.5 x copy (ratio {wall_ratio:.2f}): {'met' if goals['wall_le_1.5x_copy'] else 'NOT met'}")
 
-    results = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-               "settings": {"scale": args.scale, "quick": args.quick, "shard_bytes": shard_bytes, "repeats": repeats,
-                            "fuser": args.fuser},
-               "checkpoint": info, "runs": runs, "summary": summary, "wall_ratio": wall_ratio, "goals": goals}
+    results = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "settings": {
+            "scale": args.scale,
+            "quick": args.quick,
+            "shard_bytes": shard_bytes,
+            "repeats": repeats,
+            "fuser": args.fuser,
+        },
+        "checkpoint": info,
+        "runs": runs,
+        "summary": summary,
+        "wall_ratio": wall_ratio,
+        "goals": goals,
+    }
     json_path = Path(args.json) if args.json else workdir / "bench_conversion.json"
     json_path.write_text(json.dumps(results, indent=2))
     print(f"results: {json_path}")

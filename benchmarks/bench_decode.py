@@ -42,6 +42,7 @@ from transformers.utils.logging import disable_progress_bar
 from hf_fusedvlm import FUSERS, FusedLlavaForConditionalGeneration
 from hf_fusedvlm.conversion import fused_config_from_llava, fused_from_llava
 from hf_fusedvlm.tiny import build_tiny_llava
+
 from llava_shapes import IMAGE_TOKEN_INDEX, LLAMA_7B, llava_1_5_config
 
 
@@ -97,7 +98,11 @@ def meta_footprint(model_class, config, dtype: torch.dtype, precision: str) -> i
     keep_fp32 = list(model._keep_in_fp32_modules_strict) if dtype in (torch.float16, torch.bfloat16) else []
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            if type(module) is nn.Linear and param_name == "weight" and should_convert_module(module_name, not_converted):
+            if (
+                type(module) is nn.Linear
+                and param_name == "weight"
+                and should_convert_module(module_name, not_converted)
+            ):
                 total += param.numel() // 2
             elif keep_fp32 and not should_convert_module(module_name, keep_fp32):
                 total += param.numel() * 4
@@ -176,8 +181,12 @@ def bench_shape(name: str, args, workdir: Path) -> dict:
         meta = {label: meta_footprint(classes[label], configs[label], dtype, precision) for label in models}
         if meta != measured:
             raise RuntimeError(f"{precision}: meta-device footprint {meta} disagrees with the measured {measured}")
-        entry = {"compute_dtype": "float32" if precision == "fp32" else str(dtype).removeprefix("torch."),
-                 "footprint_bytes": measured, "fuser_bytes": split["fuser"], "fuser_share": split["share"]}
+        entry = {
+            "compute_dtype": "float32" if precision == "fp32" else str(dtype).removeprefix("torch."),
+            "footprint_bytes": measured,
+            "fuser_bytes": split["fuser"],
+            "fuser_share": split["share"],
+        }
         entry.update(time_decoding(models, inputs, args.repeats, args.new_tokens[name]))
         result["precisions"][precision] = entry
         del models
@@ -204,21 +213,27 @@ def full_depth_footprints(fuser: str, precisions: list[str]) -> dict:
 
 def print_table(results: dict, full_depth: dict, fuser: str):
     print(f"\nfuser={fuser}; 4bit = nf4 with double quant; medians; ratio = fused / plain")
-    print("| shape | precision | plain MiB | fused MiB | fuser MiB (share) | plain tok/s | fused tok/s | decode ratio "
-          "| first-token ratio |")
+    print(
+        "| shape | precision | plain MiB | fused MiB | fuser MiB (share) | plain tok/s | fused tok/s | decode ratio "
+        "| first-token ratio |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, result in results.items():
         label = f"{name}, {result['llm_layers']} LLM layers"
         for precision, entry in result["precisions"].items():
             footprint, median = entry["footprint_bytes"], entry["median"]
-            print(f"| {label} | {precision} | {mib(footprint['plain'])} | {mib(footprint['fused'])} | "
-                  f"{mib(entry['fuser_bytes'])} ({entry['fuser_share']:.2%}) | "
-                  f"{median['plain']['decode_tokens_per_s']:.2f} | {median['fused']['decode_tokens_per_s']:.2f} | "
-                  f"{entry['decode_ratio']:.3f} | {entry['first_token_ratio']:.3f} |")
+            print(
+                f"| {label} | {precision} | {mib(footprint['plain'])} | {mib(footprint['fused'])} | "
+                f"{mib(entry['fuser_bytes'])} ({entry['fuser_share']:.2%}) | "
+                f"{median['plain']['decode_tokens_per_s']:.2f} | {median['fused']['decode_tokens_per_s']:.2f} | "
+                f"{entry['decode_ratio']:.3f} | {entry['first_token_ratio']:.3f} |"
+            )
     for precision, full in full_depth.items():
         added = full["fused"] - full["plain"]
-        print(f"| llava-7b, 32 LLM layers (meta) | {precision} | {mib(full['plain'])} | {mib(full['fused'])} | "
-              f"{mib(added)} ({added / full['fused']:.2%}) | - | - | - | - |")
+        print(
+            f"| llava-7b, 32 LLM layers (meta) | {precision} | {mib(full['plain'])} | {mib(full['fused'])} | "
+            f"{mib(added)} ({added / full['fused']:.2%}) | - | - | - | - |"
+        )
 
 
 def main():

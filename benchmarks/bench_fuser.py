@@ -27,6 +27,7 @@ from transformers.models.deformable_detr.modeling_deformable_detr import MultiSc
 from hf_fusedvlm import FUSERS, FusedLlavaConfig, build_fuser
 from hf_fusedvlm.deformable_attention import multi_scale_deformable_sampling
 from hf_fusedvlm.modeling_fused_llava import FusedLlavaMultiModalProjector
+
 from llava_shapes import CLIP_L_336, LLAMA_7B
 
 
@@ -49,16 +50,21 @@ def per_level_sampling(value, spatial_shapes, sampling_locations, attention_weig
     `multi_scale_deformable_sampling`."""
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 1, 4, 5).reshape(batch * num_heads, num_levels, num_queries,
-                                                                            num_points, 2)
+    grids = (
+        (2 * sampling_locations - 1)
+        .permute(0, 2, 3, 1, 4, 5)
+        .reshape(batch * num_heads, num_levels, num_queries, num_points, 2)
+    )
     sampled = []
     for level, level_value in enumerate(value.split([h * w for h, w in spatial_shapes], dim=1)):
         height, width = spatial_shapes[level]
         image = level_value.permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, height, width)
-        sampled.append(F.grid_sample(image, grids[:, level], mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))
-    weights = attention_weights.permute(0, 2, 3, 1, 4).reshape(batch * num_heads, num_levels, 1, num_queries,
-                                                               num_points)
+        sampled.append(
+            F.grid_sample(image, grids[:, level], mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    weights = attention_weights.permute(0, 2, 3, 1, 4).reshape(
+        batch * num_heads, num_levels, 1, num_queries, num_points
+    )
     output = (torch.stack(sampled, dim=1) * weights).sum(dim=(1, 4))  # (batch * heads, head_dim, queries)
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
 
@@ -90,8 +96,14 @@ def bench_sampling_core(side: int, width: int, heads: int, levels: int, points: 
 
 def vision_and_encoder_configs(quick: bool) -> tuple[dict, object]:
     if quick:
-        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                      image_size=96, patch_size=16)
+        vision = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            image_size=96,
+            patch_size=16,
+        )
         encoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
         return vision, AutoConfig.for_model("mpnet", **encoder)
     return CLIP_L_336, AutoConfig.for_model("mpnet")
@@ -115,10 +127,13 @@ def bench_fuser_overhead(quick: bool, repeats: int) -> dict:
     instruction_encoder = AutoModel.from_config(encoder).eval()
     pixels = torch.randn(1, 3, vision["image_size"], vision["image_size"])
     instruction_ids = torch.randint(5, 1000, (1, 16))
-    results = {"seconds": {}, "parameters_millions": {
-        "vision tower": sum(p.numel() for p in tower.parameters()) / 1e6,
-        "instruction encoder": sum(p.numel() for p in instruction_encoder.parameters()) / 1e6,
-    }}
+    results = {
+        "seconds": {},
+        "parameters_millions": {
+            "vision tower": sum(p.numel() for p in tower.parameters()) / 1e6,
+            "instruction encoder": sum(p.numel() for p in instruction_encoder.parameters()) / 1e6,
+        },
+    }
     with torch.inference_mode():
         results["seconds"]["vision tower"] = median_seconds(lambda: tower(pixels, output_hidden_states=True), repeats)
         hidden_states = tower(pixels, output_hidden_states=True).hidden_states
@@ -143,8 +158,9 @@ def bench_prefill_parts(quick: bool, repeats: int, llm_layers: int) -> dict:
     vision, encoder = vision_and_encoder_configs(quick)
     text = dict(LLAMA_7B, num_hidden_layers=llm_layers)
     if quick:
-        text.update(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
-                    vocab_size=1000)
+        text.update(
+            hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4, vocab_size=1000
+        )
     num_patches = (vision["image_size"] // vision["patch_size"]) ** 2
     length = num_patches + TEXT_TOKENS
     results = {"tokens": length, "llm_layers_measured": llm_layers, "seconds": {}}
@@ -168,8 +184,10 @@ def prefill_estimate(overhead: dict, parts: dict, full_layers: int) -> dict:
     """Seconds of a full-depth prefill per fuser type, `none` being plain LLaVA (no fuser, one-layer projector)."""
     seconds, part = overhead["seconds"], parts["seconds"]
     shared = seconds["vision tower"] + full_layers * part["decoder layer"] + part["lm head (last token)"]
-    return {fuser_type: shared + seconds.get(fuser_type, 0.0) + part[f"projector ({fuser_type})"]
-            for fuser_type in ("none", *FUSER_TYPES)}
+    return {
+        fuser_type: shared + seconds.get(fuser_type, 0.0) + part[f"projector ({fuser_type})"]
+        for fuser_type in ("none", *FUSER_TYPES)
+    }
 
 
 def print_tables(core: dict, overhead: dict, parts: dict, prefill: dict, full_layers: int) -> None:
@@ -194,8 +212,10 @@ def print_tables(core: dict, overhead: dict, parts: dict, prefill: dict, full_la
     print(f"| LM head, last token | {part['lm head (last token)'] * 1e3:.1f} | |")
     for name, total in prefill.items():
         label = "plain LLaVA" if name == "none" else name
-        print(f"| {label}: tower + fuser + projector + {full_layers} x layer + head (estimate) | {total * 1e3:.0f} | "
-              f"{total / prefill['none']:.4f} |")
+        print(
+            f"| {label}: tower + fuser + projector + {full_layers} x layer + head (estimate) | {total * 1e3:.0f} | "
+            f"{total / prefill['none']:.4f} |"
+        )
 
 
 def main():
@@ -212,15 +232,20 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    core_shape = dict(side=6, width=64, heads=4, levels=4, points=2) if args.quick else dict(
-        side=24, width=1024, heads=16, levels=4, points=4)
+    core_shape = (
+        dict(side=6, width=64, heads=4, levels=4, points=2)
+        if args.quick
+        else dict(side=24, width=1024, heads=16, levels=4, points=4)
+    )
     core = bench_sampling_core(**core_shape, repeats=repeats)
     overhead = bench_fuser_overhead(args.quick, repeats)
     parts = bench_prefill_parts(args.quick, repeats, llm_layers)
     full_layers = LLAMA_7B["num_hidden_layers"]
     prefill = prefill_estimate(overhead, parts, full_layers)
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"# Fuser benchmarks ({'quick' if args.quick else 'full'}), {machine}, median of {repeats}\n")
     print_tables(core, overhead, parts, prefill, full_layers)
     ratios = {
@@ -230,19 +255,38 @@ def main():
         "fuser_share_of_tower": {t: overhead["seconds"][t] / overhead["seconds"]["vision tower"] for t in FUSER_TYPES},
         "prefill_vs_plain": {t: prefill[t] / prefill["none"] for t in FUSER_TYPES},
     }
-    goals = {"sampling_core_ge_2x_per_level": ratios["sampling_core_vs_per_level"] >= 2,
-             "mmfuser_le_5_percent_of_tower": ratios["fuser_share_of_tower"]["mmfuser"] <= 0.05}
+    goals = {
+        "sampling_core_ge_2x_per_level": ratios["sampling_core_vs_per_level"] >= 2,
+        "mmfuser_le_5_percent_of_tower": ratios["fuser_share_of_tower"]["mmfuser"] <= 0.05,
+    }
     if args.quick:
         print("\n(quick shapes: the goals are judged at the full shapes only)")
     else:
-        print(f"\ngoal sampling core >= 2x per-level ({ratios['sampling_core_vs_per_level']:.2f}x): "
-              f"{'met' if goals['sampling_core_ge_2x_per_level'] else 'NOT met'}")
-        print(f"goal mmfuser <= 5 % of the vision tower ({100 * ratios['fuser_share_of_tower']['mmfuser']:.1f} %): "
-              f"{'met' if goals['mmfuser_le_5_percent_of_tower'] else 'NOT met'}")
+        print(
+            f"\ngoal sampling core >= 2x per-level ({ratios['sampling_core_vs_per_level']:.2f}x): "
+            f"{'met' if goals['sampling_core_ge_2x_per_level'] else 'NOT met'}"
+        )
+        print(
+            f"goal mmfuser <= 5 % of the vision tower ({100 * ratios['fuser_share_of_tower']['mmfuser']:.1f} %): "
+            f"{'met' if goals['mmfuser_le_5_percent_of_tower'] else 'NOT met'}"
+        )
     with open(args.json, "w") as handle:
-        json.dump({"machine": machine, "repeats": repeats, "quick": args.quick, "sampling_core_s": core,
-                   "fuser_overhead": overhead, "prefill_parts": parts, "prefill_estimate_s": prefill,
-                   "full_llm_layers": full_layers, "ratios": ratios, "goals": goals}, handle, indent=2)
+        json.dump(
+            {
+                "machine": machine,
+                "repeats": repeats,
+                "quick": args.quick,
+                "sampling_core_s": core,
+                "fuser_overhead": overhead,
+                "prefill_parts": parts,
+                "prefill_estimate_s": prefill,
+                "full_llm_layers": full_layers,
+                "ratios": ratios,
+                "goals": goals,
+            },
+            handle,
+            indent=2,
+        )
     print(f"\nwrote {args.json}")
 
 

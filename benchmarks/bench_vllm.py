@@ -31,11 +31,20 @@ from llava_shapes import llava_1_5_config
 
 
 SMALL_VISION = dict(
-    hidden_size=256, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=4, image_size=224,
-    patch_size=14, projection_dim=256,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=12,
+    num_attention_heads=4,
+    image_size=224,
+    patch_size=14,
+    projection_dim=256,
 )
 SMALL_TEXT = dict(
-    hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
     max_position_embeddings=1024,
 )
 SMALL_ENCODER = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
@@ -44,7 +53,13 @@ SMALL_ENCODER = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=
 def build_small(fuser_type: str):
     """A `small`-shaped fused LLaVA (random weights) and its processor, from the tiny tokenizers."""
     import torch
-    from transformers import AutoConfig, AutoModel, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        LlavaForConditionalGeneration,
+        LlavaImageProcessorPil,
+        LlavaProcessor,
+    )
 
     from hf_fusedvlm import FusedLlavaProcessor
     from hf_fusedvlm.conversion import fused_from_llava
@@ -59,8 +74,11 @@ def build_small(fuser_type: str):
     tokenizer = build_tiny_llm_tokenizer()
     tokenizer.model_max_length = SMALL_TEXT["max_position_embeddings"]
     text = dict(
-        SMALL_TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        SMALL_TEXT,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     config = llava_1_5_config(SMALL_VISION, text)
     config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -70,15 +88,22 @@ def build_small(fuser_type: str):
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_pad=True, do_convert_rgb=True
     )
     llava_processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=SMALL_VISION["patch_size"],
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=SMALL_VISION["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
     )
     encoder = instruction_tokenizer = None
     if fuser_type == "igva":
         instruction_tokenizer = build_tiny_instruction_tokenizer()
         encoder_config = AutoConfig.for_model(
-            "bert", vocab_size=len(instruction_tokenizer), max_position_embeddings=64,
-            pad_token_id=instruction_tokenizer.pad_token_id, **SMALL_ENCODER,
+            "bert",
+            vocab_size=len(instruction_tokenizer),
+            max_position_embeddings=64,
+            pad_token_id=instruction_tokenizer.pad_token_id,
+            **SMALL_ENCODER,
         )
         encoder = AutoModel.from_config(encoder_config).eval()
     model = fused_from_llava(llava, fuser_type, instruction_encoder=encoder)
@@ -98,14 +123,18 @@ def serve_and_time(args) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
 
-    from hf_fusedvlm.synthetic_vqa import make_sample, question_prompt
     from hf_fusedvlm import FusedLlavaProcessor
+    from hf_fusedvlm.synthetic_vqa import make_sample, question_prompt
 
     processor = FusedLlavaProcessor.from_pretrained(args.checkpoint)
     image_size = processor.image_processor.crop_size["height"]
     llm = LLM(
-        model=args.checkpoint, dtype="float32", tensor_parallel_size=args.tensor_parallel_size,
-        max_num_seqs=args.requests, enforce_eager=True, seed=0,
+        model=args.checkpoint,
+        dtype="float32",
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_num_seqs=args.requests,
+        enforce_eager=True,
+        seed=0,
     )
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
 
@@ -156,15 +185,25 @@ def main() -> None:
             folder = Path(root) / fuser_type
             write_checkpoint(fuser_type, shape, folder)
             command = [
-                sys.executable, __file__, "--worker", "--checkpoint", str(folder), "--requests", str(args.requests),
-                "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats),
-                "--tensor-parallel-size", str(args.tensor_parallel_size),
+                sys.executable,
+                __file__,
+                "--worker",
+                "--checkpoint",
+                str(folder),
+                "--requests",
+                str(args.requests),
+                "--max-tokens",
+                str(args.max_tokens),
+                "--repeats",
+                str(args.repeats),
+                "--tensor-parallel-size",
+                str(args.tensor_parallel_size),
             ]
             completed = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
             if completed.returncode != 0 or not lines:
                 sys.exit(f"serving {fuser_type} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
-            seconds = statistics.median(json.loads(lines[-1][len("RESULT "):])["batch_seconds"])
+            seconds = statistics.median(json.loads(lines[-1][len("RESULT ") :])["batch_seconds"])
             results[fuser_type] = {
                 "median_batch_seconds": seconds,
                 "requests_per_second": args.requests / seconds,
@@ -174,12 +213,16 @@ def main() -> None:
     for row in results.values():
         row["throughput_ratio_to_plain"] = row["requests_per_second"] / plain
 
-    print(f"\nvLLM throughput, shape {shape}, {args.requests} requests x {args.max_tokens} tokens, "
-          f"TP {args.tensor_parallel_size}, median of {args.repeats} ({platform.processor() or platform.machine()})")
+    print(
+        f"\nvLLM throughput, shape {shape}, {args.requests} requests x {args.max_tokens} tokens, "
+        f"TP {args.tensor_parallel_size}, median of {args.repeats} ({platform.processor() or platform.machine()})"
+    )
     print(f"{'fuser':<10}{'batch s':>10}{'req/s':>10}{'tok/s':>10}{'ratio':>8}")
     for fuser_type, row in results.items():
-        print(f"{fuser_type:<10}{row['median_batch_seconds']:>10.3f}{row['requests_per_second']:>10.2f}"
-              f"{row['output_tokens_per_second']:>10.1f}{row['throughput_ratio_to_plain']:>8.3f}")
+        print(
+            f"{fuser_type:<10}{row['median_batch_seconds']:>10.3f}{row['requests_per_second']:>10.2f}"
+            f"{row['output_tokens_per_second']:>10.1f}{row['throughput_ratio_to_plain']:>8.3f}"
+        )
     if args.json:
         settings = {key: getattr(args, key) for key in ("requests", "max_tokens", "repeats", "tensor_parallel_size")}
         args.json.write_text(json.dumps({"shape": shape, "settings": settings, "results": results}, indent=2))

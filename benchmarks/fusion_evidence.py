@@ -40,8 +40,8 @@ import torch
 from hf_fusedvlm.evidence import chance, layer_probe, pixel_values, pretrain_coarse_tower
 from hf_fusedvlm.synthetic_vqa import (
     CELL,
-    GRID,
     DIGIT_SCENE_KINDS,
+    GRID,
     SyntheticSample,
     digit_scene_details,
     draw_digit_scene,
@@ -66,8 +66,12 @@ FUSER_OPTIONS = {
     "mmfuser": {"fuser_layers": FUSER_LAYERS, "fuser_num_heads": 4, "fuser_num_points": 1},
     "average": {"fuser_layer_groups": FUSER_LAYER_GROUPS},
     # The paper's balance weight (0.02) holds the weights at uniform here; below 0.003 they collapse onto one group.
-    "igva": {"fuser_layer_groups": FUSER_LAYER_GROUPS, "aggregator_hidden_size": 64, "aggregator_num_layers": 2,
-             "balance_loss_weight": 0.003},
+    "igva": {
+        "fuser_layer_groups": FUSER_LAYER_GROUPS,
+        "aggregator_hidden_size": 64,
+        "aggregator_num_layers": 2,
+        "balance_loss_weight": 0.003,
+    },
 }
 # Disjoint synthetic sets (seeds of `generate_samples`); the handwriting of each comes from its own split.
 TRAIN_SET, VALIDATION_SET, TEST_SET, TOWER_SET, PROBE_TRAIN_SET, PROBE_TEST_SET = 0, 1000, 2000, 3000, 4000, 4001
@@ -109,8 +113,14 @@ def coarse_tower_llava(args):
     samples = [SyntheticSample(draw_digit_scene(detail), "colour", "", "", detail) for detail in details]
     twin_images = [SyntheticSample(draw_digit_scene(twin), "colour", "", "", twin) for twin in twins]
     losses = pretrain_coarse_tower(
-        tower, pixel_values(image_processor, samples), samples, steps=args.tower_steps, batch_size=args.tower_batch,
-        twin_pixels=pixel_values(image_processor, twin_images), invariance_weight=args.invariance_weight, seed=0,
+        tower,
+        pixel_values(image_processor, samples),
+        samples,
+        steps=args.tower_steps,
+        batch_size=args.tower_batch,
+        twin_pixels=pixel_values(image_processor, twin_images),
+        invariance_weight=args.invariance_weight,
+        seed=0,
     )
     probe = layer_probe(tower, *probe_args)
     return llava, processor, probe, random_probe, statistics.mean(losses[-20:])
@@ -143,12 +153,42 @@ def train(start: Path, data: Path, output: Path, stage: str, steps: int, seed: i
     from hf_fusedvlm.training import main as train_main
 
     arguments = [
-        "--model_name_or_path", str(start), "--data_path", str(data), "--output_dir", str(output), "--stage", stage,
-        "--max_steps", str(steps), "--per_device_train_batch_size", str(settings["batch_size"]), "--learning_rate",
-        str(settings["learning_rate"]), "--lr_scheduler_type", "cosine", "--warmup_steps", str(max(1, steps // 10)),
-        "--weight_decay", "0", "--seed", str(seed), "--data_seed", str(seed), "--save_strategy", "no",
-        "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", str(max(1, steps // 5)),
-        "--dataloader_pin_memory", "false", "--use_cpu", "true",
+        "--model_name_or_path",
+        str(start),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(output),
+        "--stage",
+        stage,
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        str(settings["batch_size"]),
+        "--learning_rate",
+        str(settings["learning_rate"]),
+        "--lr_scheduler_type",
+        "cosine",
+        "--warmup_steps",
+        str(max(1, steps // 10)),
+        "--weight_decay",
+        "0",
+        "--seed",
+        str(seed),
+        "--data_seed",
+        str(seed),
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        str(max(1, steps // 5)),
+        "--dataloader_pin_memory",
+        "false",
+        "--use_cpu",
+        "true",
     ]
     start_time = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -210,7 +250,9 @@ def train_and_score(task: dict) -> dict:
 
     torch.set_num_threads(task["threads"])
     fuser, seed, work, settings = task["fuser"], task["seed"], Path(task["work"]), task["settings"]
-    start = convert(Path(task["source"]), fuser, work / f"start-{fuser}-{seed}", settings["fuser_options"].get(fuser, {}))
+    start = convert(
+        Path(task["source"]), fuser, work / f"start-{fuser}-{seed}", settings["fuser_options"].get(fuser, {})
+    )
     stage1, stage2 = work / f"{fuser}-{seed}-stage1", Path(task["final"])
     seconds = train(start, Path(task["data"]), stage1, "stage1", settings["stage1_steps"], seed, settings)
     seconds += train(stage1, Path(task["data"]), stage2, "stage2", settings["stage2_steps"], seed, settings)
@@ -238,15 +280,21 @@ def evidence_json(settings: dict, runs: list[dict], probe: dict, random_probe: d
     fusers = [fuser for fuser in settings["fusers"] if any(run["fuser"] == fuser for run in runs)]
 
     def accuracy(split):
-        return {fuser: {kind: [run[split]["accuracy"][kind] for run in runs if run["fuser"] == fuser] for kind in kinds}
-                for fuser in fusers}
+        return {
+            fuser: {kind: [run[split]["accuracy"][kind] for run in runs if run["fuser"] == fuser] for kind in kinds}
+            for fuser in fusers
+        }
 
     test = accuracy("test")
     igva = [run for run in runs if run["fuser"] == "igva"]
-    igva_weights = {
-        kind: [statistics.mean(column) for column in zip(*(run["test"]["group_weights"][kind] for run in igva))]
-        for kind in kinds
-    } if igva else {}
+    igva_weights = (
+        {
+            kind: [statistics.mean(column) for column in zip(*(run["test"]["group_weights"][kind] for run in igva))]
+            for kind in kinds
+        }
+        if igva
+        else {}
+    )
     differences = {}
     if "none" in test:
         for fuser in fusers:
@@ -272,16 +320,33 @@ def evidence_json(settings: dict, runs: list[dict], probe: dict, random_probe: d
         "fine_kinds": list(FINE_KINDS),
         "coarse_kinds": list(COARSE_KINDS),
         "tower": {
-            "image_size": CELL * GRID, "patch_size": CELL, "hidden_size": 64, "intermediate_size": 256, "layers": 6,
+            "image_size": CELL * GRID,
+            "patch_size": CELL,
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "layers": 6,
             "base_hidden_state": 5,
             "pretraining": "colour and side from the pooled output; hidden states 5 and 6 invariant to the fine details",
-            "steps": settings["tower_steps"], "batch_size": settings["tower_batch"],
-            "invariance_weight": settings["invariance_weight"], "final_loss": tower_loss,
+            "steps": settings["tower_steps"],
+            "batch_size": settings["tower_batch"],
+            "invariance_weight": settings["invariance_weight"],
+            "final_loss": tower_loss,
         },
         "fuser_options": settings["fuser_options"],
-        "budget": {key: settings[key] for key in (
-            "llm_steps", "stage1_steps", "stage2_steps", "batch_size", "learning_rate", "train_samples", "validation_samples",
-            "test_samples", "quick")},
+        "budget": {
+            key: settings[key]
+            for key in (
+                "llm_steps",
+                "stage1_steps",
+                "stage2_steps",
+                "batch_size",
+                "learning_rate",
+                "train_samples",
+                "validation_samples",
+                "test_samples",
+                "quick",
+            )
+        },
         "runs": runs,
     }
 
@@ -289,6 +354,7 @@ def evidence_json(settings: dict, runs: list[dict], probe: dict, random_probe: d
 def summary_table(results: dict) -> str:
     """Markdown: accuracy mean ± std over seeds per fuser and kind, the paired differences to `none`, igva's mean
     weights per kind, mmfuser's sampling on the details and the probe curve."""
+
     def mean_std(values):
         return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
@@ -298,35 +364,58 @@ def summary_table(results: dict) -> str:
     for fuser, per_kind in results["accuracy"].items():
         lines.append(f"| {fuser} | " + " | ".join(mean_std(per_kind[kind]) for kind in kinds) + " |")
     if results["difference_to_none"]:
-        lines += ["", "| paired difference to none (mean ± std over seeds) | " + " | ".join(kinds) + " |",
-                  "|---|" + "---:|" * len(kinds)]
+        lines += [
+            "",
+            "| paired difference to none (mean ± std over seeds) | " + " | ".join(kinds) + " |",
+            "|---|" + "---:|" * len(kinds),
+        ]
         for fuser, per_kind in results["difference_to_none"].items():
-            lines.append(f"| {fuser} | " + " | ".join(
-                f"{per_kind[kind]['mean']:+.3f} ± {per_kind[kind]['std']:.3f}" for kind in kinds) + " |")
+            lines.append(
+                f"| {fuser} | "
+                + " | ".join(f"{per_kind[kind]['mean']:+.3f} ± {per_kind[kind]['std']:.3f}" for kind in kinds)
+                + " |"
+            )
     harness = results.get("harness")
     if harness:
-        lines += ["", f"| lmms-eval ({harness['model']} model) | " + " | ".join(kinds) + " |",
-                  "|---|" + "---:|" * len(kinds)]
+        lines += [
+            "",
+            f"| lmms-eval ({harness['model']} model) | " + " | ".join(kinds) + " |",
+            "|---|" + "---:|" * len(kinds),
+        ]
         for fuser in results["accuracy"]:
             if fuser in harness["accuracy"]:
                 per_kind = harness["accuracy"][fuser]
                 lines.append(f"| {fuser} | " + " | ".join(mean_std(per_kind[kind]) for kind in kinds) + " |")
     if results["igva_weights"]:
         groups = len(results["igva_weights"]["all"])
-        lines += ["", "| igva: mean group weight | " + " | ".join(
-            f"group {k + 1} {results['fuser_options']['igva']['fuser_layer_groups'][k]}" for k in range(groups)) + " |",
-            "|---|" + "---:|" * groups]
+        lines += [
+            "",
+            "| igva: mean group weight | "
+            + " | ".join(
+                f"group {k + 1} {results['fuser_options']['igva']['fuser_layer_groups'][k]}" for k in range(groups)
+            )
+            + " |",
+            "|---|" + "---:|" * groups,
+        ]
         for kind, weights in results["igva_weights"].items():
             lines.append(f"| {kind} | " + " | ".join(f"{value:.3f}" for value in weights) + " |")
     sampling = results.get("mmfuser_sampling_on_details", {})
     if sampling.get("per_seed"):
-        lines += ["", f"mmfuser: share of cross-attention on the digit and shape cells {mean_std(sampling['per_seed'])}"
-                      f" (uniform {sampling['uniform']:.3f})"]
+        lines += [
+            "",
+            f"mmfuser: share of cross-attention on the digit and shape cells {mean_std(sampling['per_seed'])}"
+            f" (uniform {sampling['uniform']:.3f})",
+        ]
     if results["probe"]:
-        lines += ["", "| probe: hidden state | " + " | ".join(results["probe"]) + " |",
-                  "|---|" + "---:|" * len(results["probe"])]
+        lines += [
+            "",
+            "| probe: hidden state | " + " | ".join(results["probe"]) + " |",
+            "|---|" + "---:|" * len(results["probe"]),
+        ]
         for layer in range(len(next(iter(results["probe"].values())))):
-            lines.append(f"| {layer} | " + " | ".join(f"{curve[layer]:.2f}" for curve in results["probe"].values()) + " |")
+            lines.append(
+                f"| {layer} | " + " | ".join(f"{curve[layer]:.2f}" for curve in results["probe"].values()) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -348,8 +437,12 @@ def save_plots(results: dict, folder: Path) -> list[Path]:
     base = results["tower"]["base_hidden_state"]
     axis.axvline(base, color="grey", linestyle="--", linewidth=0.8)
     axis.text(base, 0.03, " LLaVA's layer", fontsize=7, color="grey")
-    axis.set(xlabel="hidden state (0 = embeddings)", ylabel="probe accuracy (held-out)", ylim=(0, 1.02),
-             title="Coarse-trained tower (dotted: before training)")
+    axis.set(
+        xlabel="hidden state (0 = embeddings)",
+        ylabel="probe accuracy (held-out)",
+        ylim=(0, 1.02),
+        title="Coarse-trained tower (dotted: before training)",
+    )
     axis.legend(fontsize=8, loc="center left")
     figure.tight_layout()
     paths.append(folder / "fusion_evidence_probe.png")
@@ -363,14 +456,23 @@ def save_plots(results: dict, folder: Path) -> list[Path]:
         values = [results["accuracy"][fuser][kind] for kind in kinds]
         means = [statistics.mean(value) for value in values]
         spreads = [statistics.stdev(value) if len(value) > 1 else 0.0 for value in values]
-        axis.bar([k + (index - (len(fusers) - 1) / 2) * width for k in range(len(kinds))], means, width,
-                 yerr=spreads, capsize=2, label=fuser)
+        axis.bar(
+            [k + (index - (len(fusers) - 1) / 2) * width for k in range(len(kinds))],
+            means,
+            width,
+            yerr=spreads,
+            capsize=2,
+            label=fuser,
+        )
     for k, kind in enumerate(kinds):
         if kind in results["chance"]:
             axis.plot([k - 0.45, k + 0.45], [results["chance"][kind]] * 2, color="black", linewidth=0.8, linestyle=":")
     axis.set_xticks(range(len(kinds)), kinds)
-    axis.set(ylabel="held-out accuracy (test)", ylim=(0, 1.18),
-             title=f"Equal budget, mean ± std over seeds {results['seeds']} (dotted: chance)")
+    axis.set(
+        ylabel="held-out accuracy (test)",
+        ylim=(0, 1.18),
+        title=f"Equal budget, mean ± std over seeds {results['seeds']} (dotted: chance)",
+    )
     axis.legend(fontsize=8, ncols=len(fusers), loc="upper center")
     figure.tight_layout()
     paths.append(folder / "fusion_evidence_accuracy.png")
@@ -404,7 +506,9 @@ def fuser_options(overrides: list[str]) -> dict:
         fuser, _, assignment = override.partition(":")
         field, _, value = assignment.partition("=")
         if fuser not in FUSERS or not field or not value:
-            raise ValueError(f"--fuser-option {override!r}: write FUSER:FIELD=VALUE with FUSER one of {', '.join(FUSERS)}.")
+            raise ValueError(
+                f"--fuser-option {override!r}: write FUSER:FIELD=VALUE with FUSER one of {', '.join(FUSERS)}."
+            )
         try:
             options.setdefault(fuser, {})[field] = json.loads(value)
         except json.JSONDecodeError as error:
@@ -415,14 +519,34 @@ def fuser_options(overrides: list[str]) -> dict:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    settings = {key: getattr(args, key) for key in (
-        "fusers", "seeds", "tower_steps", "tower_batch", "invariance_weight", "llm_steps", "stage1_steps", "stage2_steps",
-        "batch_size", "learning_rate", "train_samples", "validation_samples", "test_samples", "sampling_images", "quick")}
+    settings = {
+        key: getattr(args, key)
+        for key in (
+            "fusers",
+            "seeds",
+            "tower_steps",
+            "tower_batch",
+            "invariance_weight",
+            "llm_steps",
+            "stage1_steps",
+            "stage2_steps",
+            "batch_size",
+            "learning_rate",
+            "train_samples",
+            "validation_samples",
+            "test_samples",
+            "sampling_images",
+            "quick",
+        )
+    }
     settings["fuser_options"] = fuser_options(args.fuser_option)  # checked in main
     llava, processor, probe, random_probe, tower_loss = coarse_tower_llava(args)
-    print(f"tower pretrained and probed ({time.perf_counter() - began:.0f} s), final loss {tower_loss:.3f}; probe "
-          "per hidden state: " + "; ".join(f"{kind} " + " ".join(f"{value:.2f}" for value in curve)
-                                           for kind, curve in probe.items()), file=sys.stderr)
+    print(
+        f"tower pretrained and probed ({time.perf_counter() - began:.0f} s), final loss {tower_loss:.3f}; probe "
+        "per hidden state: "
+        + "; ".join(f"{kind} " + " ".join(f"{value:.2f}" for value in curve) for kind, curve in probe.items()),
+        file=sys.stderr,
+    )
     runs = []
     with tempfile.TemporaryDirectory(prefix="fusion-evidence-") as work:
         work = Path(work)
@@ -433,23 +557,39 @@ def run(args) -> dict:
         print(f"language model pretrained ({seconds:.0f} s)", file=sys.stderr)
         llava.save_pretrained(source)
         if args.keep_checkpoints:
-            write_llava_dataset(Path(args.keep_checkpoints) / "test", args.test_samples, seed=TEST_SET,
-                                scene="digits", split="test")
+            write_llava_dataset(
+                Path(args.keep_checkpoints) / "test", args.test_samples, seed=TEST_SET, scene="digits", split="test"
+            )
         tasks = []
         for seed in args.seeds:
             for fuser in args.fusers:
-                final = (Path(args.keep_checkpoints) / f"{fuser}-seed{seed}" if args.keep_checkpoints
-                         else work / f"{fuser}-{seed}-stage2")
-                tasks.append({"fuser": fuser, "seed": seed, "work": str(work), "source": str(source),
-                              "data": str(data), "final": str(final), "settings": settings,
-                              "threads": args.threads if args.jobs == 1 else 1})
+                final = (
+                    Path(args.keep_checkpoints) / f"{fuser}-seed{seed}"
+                    if args.keep_checkpoints
+                    else work / f"{fuser}-{seed}-stage2"
+                )
+                tasks.append(
+                    {
+                        "fuser": fuser,
+                        "seed": seed,
+                        "work": str(work),
+                        "source": str(source),
+                        "data": str(data),
+                        "final": str(final),
+                        "settings": settings,
+                        "threads": args.threads if args.jobs == 1 else 1,
+                    }
+                )
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
             for result in pool.map(train_and_score, tasks):
                 runs.append(result)
                 validation = result["validation"]["accuracy"]
-                print(f"  {result['fuser']:8s} seed {result['seed']}: validation accuracy "
-                      + ", ".join(f"{kind} {value:.3f}" for kind, value in validation.items())
-                      + f" ({result['train_seconds']:.0f} s, {time.perf_counter() - began:.0f} s so far)", file=sys.stderr)
+                print(
+                    f"  {result['fuser']:8s} seed {result['seed']}: validation accuracy "
+                    + ", ".join(f"{kind} {value:.3f}" for kind, value in validation.items())
+                    + f" ({result['train_seconds']:.0f} s, {time.perf_counter() - began:.0f} s so far)",
+                    file=sys.stderr,
+                )
                 results = evidence_json(settings, runs, probe, random_probe, tower_loss)
                 results["wall_seconds"] = round(time.perf_counter() - began, 1)
                 Path(args.output).write_text(json.dumps(results, indent=1))
@@ -476,16 +616,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-samples", type=int, default=400, help="validation questions (all kinds)")
     parser.add_argument("--test-samples", type=int, default=1200, help="test questions (all kinds, 300 per kind)")
     parser.add_argument("--sampling-images", type=int, default=100, help="test images for mmfuser's sampling map")
-    parser.add_argument("--fuser-option", action="append", default=[], metavar="FUSER:FIELD=VALUE",
-                        help="a config field of one fuser over FUSER_OPTIONS (VALUE as JSON); repeatable")
+    parser.add_argument(
+        "--fuser-option",
+        action="append",
+        default=[],
+        metavar="FUSER:FIELD=VALUE",
+        help="a config field of one fuser over FUSER_OPTIONS (VALUE as JSON); repeatable",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="models trained side by side (one thread each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process (and of --jobs 1)")
     parser.add_argument("--output", default="fusion_evidence.json")
     parser.add_argument("--plots", default=None, help="folder for the PNG plots (none when omitted)")
-    parser.add_argument("--keep-checkpoints", default=None,
-                        help="folder that keeps every final checkpoint (`FUSER-seedN/`) and the test set (`test/`)")
-    parser.add_argument("--report", default=None, metavar="JSON",
-                        help="train nothing: print the tables of a finished run's JSON (and --plots its plots)")
+    parser.add_argument(
+        "--keep-checkpoints",
+        default=None,
+        help="folder that keeps every final checkpoint (`FUSER-seedN/`) and the test set (`test/`)",
+    )
+    parser.add_argument(
+        "--report",
+        default=None,
+        metavar="JSON",
+        help="train nothing: print the tables of a finished run's JSON (and --plots its plots)",
+    )
     args = parser.parse_args(argv)
     if args.report:
         results = json.loads(Path(args.report).read_text())

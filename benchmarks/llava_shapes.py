@@ -4,12 +4,23 @@ from transformers import AutoConfig, LlavaConfig
 
 
 CLIP_L_336 = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-    patch_size=14, projection_dim=768,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
 )
 LLAMA_7B = dict(
-    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-    vocab_size=32064, max_position_embeddings=4096, pad_token_id=0,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32064,
+    max_position_embeddings=4096,
+    pad_token_id=0,
 )
 IMAGE_TOKEN_INDEX = 32000
 

@@ -61,14 +61,36 @@ def task_yaml(test_folder: Path) -> str:
 
 
 def run_harness(
-    python: str, checkpoint: Path, task_dir: Path, output_dir: Path, batch_size: int, dtype: str = "float32",
+    python: str,
+    checkpoint: Path,
+    task_dir: Path,
+    output_dir: Path,
+    batch_size: int,
+    dtype: str = "float32",
     device: str = "cpu",
 ) -> tuple[dict, list]:
     """lmms-eval's `fused_llava` model on one checkpoint; returns its aggregated metrics and its logged samples."""
     model_args = f"pretrained={checkpoint},dtype={dtype},device={device}"
-    command = [python, "-m", "lmms_eval", "--model", "fused_llava", "--model_args", model_args, "--tasks", TASK_NAME,
-               "--include_path", str(task_dir), "--output_path", str(output_dir), "--log_samples", "--batch_size",
-               str(batch_size), "--verbosity", "WARNING"]
+    command = [
+        python,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "fused_llava",
+        "--model_args",
+        model_args,
+        "--tasks",
+        TASK_NAME,
+        "--include_path",
+        str(task_dir),
+        "--output_path",
+        str(output_dir),
+        "--log_samples",
+        "--batch_size",
+        str(batch_size),
+        "--verbosity",
+        "WARNING",
+    ]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
@@ -84,8 +106,11 @@ def run_harness(
 
 def harness_accuracy(metrics: dict) -> dict[str, float]:
     """`{kind: accuracy}` from lmms-eval's metrics (keys like `accuracy_colour,none`)."""
-    return {key.split(",")[0].removeprefix("accuracy_"): value for key, value in metrics.items()
-            if key.startswith("accuracy_") and "_stderr" not in key}
+    return {
+        key.split(",")[0].removeprefix("accuracy_"): value
+        for key, value in metrics.items()
+        if key.startswith("accuracy_") and "_stderr" not in key
+    }
 
 
 def project_scores(samples: list[dict], records: list[dict]) -> dict[str, float]:
@@ -95,8 +120,10 @@ def project_scores(samples: list[dict], records: list[dict]) -> dict[str, float]
     responses = {sample["doc_id"]: sample.get("resps", sample["filtered_resps"]) for sample in samples}
     if sorted(responses) != list(range(len(records))):
         raise RuntimeError(f"lmms-eval logged {len(responses)} answers for a test set of {len(records)} records.")
-    answers = [first_word(responses[row] if isinstance(responses[row], str) else responses[row][0])
-               for row in range(len(records))]
+    answers = [
+        first_word(responses[row] if isinstance(responses[row], str) else responses[row][0])
+        for row in range(len(records))
+    ]
     references = [SyntheticSample(None, record["kind"], "", record["answer"], {}) for record in records]
     return score_answers(references, answers)["accuracy"]
 
@@ -110,25 +137,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--dtype", default="float32", help="the model's dtype: float32, bfloat16, float16 or auto")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--seeds", type=lambda text: {int(seed) for seed in text.split(",")}, default=None,
-                        help="only the checkpoints of these seeds (default: all)")
-    parser.add_argument("--fusers", type=lambda text: set(text.split(",")), default=None,
-                        help="only the checkpoints of these fusers (default: all)")
+    parser.add_argument(
+        "--seeds",
+        type=lambda text: {int(seed) for seed in text.split(",")},
+        default=None,
+        help="only the checkpoints of these seeds (default: all)",
+    )
+    parser.add_argument(
+        "--fusers",
+        type=lambda text: set(text.split(",")),
+        default=None,
+        help="only the checkpoints of these fusers (default: all)",
+    )
     parser.add_argument("--work-dir", default=None, help="where the temporary task and outputs go")
     args = parser.parse_args(argv)
     checkpoints = Path(args.checkpoints).resolve()
     test_folder = checkpoints / "test"
     if not (test_folder / "data.json").is_file():
-        parser.error(f"{test_folder / 'data.json'} is missing: pass the --keep-checkpoints folder of fusion_evidence.py")
+        parser.error(
+            f"{test_folder / 'data.json'} is missing: pass the --keep-checkpoints folder of fusion_evidence.py"
+        )
     records = json.loads((test_folder / "data.json").read_text())
-    runs = sorted((match["fuser"], int(match["seed"]), path) for path in checkpoints.iterdir()
-                  if (match := CHECKPOINT_NAME.match(path.name))
-                  and (args.seeds is None or int(match["seed"]) in args.seeds)
-                  and (args.fusers is None or match["fuser"] in args.fusers))
+    runs = sorted(
+        (match["fuser"], int(match["seed"]), path)
+        for path in checkpoints.iterdir()
+        if (match := CHECKPOINT_NAME.match(path.name))
+        and (args.seeds is None or int(match["seed"]) in args.seeds)
+        and (args.fusers is None or match["fuser"] in args.fusers)
+    )
     if not runs:
         parser.error(f"no FUSER-seedN checkpoints in {checkpoints}")
-    section = {"accuracy": {}, "project_scorer_on_harness_answers": {}, "agree": True, "model": "fused_llava",
-               "dtype": args.dtype}
+    section = {
+        "accuracy": {},
+        "project_scorer_on_harness_answers": {},
+        "agree": True,
+        "model": "fused_llava",
+        "dtype": args.dtype,
+    }
     with tempfile.TemporaryDirectory(prefix="lmms-eval-", dir=args.work_dir) as work:
         task_dir = Path(work) / "tasks"
         shutil.copytree(TASK_FOLDER, task_dir, ignore=shutil.ignore_patterns("__pycache__"))
@@ -143,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, values in (("accuracy", harness), ("project_scorer_on_harness_answers", ours)):
                 for kind, value in values.items():
                     section[name].setdefault(fuser, {}).setdefault(kind, []).append(value)
-            print(f"  {fuser:8s} seed {seed}: harness {harness['all']:.3f}, project scorer {ours['all']:.3f}"
-                  f"{'' if agree else '  DISAGREE'}", file=sys.stderr)
+            print(
+                f"  {fuser:8s} seed {seed}: harness {harness['all']:.3f}, project scorer {ours['all']:.3f}"
+                f"{'' if agree else '  DISAGREE'}",
+                file=sys.stderr,
+            )
     if args.output:
         Path(args.output).write_text(json.dumps(section, indent=1))
     if args.evidence:

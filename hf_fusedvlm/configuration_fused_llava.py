@@ -63,53 +63,53 @@ def default_fuser_layer_groups(num_hidden_layers: int) -> list[list[int]]:
 @strict
 class FusedLlavaConfig(LlavaConfig):
     r"""
-    Configuration of a LLaVA model whose visual tokens are a fusion of several vision-encoder layers.
+        Configuration of a LLaVA model whose visual tokens are a fusion of several vision-encoder layers.
 
-    All [`LlavaConfig`] arguments are accepted. `vision_feature_layer` (an `int`) is the *base* layer: the one a plain
-    LLaVA projects. It is the query of `mmfuser`, the layer `igva` and `average` concatenate first, and the only layer
-    of `none`. Layer indices index the vision tower's `hidden_states` (0 = embeddings, `num_hidden_layers` = last
-    layer); negative indices count from the end. `fuser_layers` and `fuser_layer_groups` are stored normalised to
-    non-negative values.
+        All [`LlavaConfig`] arguments are accepted. `vision_feature_layer` (an `int`) is the *base* layer: the one a plain
+        LLaVA projects. It is the query of `mmfuser`, the layer `igva` and `average` concatenate first, and the only layer
+        of `none`. Layer indices index the vision tower's `hidden_states` (0 = embeddings, `num_hidden_layers` = last
+        layer); negative indices count from the end. `fuser_layers` and `fuser_layer_groups` are stored normalised to
+        non-negative values.
 
-    As in LLaVA, `vision_feature_layer` may also be a list of layers, concatenated on channels in that order: that is
-    the `concat` fuser over those layers, so the config sets `fuser_type="concat"` and `fuser_layers` to them (when
-    the config is built, and when a list is assigned later). It is kept as given; a one-layer list is that layer.
-    A list cannot be combined with the fusers other than `none` and `concat`, nor with other `fuser_layers`.
+        As in LLaVA, `vision_feature_layer` may also be a list of layers, concatenated on channels in that order: that is
+        the `concat` fuser over those layers, so the config sets `fuser_type="concat"` and `fuser_layers` to them (when
+        the config is built, and when a list is assigned later). It is kept as given; a one-layer list is that layer.
+        A list cannot be combined with the fusers other than `none` and `concat`, nor with other `fuser_layers`.
 
-    fuser_type (`str`, *optional*):
-        A registered fuser (`hf_fusedvlm.fusers.FUSERS`): `"mmfuser"`, `"igva"`, `"dense_connector"`, `"concat"`,
-        `"average"`, `"none"`. Defaults to `"mmfuser"`, or `"concat"` when `vision_feature_layer` lists several layers.
-    fuser_layers (`list[int]`, *optional*):
-        Layers fused by `mmfuser` (the last one is the query, so it must equal `vision_feature_layer`) and `concat`
-        (concatenated along channels in this order). Defaults to MMFuser's CLIP-L layers 3, 8, 13, 18, 23 scaled to the
-        tower's depth.
-    fuser_layer_groups (`list[list[int]]`, *optional*):
-        Groups of layers averaged by `igva` and `average`. Defaults to the tower's layers 1..L split into four
-        contiguous groups (IGVA's `[[1..6], [7..12], [13..18], [19..24]]` on CLIP-L).
-    instruction_encoder_config (`dict` or `PreTrainedConfig`, *optional*):
-        Config of the text encoder that embeds the instruction for `igva` (any `AutoModel` text encoder, e.g. MPNet
-        for all-mpnet-base-v2). Required for `igva`, ignored otherwise.
-    instruction_pooling (`str`, defaults to `"mean"`):
-        How the instruction encoder's last hidden state is pooled into the sentence embedding, as sentence-transformers'
-        `Pooling` module does: `"mean"` (mean over the attention mask, all-mpnet-base-v2), `"cls"` (the first token)
-        or `"max"` (channel-wise maximum over the attended tokens).
-    instruction_embedding_normalize (`bool`, defaults to `True`):
-        Whether the pooled instruction embedding is L2-normalised (sentence-transformers' `Normalize` module, as in
-        all-mpnet-base-v2).
+        fuser_type (`str`, *optional*):
+            A registered fuser (`hf_fusedvlm.fusers.FUSERS`): `"mmfuser"`, `"igva"`, `"dense_connector"`, `"concat"`,
+            `"average"`, `"none"`. Defaults to `"mmfuser"`, or `"concat"` when `vision_feature_layer` lists several layers.
+        fuser_layers (`list[int]`, *optional*):
+            Layers fused by `mmfuser` (the last one is the query, so it must equal `vision_feature_layer`) and `concat`
+            (concatenated along channels in this order). Defaults to MMFuser's CLIP-L layers 3, 8, 13, 18, 23 scaled to the
+            tower's depth.
+        fuser_layer_groups (`list[list[int]]`, *optional*):
+            Groups of layers averaged by `igva` and `average`. Defaults to the tower's layers 1..L split into four
+            contiguous groups (IGVA's `[[1..6], [7..12], [13..18], [19..24]]` on CLIP-L).
+        instruction_encoder_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the text encoder that embeds the instruction for `igva` (any `AutoModel` text encoder, e.g. MPNet
+            for all-mpnet-base-v2). Required for `igva`, ignored otherwise.
+        instruction_pooling (`str`, defaults to `"mean"`):
+            How the instruction encoder's last hidden state is pooled into the sentence embedding, as sentence-transformers'
+            `Pooling` module does: `"mean"` (mean over the attention mask, all-mpnet-base-v2), `"cls"` (the first token)
+            or `"max"` (channel-wise maximum over the attended tokens).
+        instruction_embedding_normalize (`bool`, defaults to `True`):
+            Whether the pooled instruction embedding is L2-normalised (sentence-transformers' `Normalize` module, as in
+            all-mpnet-base-v2).
 
-    Each registered fuser adds the fields of its class's `config_fields` ([`~fuser_registry.FuserField`]); every
-    config carries those of all registered fusers, with their defaults unless given. The built-in ones:
+        Each registered fuser adds the fields of its class's `config_fields` ([`~fuser_registry.FuserField`]); every
+        config carries those of all registered fusers, with their defaults unless given. The built-in ones:
 
-FUSER_FIELDS_DOC
-    Example:
+    FUSER_FIELDS_DOC
+        Example:
 
-    ```python
-    >>> from hf_fusedvlm import FusedLlavaConfig, FusedLlavaForConditionalGeneration
+        ```python
+        >>> from hf_fusedvlm import FusedLlavaConfig, FusedLlavaForConditionalGeneration
 
-    >>> config = FusedLlavaConfig(fuser_type="mmfuser")  # LLaVA-1.5-7B shapes with MMFuser on CLIP-L/336
-    >>> config.fuser_layers
-    [3, 8, 13, 18, 23]
-    ```"""
+        >>> config = FusedLlavaConfig(fuser_type="mmfuser")  # LLaVA-1.5-7B shapes with MMFuser on CLIP-L/336
+        >>> config.fuser_layers
+        [3, 8, 13, 18, 23]
+        ```"""
 
     model_type = "fused_llava"
     if SubConfigSpec is not None:
@@ -160,7 +160,6 @@ FUSER_FIELDS_DOC
             self._check_instruction_encoder()
         for name, field in fuser_fields().items():
             field.check_value(name, getattr(self, name))
-
 
     def __eq__(self, other):
         # The dataclass comparison this replaces covers the declared fields only; the fusers' fields count as well.

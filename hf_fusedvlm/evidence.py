@@ -87,7 +87,9 @@ def pretrain_coarse_tower(
     if len(samples) != pixels.shape[0]:
         raise ValueError(f"pixels has {pixels.shape[0]} images but samples {len(samples)}: pass one sample per image.")
     if twin_pixels is not None and twin_pixels.shape != pixels.shape:
-        raise ValueError(f"twin_pixels {tuple(twin_pixels.shape)} must match pixels {tuple(pixels.shape)}: one twin per image.")
+        raise ValueError(
+            f"twin_pixels {tuple(twin_pixels.shape)} must match pixels {tuple(pixels.shape)}: one twin per image."
+        )
     generator = torch.Generator().manual_seed(seed)
     hidden = vision_tower.config.hidden_size
     with torch.random.fork_rng():

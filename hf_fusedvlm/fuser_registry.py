@@ -170,7 +170,9 @@ class SingleLayerFuserSpec(FuserSpec):
     """`none`: the base layer alone, i.e. plain LLaVA."""
 
     title = "a single layer (plain LLaVA)"
-    description = "Only the base layer is projected, as in LLaVA: the parity baseline for comparisons with the other fusers."
+    description = (
+        "Only the base layer is projected, as in LLaVA: the parity baseline for comparisons with the other fusers."
+    )
     parity = "nothing is added"
 
 
@@ -306,7 +308,9 @@ class MMFuserSpec(FuserSpec):
             )
         vision_size = config.vision_config.hidden_size
         if config.fuser_num_heads < 1 or vision_size % config.fuser_num_heads:
-            raise ValueError(f"fuser_num_heads={config.fuser_num_heads} must divide the vision hidden size {vision_size}.")
+            raise ValueError(
+                f"fuser_num_heads={config.fuser_num_heads} must divide the vision hidden size {vision_size}."
+            )
         if config.fuser_num_points < 1:
             raise ValueError(f"fuser_num_points must be at least 1, got {config.fuser_num_points}.")
         if not config.fuser_layer_norm_eps > 0:

@@ -198,7 +198,10 @@ class IGVAFuser(IGVAFuserSpec, AverageFuser):
         self.sentence_proj = nn.Linear(config.instruction_encoder_config.hidden_size, hidden_size)
         self.cls_proj = nn.Linear(self.vision_hidden_size, hidden_size)
         self.blocks = nn.ModuleList(
-            [QueryTransformerBlock(hidden_size, config.aggregator_num_heads) for _ in range(config.aggregator_num_layers)]
+            [
+                QueryTransformerBlock(hidden_size, config.aggregator_num_heads)
+                for _ in range(config.aggregator_num_layers)
+            ]
         )
         self.linear = nn.Linear(hidden_size, len(self.layer_groups))
         self.balance_loss_weight = config.balance_loss_weight
@@ -261,7 +264,9 @@ class MMFuser(MMFuserSpec, Fuser):
         grid = (side, side)
         levels = torch.cat([self.patches(vision_hidden_states[layer]) for layer in level_layers], dim=1)
         reference = reference_points(side, side, device=query.device)
-        attended = self.cross_attn(self.query_norm(query), reference, self.feat_norm(levels), [grid] * len(level_layers))
+        attended = self.cross_attn(
+            self.query_norm(query), reference, self.feat_norm(levels), [grid] * len(level_layers)
+        )
         normed = self.norm1(attended)
         attended = attended + self.gamma2 * self.self_attn(normed, reference, normed, [grid])
         return FuserOutput(query + self.gamma1 * attended)

@@ -75,10 +75,12 @@ def igva_group_weights(model, processor, images, instructions: list[str]) -> tor
     instructions = list(instructions)
     images = list(images) if isinstance(images, (list, tuple)) else [images] * len(instructions)
     if len(images) != len(instructions):
-        raise ValueError(f"Got {len(images)} images for {len(instructions)} instructions: pass one image, or one "
-                         "per instruction.")
-    inputs = processor(images=images, text=[processor.image_token] * len(instructions), instructions=instructions,
-                       return_tensors="pt")
+        raise ValueError(
+            f"Got {len(images)} images for {len(instructions)} instructions: pass one image, or one per instruction."
+        )
+    inputs = processor(
+        images=images, text=[processor.image_token] * len(instructions), instructions=instructions, return_tensors="pt"
+    )
     device = next(base.parameters()).device
     features = base.get_image_features(
         inputs["pixel_values"].to(device, base.vision_tower.dtype),
@@ -135,8 +137,10 @@ def mmfuser_sampling(model, pixel_values: torch.Tensor) -> MMFuserSampling:
 
 def group_labels(config) -> list[str]:
     """Readable names of `config.fuser_layer_groups`, e.g. `"layers 1-6"`."""
-    return [f"layers {group[0]}-{group[-1]}" if len(group) > 1 else f"layer {group[0]}"
-            for group in config.fuser_layer_groups]
+    return [
+        f"layers {group[0]}-{group[-1]}" if len(group) > 1 else f"layer {group[0]}"
+        for group in config.fuser_layer_groups
+    ]
 
 
 def _figure(function: str, **kwargs):
@@ -165,15 +169,23 @@ def plot_fusion_weights(weights, instructions: list[str], path, group_labels: li
     if len(instructions) != num_rows:
         raise ValueError(f"Got {len(instructions)} instructions for {num_rows} rows of weights.")
     group_labels = group_labels or [f"group {index + 1}" for index in range(num_groups)]
-    figure = _figure("plot_fusion_weights", figsize=(2.0 + 1.1 * num_groups, 1.2 + 0.45 * num_rows),
-                     layout="constrained")
+    figure = _figure(
+        "plot_fusion_weights", figsize=(2.0 + 1.1 * num_groups, 1.2 + 0.45 * num_rows), layout="constrained"
+    )
     axes = figure.add_subplot()
     image = axes.imshow(weights, cmap="viridis", vmin=0.0, vmax=max(float(weights.max()), 1e-6), aspect="auto")
     for row in range(num_rows):
         for column in range(num_groups):
             value = weights[row, column]
-            axes.text(column, row, f"{value:.2f}", ha="center", va="center",
-                      color="black" if value > 0.6 * weights.max() else "white", fontsize=8)
+            axes.text(
+                column,
+                row,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                color="black" if value > 0.6 * weights.max() else "white",
+                fontsize=8,
+            )
     axes.set_xticks(range(num_groups), group_labels, rotation=30, ha="right")
     axes.set_yticks(range(num_rows), [text if len(text) <= 48 else text[:45] + "..." for text in instructions])
     axes.set_title("IGVA layer-group weights per instruction", fontsize=10)
@@ -230,10 +242,17 @@ def plot_sampling(sampling: MMFuserSampling, image, path, query: int | None = No
     for level, layer in enumerate(sampling.level_layers):
         points = locations[:, level].reshape(-1, 2)
         share = sampling.level_share[image_index, query, level]
-        axes.scatter(points[:, 0], points[:, 1], s=(weights[:, level].reshape(-1) * scale).clamp_min(4),
-                     color=colours[level % len(colours)], alpha=0.75, edgecolors="black", linewidths=0.4,
-                     label=f"layer {layer}: {100 * share:.0f} %, "
-                           f"{sampling.mean_distance[image_index, query, level]:.1f} patches")
+        axes.scatter(
+            points[:, 0],
+            points[:, 1],
+            s=(weights[:, level].reshape(-1) * scale).clamp_min(4),
+            color=colours[level % len(colours)],
+            alpha=0.75,
+            edgecolors="black",
+            linewidths=0.4,
+            label=f"layer {layer}: {100 * share:.0f} %, "
+            f"{sampling.mean_distance[image_index, query, level]:.1f} patches",
+        )
     centre = sampling.reference[query] * torch.tensor([width, height])
     axes.scatter([centre[0]], [centre[1]], marker="*", s=260, color="yellow", edgecolors="black", label="query patch")
     # Points may fall outside the grid (they read zeros there): widen the view to show them.

@@ -212,7 +212,9 @@ class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
         `quantization_config` (passed, or in the `config` that the Auto classes pass) can be honoured, and keeping the
         fuser and the instruction encoder out of bitsandbytes quantisation; then refusing weights that belong to
         another fuser than the config's `fuser_type`, and naming a corrupt shard."""
-        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(pretrained_model_name_or_path):
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(
+            pretrained_model_name_or_path
+        ):
             raise ValueError(
                 f"{pretrained_model_name_or_path} is a file: pass the checkpoint's folder (the one holding config.json "
                 "and the weights) or its Hub id."
@@ -260,8 +262,10 @@ class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
         transformers' quantizers leave `_keep_in_fp32_modules` unquantised but not `_keep_in_fp32_modules_strict`,
         where the fuser is. When the user gives no skip list, transformers' automatic skips (`lm_head`, ...) are kept
         by computing them on a weightless copy of the model."""
-        method = quantization_config.get("quant_method") if isinstance(quantization_config, dict) else getattr(
-            quantization_config, "quant_method", None
+        method = (
+            quantization_config.get("quant_method")
+            if isinstance(quantization_config, dict)
+            else getattr(quantization_config, "quant_method", None)
         )
         if method != "bitsandbytes" or isinstance(quantization_config, dict):
             return quantization_config
@@ -274,7 +278,9 @@ class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
         skip = list(get_keys_to_not_convert(skeleton) if skip is None else skip)
         fp32_modules, strict_fp32_modules = skeleton._fusion_module_prefixes()
         quantization_config = copy.deepcopy(quantization_config)
-        quantization_config.llm_int8_skip_modules = skip + [m for m in fp32_modules + strict_fp32_modules if m not in skip]
+        quantization_config.llm_int8_skip_modules = skip + [
+            m for m in fp32_modules + strict_fp32_modules if m not in skip
+        ]
         return quantization_config
 
     def fuser_memory_footprint(self, return_buffers: bool = True) -> dict[str, int | float]:
@@ -549,9 +555,7 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
             **kwargs,
         )
         image_outputs = mm_encoder_outputs.get("image")
-        return FusedLlavaModelOutputWithPast(
-            **outputs, fusion_weights=getattr(image_outputs, "fusion_weights", None)
-        )
+        return FusedLlavaModelOutputWithPast(**outputs, fusion_weights=getattr(image_outputs, "fusion_weights", None))
 
 
 # GenerationMixin is named among the direct bases, as transformers asks of generative models since v4.50 (it also comes

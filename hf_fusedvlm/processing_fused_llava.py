@@ -292,9 +292,7 @@ class FusedLlavaProcessor(LlavaProcessor):
         # The kwargs class is passed explicitly: transformers < 5.23 requires it.
         return_tensors = self._merge_kwargs(
             self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
-        )[
-            "text_kwargs"
-        ].get("return_tensors")
+        )["text_kwargs"].get("return_tensors")
         return BatchFeature(data, tensor_type=return_tensors)
 
     def _encode_instructions(self, instructions: list[str]) -> dict:

@@ -96,7 +96,9 @@ class SyntheticSample:
 def _overlaps(box, boxes, margin: int) -> bool:
     left, top, right, bottom = box
     return any(
-        left < other_right + margin and other_left < right + margin and top < other_bottom + margin
+        left < other_right + margin
+        and other_left < right + margin
+        and top < other_bottom + margin
         and other_top < bottom + margin
         for other_left, other_top, other_right, other_bottom in boxes
     )
@@ -190,10 +192,19 @@ def digit_scene_details(rng: random.Random, split: str = "train") -> dict:
     `digit`, its `handwriting` index and `digit_cell`; the `shape` and its `shape_cell` (cells are `(row, column)`)."""
     position = rng.choice(POSITIONS)
     inner = range(1, GRID - 1)
-    edge = {"left": [(row, 0) for row in inner], "right": [(row, GRID - 1) for row in inner],
-            "top": [(0, column) for column in inner], "bottom": [(GRID - 1, column) for column in inner]}[position]
-    details = {"colour": rng.choice(sorted(COLOURS)), "position": position, "square_cell": rng.choice(edge),
-               "digit_cell": DIGIT_CELL, "shape_cell": SHAPE_CELL}
+    edge = {
+        "left": [(row, 0) for row in inner],
+        "right": [(row, GRID - 1) for row in inner],
+        "top": [(0, column) for column in inner],
+        "bottom": [(GRID - 1, column) for column in inner],
+    }[position]
+    details = {
+        "colour": rng.choice(sorted(COLOURS)),
+        "position": position,
+        "square_cell": rng.choice(edge),
+        "digit_cell": DIGIT_CELL,
+        "shape_cell": SHAPE_CELL,
+    }
     return resample_fine_details(rng, details, split)
 
 
@@ -201,8 +212,12 @@ def resample_fine_details(rng: random.Random, details: dict, split: str = "train
     """`details` with a new handwritten digit and shape in the same cells: the same coarse content, other fine
     content (what a tower that ignores the fine details cannot tell apart)."""
     handwriting = _handwriting_index(rng, split)
-    return {**details, "handwriting": handwriting, "digit": handwritten_digits()[1][handwriting],
-            "shape": rng.choice(sorted(SHAPES))}
+    return {
+        **details,
+        "handwriting": handwriting,
+        "digit": handwritten_digits()[1][handwriting],
+        "shape": rng.choice(sorted(SHAPES)),
+    }
 
 
 def draw_digit_scene(details: dict) -> Image.Image:
@@ -371,7 +386,9 @@ def answer_questions(model, processor, samples: list[SyntheticSample], batch_siz
             output = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True
             )
-            image_inputs = {key: inputs[key] for key in ("instruction_input_ids", "instruction_attention_mask") if key in inputs}
+            image_inputs = {
+                key: inputs[key] for key in ("instruction_input_ids", "instruction_attention_mask") if key in inputs
+            }
             fusion_weights = model.get_image_features(inputs["pixel_values"], **image_inputs).fusion_weights
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
         answers += [first_word(text) for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -400,17 +417,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="use different seeds for training and test sets")
     parser.add_argument("--scene", choices=sorted(SCENES), default="glyphs")
-    parser.add_argument("--split", choices=sorted(HANDWRITING_SPLITS), default="train",
-                        help="digits scene: the pool of handwritten digits to draw from")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="glyphs scene: pixels (at least 32, default 32); details scale with it")
+    parser.add_argument(
+        "--split",
+        choices=sorted(HANDWRITING_SPLITS),
+        default="train",
+        help="digits scene: the pool of handwritten digits to draw from",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="glyphs scene: pixels (at least 32, default 32); details scale with it",
+    )
     parser.add_argument("--kinds", default=None, help="comma-separated question kinds (default: all of the scene's)")
     parser.add_argument("--multi-turn-every", type=int, default=0, help="make every n-th sample two rounds")
     args = parser.parse_args(argv)
     kinds = tuple(kind.strip() for kind in args.kinds.split(",") if kind.strip()) if args.kinds else None
     path = write_llava_dataset(
-        args.output, args.num_samples, args.seed, args.image_size, kinds, args.multi_turn_every,
-        scene=args.scene, split=args.split,
+        args.output,
+        args.num_samples,
+        args.seed,
+        args.image_size,
+        kinds,
+        args.multi_turn_every,
+        scene=args.scene,
+        split=args.split,
     )
     print(f"wrote {args.num_samples} samples to {path}")
     return 0

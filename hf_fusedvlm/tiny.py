@@ -205,7 +205,10 @@ def build_tiny_llava(
     for [`tiny_llava_config`])."""
     tokenizer = build_tiny_llm_tokenizer()
     config = tiny_llava_config(
-        tokenizer, num_vision_layers, num_text_heads=num_text_heads, vision_model_type=vision_model_type,
+        tokenizer,
+        num_vision_layers,
+        num_text_heads=num_text_heads,
+        vision_model_type=vision_model_type,
         image_size=image_size,
     )
     model = LlavaForConditionalGeneration(config).eval()

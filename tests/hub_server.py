@@ -131,7 +131,7 @@ class FakeHub:
             return None
         files, folders = [], set()
         for file_path, data in sorted(under.items()):
-            rest = file_path[len(base):].split("/")
+            rest = file_path[len(base) :].split("/")
             folders.update(base + "/".join(rest[:depth]) for depth in range(1, len(rest)) if recursive or depth == 1)
             if recursive or len(rest) == 1:
                 files.append({"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": file_path})
@@ -192,8 +192,15 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and path == "/api/whoami-v2":  # the converters check the login before converting
             if not (self.headers.get("Authorization") or "").startswith("Bearer "):
                 return self._send(401, {"error": "Invalid credentials in Authorization header"})
-            return self._send(200, {"type": "user", "name": "me", "orgs": [],
-                                    "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+            return self._send(
+                200,
+                {
+                    "type": "user",
+                    "name": "me",
+                    "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {"role": "write"}},
+                },
+            )
         if method == "GET" and path == "/api/agent-harnesses":  # huggingface_hub's user-agent telemetry registry
             return self._send(200, {"standardEnvVars": [], "harnesses": {}})
         if method == "POST" and path == "/api/validate-yaml":
@@ -203,8 +210,10 @@ class _Handler(BaseHTTPRequestHandler):
         if match and method == "GET":
             repo = hub._repo(match["repo"], match["revision"])
             if repo is None:
-                return self._not_found("RepoNotFound" if match["repo"] not in hub.repos else "RevisionNotFound",
-                                       "Repository or revision not found")
+                return self._not_found(
+                    "RepoNotFound" if match["repo"] not in hub.repos else "RevisionNotFound",
+                    "Repository or revision not found",
+                )
             return self._send(200, hub.info(repo))
 
         match = re.fullmatch(rf"/api/models/{REPO}/tree/{REVISION}(?P<sub>/.*)?", path)
@@ -223,11 +232,20 @@ class _Handler(BaseHTTPRequestHandler):
             if repo is None:
                 return self._not_found("RepoNotFound", "Repository not found")
             files = json.loads(body)["files"]
-            return self._send(200, {"files": [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                 "oid": git_blob_sha1(repo.files[f["path"]]) if f["path"] in repo.files else None}
-                for f in files
-            ]})
+            return self._send(
+                200,
+                {
+                    "files": [
+                        {
+                            "path": f["path"],
+                            "uploadMode": "regular",
+                            "shouldIgnore": False,
+                            "oid": git_blob_sha1(repo.files[f["path"]]) if f["path"] in repo.files else None,
+                        }
+                        for f in files
+                    ]
+                },
+            )
 
         match = re.fullmatch(rf"/api/models/{REPO}/commit/{REVISION}", path)
         if match and method == "POST":
@@ -246,8 +264,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._not_found("RevisionNotFound", "Revision not found", body=not head)
             data = repo.files.get(match["file"])
             if data is None:
-                return self._not_found("EntryNotFound", f"{match['file']} not found", body=not head,
-                                       headers={"X-Repo-Commit": repo.sha})
+                return self._not_found(
+                    "EntryNotFound", f"{match['file']} not found", body=not head, headers={"X-Repo-Commit": repo.sha}
+                )
             etag = f'"{git_blob_sha1(data)}"'
             return self._send(200, raw=data, headers={"X-Repo-Commit": repo.sha, "ETag": etag}, body=not head)
 

@@ -14,8 +14,13 @@ TINY_VISION = {
     "image_size": 32,
     "patch_size": 8,
 }
-TINY_ENCODER = {"model_type": "bert", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                "num_attention_heads": 4}
+TINY_ENCODER = {
+    "model_type": "bert",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+}
 
 
 def tiny_config(**kwargs):
@@ -26,7 +31,12 @@ def test_clip_l_defaults_follow_the_papers():
     config = FusedLlavaConfig()  # LLaVA-1.5 shapes: CLIP-L/336, 24 layers
     assert config.fuser_type == "mmfuser"
     assert config.fuser_layers == [3, 8, 13, 18, 23]  # -22, -17, -12, -7, -2
-    assert config.fuser_layer_groups == [list(range(1, 7)), list(range(7, 13)), list(range(13, 19)), list(range(19, 25))]
+    assert config.fuser_layer_groups == [
+        list(range(1, 7)),
+        list(range(7, 13)),
+        list(range(13, 19)),
+        list(range(19, 25)),
+    ]
     assert config.base_layer == 23
     assert (config.fuser_num_heads, config.fuser_num_points) == (16, 4)
     assert (config.aggregator_hidden_size, config.aggregator_num_layers, config.aggregator_num_heads) == (1024, 4, 4)
@@ -43,8 +53,15 @@ def test_defaults_scale_to_other_depths(depth):
 
 
 def test_siglip_depth_defaults_build_a_valid_config():
-    vision = {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 27, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+    vision = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     config = FusedLlavaConfig(vision_config=vision, fuser_num_heads=4, vision_feature_select_strategy="full")
     assert config.fuser_layers == [3, 9, 15, 20, 26]
 
@@ -77,32 +94,68 @@ def test_round_trip_through_save_and_autoconfig(tmp_path):
         ({"fuser_type": "average", "fuser_layer_groups": []}, "non-empty list"),
         ({"vision_feature_layer": -8}, "vision_feature_layer holds -8"),
         ({"vision_feature_layer": [-2, -9]}, "vision_feature_layer holds -9"),
-        ({"vision_feature_layer": [-2, -3], "fuser_type": "mmfuser"},
-         "vision_feature_layer=[-2, -3] lists several layers, which LLaVA concatenates (the 'concat' fuser), but "
-         "fuser_type='mmfuser' reads one base layer: set vision_feature_layer to that layer (an int) and the layers "
-         "to fuse in fuser_layers."),
+        (
+            {"vision_feature_layer": [-2, -3], "fuser_type": "mmfuser"},
+            "vision_feature_layer=[-2, -3] lists several layers, which LLaVA concatenates (the 'concat' fuser), but "
+            "fuser_type='mmfuser' reads one base layer: set vision_feature_layer to that layer (an int) and the layers "
+            "to fuse in fuser_layers.",
+        ),
         ({"vision_feature_layer": [-2, -3], "fuser_type": "average"}, "fuser_type='average' reads one base layer"),
-        ({"vision_feature_layer": [-2, -3], "fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER,
-          "aggregator_hidden_size": 64}, "fuser_type='igva' reads one base layer"),
-        ({"vision_feature_layer": [-2, -3], "fuser_type": "concat", "fuser_layers": [1, 5]},
-         "vision_feature_layer=[-2, -3] and fuser_layers=[1, 5] name different layers for the 'concat' fuser"),
+        (
+            {
+                "vision_feature_layer": [-2, -3],
+                "fuser_type": "igva",
+                "instruction_encoder_config": TINY_ENCODER,
+                "aggregator_hidden_size": 64,
+            },
+            "fuser_type='igva' reads one base layer",
+        ),
+        (
+            {"vision_feature_layer": [-2, -3], "fuser_type": "concat", "fuser_layers": [1, 5]},
+            "vision_feature_layer=[-2, -3] and fuser_layers=[1, 5] name different layers for the 'concat' fuser",
+        ),
         ({"vision_feature_layer": [-2, -2]}, "fuser_layers must not repeat a layer"),
         ({"fuser_num_heads": 5}, "fuser_num_heads=5 must divide the vision hidden size 64"),
         ({"fuser_type": "igva"}, "fuser_type='igva' needs instruction_encoder_config"),
-        ({"fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER, "aggregator_hidden_size": 64,
-          "aggregator_num_heads": 3}, "aggregator_num_heads=3 must divide aggregator_hidden_size=64"),
+        (
+            {
+                "fuser_type": "igva",
+                "instruction_encoder_config": TINY_ENCODER,
+                "aggregator_hidden_size": 64,
+                "aggregator_num_heads": 3,
+            },
+            "aggregator_num_heads=3 must divide aggregator_hidden_size=64",
+        ),
         ({"balance_loss_weight": -1.0}, "balance_loss_weight must be >= 0"),
         ({"fuser_layer_norm_eps": -1.0}, "fuser_layer_norm_eps must be > 0, got -1.0"),
         ({"fuser_layer_norm_eps": 0.0}, "fuser_layer_norm_eps must be > 0"),
         ({"fuser_type": "average", "fuser_layer_groups": [[1, 2], [2, 1]]}, "must not repeat a group"),
-        ({"fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER, "aggregator_hidden_size": 64,
-          "fuser_layer_groups": [[1, 2, 3]]}, "needs at least two fuser_layer_groups"),
-        ({"fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER, "aggregator_hidden_size": 0},
-         "aggregator_hidden_size must be at least 1, got 0"),
-        ({"fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER, "aggregator_hidden_size": 64,
-          "instruction_pooling": "weightedmean"}, "Unknown instruction_pooling 'weightedmean'"),
-        ({"vision_config": {**TINY_VISION, "model_type": "siglip_vision_model"}},
-         "has no class token, so vision_feature_select_strategy='default' would drop a real patch"),
+        (
+            {
+                "fuser_type": "igva",
+                "instruction_encoder_config": TINY_ENCODER,
+                "aggregator_hidden_size": 64,
+                "fuser_layer_groups": [[1, 2, 3]],
+            },
+            "needs at least two fuser_layer_groups",
+        ),
+        (
+            {"fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER, "aggregator_hidden_size": 0},
+            "aggregator_hidden_size must be at least 1, got 0",
+        ),
+        (
+            {
+                "fuser_type": "igva",
+                "instruction_encoder_config": TINY_ENCODER,
+                "aggregator_hidden_size": 64,
+                "instruction_pooling": "weightedmean",
+            },
+            "Unknown instruction_pooling 'weightedmean'",
+        ),
+        (
+            {"vision_config": {**TINY_VISION, "model_type": "siglip_vision_model"}},
+            "has no class token, so vision_feature_select_strategy='default' would drop a real patch",
+        ),
     ],
 )
 def test_invalid_values_raise_clear_errors(kwargs, message):
@@ -117,8 +170,10 @@ def test_a_misspelt_fuser_field_warns_with_the_field_it_resembles():
     assert config.fuser_layers == default_fuser_layers(6)  # the misspelt keyword was not applied
 
 
-@pytest.mark.parametrize("fuser_kwargs", [{}, {"fuser_type": "none"}, {"fuser_type": "concat"},
-                                          {"fuser_type": "concat", "fuser_layers": [-2, 1]}])
+@pytest.mark.parametrize(
+    "fuser_kwargs",
+    [{}, {"fuser_type": "none"}, {"fuser_type": "concat"}, {"fuser_type": "concat", "fuser_layers": [-2, 1]}],
+)
 def test_a_list_of_feature_layers_is_the_concat_fuser_over_them(fuser_kwargs, tmp_path):
     """LLaVA's `vision_feature_layer=[...]` concatenates those layers on channels: the concat fuser over them."""
     config = tiny_config(vision_feature_layer=[-2, -6], **fuser_kwargs)

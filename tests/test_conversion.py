@@ -1,12 +1,12 @@
 """The streaming converter (`fusedvlm-convert`), its model card, and publishing to a local fake Hub."""
 
 import json
-from importlib.metadata import entry_points
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -37,14 +37,14 @@ TOKEN = "hf_fake_token_never_printed_123"
 SMALL_IGVA = {"aggregator_hidden_size": 64, "aggregator_num_layers": 2}  # the paper's 1024 x 4 is 25M parameters
 
 # Run in a fresh interpreter: greedy tokens of the source LLaVA and of converted checkpoints loaded as remote code.
-GENERATE_CODE = """
+GENERATE_CODE = f"""
 import json, os, sys
 import numpy as np, torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, LlavaForConditionalGeneration
 source, targets = sys.argv[1], json.loads(sys.argv[2])
 image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8"))
-prompt = {prompt!r}
+prompt = {PROMPT!r}
 def generate(model, processor):
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     with torch.inference_mode():
@@ -58,7 +58,7 @@ for name, path in targets.items():
     assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
     result[name] = generate(model, processor)
 print("RESULT" + json.dumps(result))
-""".format(prompt=PROMPT)
+"""
 
 
 def run_generate(source, targets: dict, cwd, hub_url: str | None = None) -> dict:
@@ -89,8 +89,11 @@ def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
 def add_vision_model_level(folder: Path) -> None:
     """Rename `vision_tower.X` to `vision_tower.vision_model.X` in every shard and the index, as in the checkpoints
     published on the Hub (saved before transformers 5 dropped that level)."""
+
     def rename(key: str) -> str:
-        return "vision_tower.vision_model." + key.removeprefix("vision_tower.") if key.startswith("vision_tower.") else key
+        return (
+            "vision_tower.vision_model." + key.removeprefix("vision_tower.") if key.startswith("vision_tower.") else key
+        )
 
     for shard in folder.glob("*.safetensors"):
         with safe_open(shard, "pt") as handle:
@@ -179,7 +182,7 @@ def test_every_fuser_converts_verifies_and_keeps_source_tensors(converted, sourc
             slot, num_slots = fuser_class(fuser).projector_slots(FusedLlavaConfig.from_pretrained(output))
             if name == "model.multi_modal_projector.linear_1.weight" and num_slots > 1:
                 width = expected.shape[1]
-                assert torch.equal(actual[:, slot * width:(slot + 1) * width], expected)
+                assert torch.equal(actual[:, slot * width : (slot + 1) * width], expected)
                 assert actual.count_nonzero() == expected.count_nonzero()
             else:  # bit-identical
                 assert actual.dtype == expected.dtype
@@ -202,11 +205,22 @@ def test_every_fuser_converts_verifies_and_keeps_source_tensors(converted, sourc
             "AutoModelForImageTextToText": "modeling_fused_llava.FusedLlavaForConditionalGeneration",
         }
         files = set(folder_files(output))
-        code = {"configuration_fused_llava.py", "modeling_fused_llava.py", "fusers.py", "fuser_registry.py",
-                "deformable_attention.py", "processing_fused_llava.py"}
+        code = {
+            "configuration_fused_llava.py",
+            "modeling_fused_llava.py",
+            "fusers.py",
+            "fuser_registry.py",
+            "deformable_attention.py",
+            "processing_fused_llava.py",
+        }
         assert code <= files
-        assert {"generation_config.json", "processor_config.json", "tokenizer.json", "chat_template.jinja",
-                "README.md"} <= files
+        assert {
+            "generation_config.json",
+            "processor_config.json",
+            "tokenizer.json",
+            "chat_template.jinja",
+            "README.md",
+        } <= files
         assert any(path.startswith("instruction_tokenizer/") for path in files) == reads_instruction(fuser)
         processor_config = json.loads((output / "processor_config.json").read_text())
         assert processor_config["auto_map"]["AutoProcessor"] == "processing_fused_llava.FusedLlavaProcessor"
@@ -236,16 +250,40 @@ def test_push_round_trip_and_loading_without_the_package(converted, source, enco
     output = tmp_path / "pushed"
     target = "me/tiny-llava-igva"
     with FakeHub() as hub:
-        hub.repos[BASE_MODEL] = Repo(BASE_MODEL, private=False, files={
-            path: (source / path).read_bytes() for path in folder_files(source)
-        })
+        hub.repos[BASE_MODEL] = Repo(
+            BASE_MODEL, private=False, files={path: (source / path).read_bytes() for path in folder_files(source)}
+        )
         hub.repos[target] = Repo(target, private=False, files={"stale.bin": b"from an earlier upload"})
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT)}
-        command = [sys.executable, "-m", "conversion.convert_llava_to_fused", "--input", BASE_MODEL,
-                   "--output", str(output), "--fuser", "igva", "--instruction-encoder", str(encoder_dir),
-                   "--fuser-option", "aggregator_hidden_size=64", "--fuser-option", "aggregator_num_layers=2",
-                   "--verify", "--no-progress", "--push-to-hub", target, "--private"]
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": TOKEN,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "conversion.convert_llava_to_fused",
+            "--input",
+            BASE_MODEL,
+            "--output",
+            str(output),
+            "--fuser",
+            "igva",
+            "--instruction-encoder",
+            str(encoder_dir),
+            "--fuser-option",
+            "aggregator_hidden_size=64",
+            "--fuser-option",
+            "aggregator_num_layers=2",
+            "--verify",
+            "--no-progress",
+            "--push-to-hub",
+            target,
+            "--private",
+        ]
         completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert completed.returncode == 0, completed.stderr[-4000:]
         assert "pushed:" in completed.stdout and "verified" in completed.stdout
@@ -257,8 +295,9 @@ def test_push_round_trip_and_loading_without_the_package(converted, source, enco
         assert all(repo.files[path] == (output / path).read_bytes() for path in local)  # ... byte for byte
         assert len(repo.commits) == 1 and repo.commits[0].deleted == ["stale.bin"]
         assert repo.commits[0].authorization == f"Bearer {TOKEN}"
-        assert hub.created == [{"name": "tiny-llava-igva", "organization": "me", "visibility": "private",
-                                "type": "model"}]
+        assert hub.created == [
+            {"name": "tiny-llava-igva", "organization": "me", "visibility": "private", "type": "model"}
+        ]
         assert not any(TOKEN.encode() in data for data in repo.files.values())
         assert not any(TOKEN in path.read_text(errors="ignore") for path in output.rglob("*") if path.is_file())
         assert ModelCard(repo.files["README.md"].decode()).data.base_model == BASE_MODEL
@@ -276,10 +315,14 @@ def test_bfloat16_single_file_current_layout_source(tiny_llava, tmp_path):
     folder = tmp_path / "single"
     llava.config.save_pretrained(folder)
     processor.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in llava.state_dict().items()}, folder / "model.safetensors",
-              metadata={"format": "pt"})
-    result = convert_llava_checkpoint(folder, tmp_path / "out", "average", dtype="bfloat16", verify=True,
-                                      progress=False)
+    save_file(
+        {k: v.contiguous() for k, v in llava.state_dict().items()},
+        folder / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    result = convert_llava_checkpoint(
+        folder, tmp_path / "out", "average", dtype="bfloat16", verify=True, progress=False
+    )
     assert result.verify_tolerance == VERIFY_TOLERANCES[torch.bfloat16]
     tensors = read_checkpoint(result.output)
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
@@ -335,10 +378,16 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(source, encoder_dir, tmp_
 
     # The command line reports the same errors without a traceback.
     assert main(["--input", str(not_llava), "--output", str(tmp_path / "cli"), "--fuser", "none"]) == 2
-    assert main(["--input", str(source), "--output", str(tmp_path / "cli"), "--fuser", "igva",
-                 "--fuser-groups", "1,2;x"]) == 2
-    assert main(["--input", str(source), "--output", str(tmp_path / "cli"), "--fuser", "igva",
-                 "--fuser-option", "hidden=3"]) == 2
+    assert (
+        main(["--input", str(source), "--output", str(tmp_path / "cli"), "--fuser", "igva", "--fuser-groups", "1,2;x"])
+        == 2
+    )
+    assert (
+        main(
+            ["--input", str(source), "--output", str(tmp_path / "cli"), "--fuser", "igva", "--fuser-option", "hidden=3"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err and "not a LLaVA" in err
     assert "--fuser-groups" in err and "--fuser-option takes NAME=VALUE" in err
@@ -386,14 +435,23 @@ def test_interrupted_conversion_leaves_no_partial_output(source, tmp_path, monke
 def test_demo_command_and_console_script(hf_home):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [sys.executable, "-m", "conversion.convert_llava_to_fused", "--demo", "--no-progress",
-         "--max-new-tokens", "4"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "conversion.convert_llava_to_fused", "--demo", "--no-progress", "--max-new-tokens", "4"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     out = completed.stdout
-    for needle in ("tiny LLaVA", "verified", "AutoModel + AutoProcessor", "answer:",
-                   "same tokens as the source LLaVA: True", "fusedvlm-convert --input llava-hf/llava-1.5-7b-hf"):
+    for needle in (
+        "tiny LLaVA",
+        "verified",
+        "AutoModel + AutoProcessor",
+        "answer:",
+        "same tokens as the source LLaVA: True",
+        "fusedvlm-convert --input llava-hf/llava-1.5-7b-hf",
+    ):
         assert needle in out, needle
     # The console script is declared in pyproject.toml and points at the same main().
     scripts = {ep.name: ep for ep in entry_points(group="console_scripts")}

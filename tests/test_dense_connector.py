@@ -11,28 +11,26 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import make_image, randomise
 from PIL import Image
-from reference_math import StateView, dense_connector_reference, mlp_projector_reference
 from test_original_conversion import (
     ORIGINAL_VOCAB,
-    write_tower,
     original_config,
     original_llm_state,
     original_tokenizer,
     random_tensors,
     write_original,
+    write_tower,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoConfig,
-    CLIPVisionModel,
-    PreTrainedTokenizerFast,
     AutoModel,
     AutoProcessor,
+    CLIPVisionModel,
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
     SiglipConfig,
     SiglipModel,
     SiglipVisionModel,
@@ -45,14 +43,39 @@ from hf_fusedvlm.conversion import ConversionError, convert_original_checkpoint,
 from hf_fusedvlm.conversion.cli import parse_fuser_options
 from hf_fusedvlm.tiny import build_tiny_llava, tiny_llava_config
 
+from conftest import make_image, randomise
+from reference_math import StateView, dense_connector_reference, mlp_projector_reference
 
-SIGLIP_SO400M = {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
-                 "num_hidden_layers": 27, "num_attention_heads": 4, "image_size": 384, "patch_size": 14,
-                 "vision_use_head": False}
-CLIP_L = {"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 24,
-          "num_attention_heads": 4, "image_size": 56, "patch_size": 14}
-TEXT = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 1024}
+
+SIGLIP_SO400M = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 4,
+    "image_size": 384,
+    "patch_size": 14,
+    "vision_use_head": False,
+}
+CLIP_L = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 4,
+    "image_size": 56,
+    "patch_size": 14,
+}
+TEXT = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 1024,
+}
 IMAGE_TOKEN = 100
 
 
@@ -148,12 +171,16 @@ def test_image_features_and_logits_match_the_official_math(vision, variant, tmp_
     model = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
     num_patches = (vision["image_size"] // vision["patch_size"]) ** 2
     assert num_patches == (729 if siglip else 16)
-    pixel_values = torch.randn(1, 3, vision["image_size"], vision["image_size"], generator=torch.Generator().manual_seed(1))
+    pixel_values = torch.randn(
+        1, 3, vision["image_size"], vision["image_size"], generator=torch.Generator().manual_seed(1)
+    )
     input_ids = torch.tensor([[1, 5, 6, *[IMAGE_TOKEN] * num_patches, 7, 8, 9]])
     with torch.no_grad():
         features = model.get_image_features(pixel_values).pooler_output[0]
         logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
-        hidden_states = [state[0] for state in official_tower(model, siglip)(pixel_values, output_hidden_states=True).hidden_states]
+        hidden_states = [
+            state[0] for state in official_tower(model, siglip)(pixel_values, output_hidden_states=True).hidden_states
+        ]
     projector = model.model.multi_modal_projector
     expected = mlp_projector_reference(
         dense_connector_reference(hidden_states, variant, is_siglip=siglip), projector.linear_1, projector.linear_2
@@ -172,18 +199,34 @@ SIGLIP_NAME = "google/siglip-so400m-patch14-384"
 def write_siglip_tower(folder, vision_state: dict) -> None:
     """A SigLIP checkpoint folder as google publishes them: a full SiglipModel (with its pooling head) and its
     preprocessor_config.json."""
-    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
-            "vocab_size": 99}
-    siglip = SiglipModel(SiglipConfig(vision_config={k: v for k, v in SIGLIP_SO400M.items()
-                                                     if k not in ("model_type", "vision_use_head")},
-                                      text_config=text))
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "vocab_size": 99,
+    }
+    siglip = SiglipModel(
+        SiglipConfig(
+            vision_config={k: v for k, v in SIGLIP_SO400M.items() if k not in ("model_type", "vision_use_head")},
+            text_config=text,
+        )
+    )
     randomise(siglip, seed=9)
     siglip.vision_model.load_state_dict(vision_state, strict=False)
     folder.mkdir(parents=True)
     siglip.save_pretrained(folder)
-    preprocessor = {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5] * 3,
-                    "image_std": [0.5] * 3, "image_processor_type": "SiglipImageProcessor", "resample": 3,
-                    "rescale_factor": 1 / 255, "size": {"height": 384, "width": 384}}
+    preprocessor = {
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+        "image_processor_type": "SiglipImageProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"height": 384, "width": 384},
+    }
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
 
 
@@ -208,27 +251,46 @@ def dense_checkpoint(tmp_path_factory):
     tower's 26 run layers inside as the official trainer saves them) and the SigLIP folder google publishes."""
     root = tmp_path_factory.mktemp("dense")
     llm_config = tiny_llava_config(original_tokenizer())
-    llava = LlavaForConditionalGeneration(LlavaConfig(
-        text_config={**llm_config.text_config.to_dict(), "vocab_size": 128, "pad_token_id": 101},
-        vision_config=llm_config.vision_config, image_token_index=100))
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(
+            text_config={**llm_config.text_config.to_dict(), "vocab_size": 128, "pad_token_id": 101},
+            vision_config=llm_config.vision_config,
+            image_token_index=100,
+        )
+    )
     randomise(llava, seed=3)
     tower = SiglipVisionModel(AutoConfig.for_model(**SIGLIP_SO400M)).eval()
     randomise(tower, seed=4)
     tower_state = tower.vision_model.state_dict() if hasattr(tower, "vision_model") else tower.state_dict()
     write_siglip_tower(root / "siglip", tower_state)
-    run_tower = {f"model.vision_tower.vision_tower.vision_model.{key}": value for key, value in tower_state.items()
-                 if not key.startswith("encoder.layers.26.")}
-    projector = random_tensors({"model.mm_projector.0.weight": (64, 192), "model.mm_projector.0.bias": (64,),
-                                "model.mm_projector.2.weight": (64, 64), "model.mm_projector.2.bias": (64,)}, seed=5)
+    run_tower = {
+        f"model.vision_tower.vision_tower.vision_model.{key}": value
+        for key, value in tower_state.items()
+        if not key.startswith("encoder.layers.26.")
+    }
+    projector = random_tensors(
+        {
+            "model.mm_projector.0.weight": (64, 192),
+            "model.mm_projector.0.bias": (64,),
+            "model.mm_projector.2.weight": (64, 64),
+            "model.mm_projector.2.bias": (64,),
+        },
+        seed=5,
+    )
     state = {**original_llm_state(llava), **projector, **run_tower}
-    config = original_config(llava, model_type="llava_llama", mm_vision_tower=SIGLIP_NAME, mm_hidden_size=192,
-                             mm_dense_connector_type="dci", mm_vision_select_layer=-2)
+    config = original_config(
+        llava,
+        model_type="llava_llama",
+        mm_vision_tower=SIGLIP_NAME,
+        mm_hidden_size=192,
+        mm_dense_connector_type="dci",
+        mm_vision_select_layer=-2,
+    )
     write_original(root / "dense-connector", config, state)
-    result = convert_original_checkpoint(root / "dense-connector", root / "fused", vision_tower=root / "siglip",
-                                         verify=True, progress=False)
+    result = convert_original_checkpoint(
+        root / "dense-connector", root / "fused", vision_tower=root / "siglip", verify=True, progress=False
+    )
     return SimpleNamespace(root=root, llava=llava, tower_state=tower_state, state=state, config=config, result=result)
-
-
 
 
 def test_imported_checkpoint_computes_the_official_math(dense_checkpoint):
@@ -259,20 +321,25 @@ def test_imported_checkpoint_computes_the_official_math(dense_checkpoint):
         features = model.get_image_features(inputs["pixel_values"]).pooler_output[0]
         logits = model(**inputs).logits
         official = SiglipVisionModel(AutoConfig.for_model(**{**SIGLIP_SO400M, "num_hidden_layers": 26})).eval()
-        run_state = {k.removeprefix("model.vision_tower.vision_tower.vision_model."): v
-                     for k, v in dense_checkpoint.state.items() if k.startswith("model.vision_tower.")}
+        run_state = {
+            k.removeprefix("model.vision_tower.vision_tower.vision_model."): v
+            for k, v in dense_checkpoint.state.items()
+            if k.startswith("model.vision_tower.")
+        }
         (official.vision_model if hasattr(official, "vision_model") else official).load_state_dict(run_state)
-        hidden_states = [state[0] for state in official(official_pixels(image)[None], output_hidden_states=True).hidden_states]
+        hidden_states = [
+            state[0] for state in official(official_pixels(image)[None], output_hidden_states=True).hidden_states
+        ]
     projector = StateView(dense_checkpoint.state, "model.mm_projector.")
-    expected = mlp_projector_reference(dense_connector_reference(hidden_states, "dci", is_siglip=True),
-                                       projector[0], projector[2])
+    expected = mlp_projector_reference(
+        dense_connector_reference(hidden_states, "dci", is_siglip=True), projector[0], projector[2]
+    )
     assert relative_error(features, expected) <= 1e-5
     # First-step logits: the official LLM (original vocabulary) on the text around the image features.
     reference = reference_logits(dense_checkpoint.llava, inputs["input_ids"], expected)
     assert relative_error(logits[..., :ORIGINAL_VOCAB], reference[..., :ORIGINAL_VOCAB]) <= 1e-5
     # --verify compared an image prompt with the source computation, in float32.
     assert dense_checkpoint.result.verify_tolerance == 1e-6 and dense_checkpoint.result.verify_max_abs_diff < 1e-4
-
 
 
 def rewrite(dense_checkpoint, folder, **config_changes):
@@ -286,14 +353,20 @@ def rewrite(dense_checkpoint, folder, **config_changes):
     [
         ({}, "clip", r"'clip_vision_model' model, but the checkpoint names the SigLIP tower 'google/siglip-so400m"),
         ({"mm_dense_connector_type": "sti"}, "siglip", r"sparse token integration \(mm_dense_connector_type 'sti'\)"),
-        ({"mm_hidden_size": 128}, "siglip", r"mm_hidden_size=128 .* three widths of the --vision-tower \(64\), i\.e\. 192"),
+        (
+            {"mm_hidden_size": 128},
+            "siglip",
+            r"mm_hidden_size=128 .* three widths of the --vision-tower \(64\), i\.e\. 192",
+        ),
     ],
     ids=["clip-tower", "sti", "width"],
 )
 def test_bad_inputs_are_clear_errors_and_leave_nothing(dense_checkpoint, changes, tower, message, tmp_path):
     source = rewrite(dense_checkpoint, tmp_path / "source", **changes)
     if tower == "clip":
-        write_tower(tmp_path / "clip", CLIPVisionModel(tiny_llava_config(original_tokenizer()).vision_config).state_dict())
+        write_tower(
+            tmp_path / "clip", CLIPVisionModel(tiny_llava_config(original_tokenizer()).vision_config).state_dict()
+        )
     tower_folder = tmp_path / "clip" if tower == "clip" else dense_checkpoint.root / "siglip"
     before = {path.name: path.stat().st_size for path in source.iterdir()}
     with pytest.raises(ConversionError, match=message):
@@ -307,19 +380,20 @@ def llama_3_tokenizer() -> PreTrainedTokenizerFast:
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     words = ["user", "system", "You", "are", "a", "What", "is", "shown", "in", "the", "image", "?"]
     words += [f"w{index}" for index in range(ORIGINAL_VOCAB - len(specials) - len(words))]
-    tokenizer = Tokenizer(models.WordLevel({token: index for index, token in enumerate(specials + words)},
-                                           unk_token="w0"))
+    tokenizer = Tokenizer(
+        models.WordLevel({token: index for index, token in enumerate(specials + words)}, unk_token="w0")
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>",
-                                   eos_token="<|end_of_text|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
+    )
 
 
 def test_llama_3_checkpoint_gets_the_official_llama_3_conversation(dense_checkpoint, tmp_path):
     source = rewrite(dense_checkpoint, tmp_path / "source", bos_token_id=0, eos_token_id=1)
     llama_3_tokenizer().save_pretrained(source)
-    convert_original_checkpoint(source, tmp_path / "out", vision_tower=dense_checkpoint.root / "siglip",
-                                progress=False)
+    convert_original_checkpoint(source, tmp_path / "out", vision_tower=dense_checkpoint.root / "siglip", progress=False)
     processor = AutoProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
     conversation = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},
@@ -328,13 +402,23 @@ def test_llama_3_checkpoint_gets_the_official_llama_3_conversation(dense_checkpo
     ]
     # conversation.py's conv_llama_3: the system text carries <|begin_of_text|> and its header; every message is
     # the role's header, the message and <|eot_id|>; the assistant's header names the role `system`.
-    system = ("You are a helpful language and vision assistant. You are able to understand the visual content that "
-              "the user provides, and assist the user with a variety of tasks using natural language.")
+    system = (
+        "You are a helpful language and vision assistant. You are able to understand the visual content that "
+        "the user provides, and assist the user with a variety of tasks using natural language."
+    )
     header = "<|start_header_id|>{}<|end_header_id|>\n\n".format
     assert processor.apply_chat_template(conversation, add_generation_prompt=True) == (
-        "<|begin_of_text|>" + header("system") + system + "<|eot_id|>"
-        + header("user") + "<image>\nWhat is shown?<|eot_id|>" + header("system") + "A circle.<|eot_id|>"
-        + header("user") + "Sure?<|eot_id|>" + header("system")
+        "<|begin_of_text|>"
+        + header("system")
+        + system
+        + "<|eot_id|>"
+        + header("user")
+        + "<image>\nWhat is shown?<|eot_id|>"
+        + header("system")
+        + "A circle.<|eot_id|>"
+        + header("user")
+        + "Sure?<|eot_id|>"
+        + header("system")
     )
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [1, 4]  # <|end_of_text|> and <|eot_id|>, as the official evaluation stops
@@ -360,8 +444,9 @@ def test_imported_checkpoint_in_4_bit_keeps_the_fuser_unquantised(dense_checkpoi
     from transformers import BitsAndBytesConfig
 
     folder = dense_checkpoint.root / "fused"
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True,
-                                      quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    model = AutoModel.from_pretrained(
+        folder, trust_remote_code=True, quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+    )
     quantised = {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
     assert not any(name.startswith("model.fuser") for name in quantised)
     assert any(name.startswith("model.multi_modal_projector.") for name in quantised)
@@ -378,9 +463,20 @@ def test_model_card_credits_the_authors_and_marks_their_scores_as_reported(dense
     assert "| variant (`dense_connector_type`) | dci |" in card
     assert "[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25]]" in card
     assert "Results reported by the authors" not in card  # a local folder: which release it is is unknown
-    code = main(["--input", str(dense_checkpoint.root / "dense-connector"), "--output", str(tmp_path / "out"),
-                 "--vision-tower", str(dense_checkpoint.root / "siglip"), "--verify", "--no-progress",
-                 "--base-model", "HuanjinYao/DenseConnector-v1.5-13B"])
+    code = main(
+        [
+            "--input",
+            str(dense_checkpoint.root / "dense-connector"),
+            "--output",
+            str(tmp_path / "out"),
+            "--vision-tower",
+            str(dense_checkpoint.root / "siglip"),
+            "--verify",
+            "--no-progress",
+            "--base-model",
+            "HuanjinYao/DenseConnector-v1.5-13B",
+        ]
+    )
     assert code == 0
     card = (tmp_path / "out" / "README.md").read_text()
     assert "These scores are **reported by the original authors** for HuanjinYao/DenseConnector-v1.5-13B" in card

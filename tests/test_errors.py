@@ -26,7 +26,9 @@ def saved(tmp_path_factory, fused_models, tiny_llava, tiny_instruction_encoder):
     for fuser_type in ("mmfuser", "igva"):
         fused_models[fuser_type].save_pretrained(root / fuser_type)
         instruction_tokenizer = tiny_instruction_encoder[1] if fuser_type == "igva" else None
-        FusedLlavaProcessor.from_llava_processor(tiny_llava[1], instruction_tokenizer).save_pretrained(root / fuser_type)
+        FusedLlavaProcessor.from_llava_processor(tiny_llava[1], instruction_tokenizer).save_pretrained(
+            root / fuser_type
+        )
     return root
 
 
@@ -59,8 +61,9 @@ def convert_a_fused_model(fused_models, tiny_llava, tiny_instruction_encoder, im
     fused_from_llava(fused_models["mmfuser"], "concat")
 
 
-def igva_processor_without_instruction_tokenizer(fused_models, tiny_llava, tiny_instruction_encoder, image, saved,
-                                                 tmp_path):
+def igva_processor_without_instruction_tokenizer(
+    fused_models, tiny_llava, tiny_instruction_encoder, image, saved, tmp_path
+):
     folder = copy_checkpoint(saved, tmp_path, "igva")
     shutil.rmtree(folder / "instruction_tokenizer")
     AutoProcessor.from_pretrained(folder)
@@ -103,7 +106,8 @@ def fuser_type_edited_to_none(fused_models, tiny_llava, tiny_instruction_encoder
     ],
     ids=lambda value: value.__name__ if callable(value) and not isinstance(value, type) else None,
 )
-def test_mistakes_get_clear_errors(mistake, error, message, fused_models, tiny_llava, tiny_instruction_encoder, image,
-                                   saved, tmp_path):
+def test_mistakes_get_clear_errors(
+    mistake, error, message, fused_models, tiny_llava, tiny_instruction_encoder, image, saved, tmp_path
+):
     with pytest.raises(error, match=message):
         mistake(fused_models, tiny_llava, tiny_instruction_encoder, image, saved, tmp_path)

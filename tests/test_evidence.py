@@ -49,10 +49,21 @@ BASE_HIDDEN_STATE = 5  # the 6-layer tower's hidden state -2
 def quick_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fusion-evidence")
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "fusion_evidence.py"), "--quick", "--output",
-         str(folder / "results.json"), "--plots", str(folder)],
-        cwd=folder, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True, text=True, timeout=900, check=False,
+        [
+            sys.executable,
+            str(REPO_ROOT / "benchmarks" / "fusion_evidence.py"),
+            "--quick",
+            "--output",
+            str(folder / "results.json"),
+            "--plots",
+            str(folder),
+        ],
+        cwd=folder,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads((folder / "results.json").read_text()), folder, completed.stdout
@@ -102,7 +113,9 @@ def test_digits_scene_is_deterministic_and_keeps_the_handwriting_splits_apart():
     for split, (low, high) in HANDWRITING_SPLITS.items():
         samples = generate_samples(40, seed=4, scene="digits", split=split)
         assert all(low <= sample.details["handwriting"] < high for sample in samples)
-        assert all(sample.details["digit"] == handwritten_digits()[1][sample.details["handwriting"]] for sample in samples)
+        assert all(
+            sample.details["digit"] == handwritten_digits()[1][sample.details["handwriting"]] for sample in samples
+        )
     shape = next(sample for sample in first if sample.kind == "shape")
     assert shape.answer == shape.details["shape"]
     digit = next(sample for sample in first if sample.kind == "digit")
@@ -123,8 +136,12 @@ def test_a_twin_changes_only_the_cells_of_the_fine_details():
         key: value for key, value in details.items() if key not in ("handwriting", "digit", "shape")
     }
     image, twin_image = (torch.tensor(numpy.asarray(draw_digit_scene(d))).view(4, 8, 4, 8, 3) for d in (details, twin))
-    changed = {(row, column) for row in range(4) for column in range(4)
-               if not torch.equal(image[row, :, column], twin_image[row, :, column])}
+    changed = {
+        (row, column)
+        for row in range(4)
+        for column in range(4)
+        if not torch.equal(image[row, :, column], twin_image[row, :, column])
+    }
     assert changed <= {details["digit_cell"], details["shape_cell"]} and changed
 
 
@@ -141,9 +158,13 @@ def test_invariance_pretraining_makes_the_top_ignore_the_fine_details_and_restor
     rng = random.Random(1)
     details = [digit_scene_details(rng) for _ in range(96)]
     twins = [resample_fine_details(rng, detail) for detail in details]
-    samples, twin_samples = ([SyntheticSample(draw_digit_scene(d), "colour", "", "", d) for d in group]
-                             for group in (details, twins))
-    pixels, twin_pixels = pixel_values(processor.image_processor, samples), pixel_values(processor.image_processor, twin_samples)
+    samples, twin_samples = (
+        [SyntheticSample(draw_digit_scene(d), "colour", "", "", d) for d in group] for group in (details, twins)
+    )
+    pixels, twin_pixels = (
+        pixel_values(processor.image_processor, samples),
+        pixel_values(processor.image_processor, twin_samples),
+    )
 
     def relative_change(layer):
         before, after = layer_features(tower, pixels)[layer], layer_features(tower, twin_pixels)[layer]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoModel
 
 import hf_fusedvlm
@@ -13,7 +14,6 @@ from hf_fusedvlm import FUSERS, FusedLlavaConfig, FusedLlavaProcessor, fusers
 from hf_fusedvlm.conversion import ConversionError, fused_from_llava, render_model_card
 from hf_fusedvlm.conversion.cli import build_parser, parse_fuser_options
 from hf_fusedvlm.conversion.pipeline import check_fuser_choice
-from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from conftest import REPO_ROOT, run_without_package
 
@@ -120,7 +120,7 @@ def test_a_registered_fuser_converts_saves_loads_and_generates(weighted_sum_fuse
     result = run_without_package(REMOTE_LOAD, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    assert json.loads(line[len("RESULT"):]) == trained.tolist()
+    assert json.loads(line[len("RESULT") :]) == trained.tolist()
 
 
 def test_the_registry_drives_config_checks_and_vision_layers(tiny_llava):
@@ -130,7 +130,10 @@ def test_the_registry_drives_config_checks_and_vision_layers(tiny_llava):
     expected = {"none": [5], "concat": [1, 3, 5], "mmfuser": [1, 3, 5], "average": [1, 2, 3, 4, 5, 6]}
     for fuser_type, layers in expected.items():
         config = FusedLlavaConfig(
-            vision_config=vision_config, vision_feature_layer=-2, fuser_type=fuser_type, fuser_layers=[1, 3, 5],
+            vision_config=vision_config,
+            vision_feature_layer=-2,
+            fuser_type=fuser_type,
+            fuser_layers=[1, 3, 5],
             fuser_layer_groups=[[1, 2, 3], [4, 5, 6]],
         )
         assert config.vision_layers_needed == layers, fuser_type
@@ -194,11 +197,21 @@ def test_a_fuser_defined_in_a_test_reaches_config_cli_processor_and_card(
     # Model card: the class's title, description, parity reason, layer fields and its own field.
     card = render_model_card(
         FusedLlavaConfig(**fields, fuser_type="weighted_sum", fuser_layers=[1, 3], weighted_sum_temperature=0.5),
-        model_id="tiny-weighted-sum", base_model=None, license=None, license_link=None, instruction_encoder=None,
-        new_parameters=2, convert_command="fusedvlm-convert --fuser weighted_sum",
+        model_id="tiny-weighted-sum",
+        base_model=None,
+        license=None,
+        license_link=None,
+        instruction_encoder=None,
+        new_parameters=2,
+        convert_command="fusedvlm-convert --fuser weighted_sum",
     ).text
-    for text in ("**a learned weighted sum**", "Softmax-weighted sum of layers.", "(new columns 0)",
-                 "| fused layers (`fuser_layers`) | [1, 3] |", "| `weighted_sum_temperature` | 0.5 |"):
+    for text in (
+        "**a learned weighted sum**",
+        "Softmax-weighted sum of layers.",
+        "(new columns 0)",
+        "| fused layers (`fuser_layers`) | [1, 3] |",
+        "| `weighted_sum_temperature` | 0.5 |",
+    ):
         assert text in card, text
 
 

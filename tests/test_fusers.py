@@ -132,7 +132,9 @@ def test_igva_weights_are_a_distribution_that_follows_the_instruction():
     assert weights.shape == (NUM_IMAGES, len(config.fuser_layer_groups))
     torch.testing.assert_close(weights.sum(-1), torch.ones(NUM_IMAGES))
     assert (weights[0] - weights[1]).abs().max() > 1e-3  # different instruction, different weights
-    group_patches = [torch.stack([states[layer][:, 1:] for layer in group]).mean(0) for group in config.fuser_layer_groups]
+    group_patches = [
+        torch.stack([states[layer][:, 1:] for layer in group]).mean(0) for group in config.fuser_layer_groups
+    ]
     fused = sum(weights[:, k, None, None] * patches for k, patches in enumerate(group_patches))
     torch.testing.assert_close(output.features, torch.cat([states[config.base_layer][:, 1:], fused], -1))
     entropy = -(weights * weights.log()).sum(-1).mean()

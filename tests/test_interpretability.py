@@ -20,8 +20,12 @@ from hf_fusedvlm.interpretability import (
 from conftest import make_image, randomise
 
 
-INSTRUCTIONS = ["How many dots are there?", "What colour is the top left corner?", "Describe the image.",
-                "Is there any text in the picture? Read it out loud, please."]
+INSTRUCTIONS = [
+    "How many dots are there?",
+    "What colour is the top left corner?",
+    "Describe the image.",
+    "Is there any text in the picture? Read it out loud, please.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +119,12 @@ def test_mmfuser_sampling_matches_a_direct_computation(mmfuser_model, pixel_valu
     image, patch, level = 1, 5, 2
     weights = sampling.attention_weights[image, patch, :, level].reshape(-1)
     patch_offsets = offsets[image, patch, :, level].reshape(-1, 2)  # already in patches: one level is side x side
-    torch.testing.assert_close(sampling.mean_offset[image, patch, level], (weights[:, None] * patch_offsets).sum(0)
-                               / weights.sum())
-    torch.testing.assert_close(sampling.mean_distance[image, patch, level], (weights * patch_offsets.norm(dim=-1)).sum()
-                               / weights.sum())
+    torch.testing.assert_close(
+        sampling.mean_offset[image, patch, level], (weights[:, None] * patch_offsets).sum(0) / weights.sum()
+    )
+    torch.testing.assert_close(
+        sampling.mean_distance[image, patch, level], (weights * patch_offsets.norm(dim=-1)).sum() / weights.sum()
+    )
     assert (sampling.mean_distance >= sampling.mean_offset.norm(dim=-1) - 1e-5).all()
 
 

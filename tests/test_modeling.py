@@ -178,7 +178,7 @@ def test_saved_checkpoint_loads_with_remote_code_without_the_package(fused_model
     result = run_without_package(REMOTE_CODE, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    assert json.loads(line[len("RESULT"):]) == expected
+    assert json.loads(line[len("RESULT") :]) == expected
 
 
 def deformable_attentions(model):
@@ -212,9 +212,9 @@ def test_mmfuser_gets_deformable_detr_init_on_every_construction_path(fused_mode
     # A checkpoint without the fuser's weights (e.g. saved before the fuser was added): the fuser is initialised.
     trained = copy.deepcopy(fused_models["mmfuser"])
     randomise(trained.model.fuser, seed=1)
-    trained.save_pretrained(tmp_path, state_dict={
-        name: tensor for name, tensor in trained.state_dict().items() if ".fuser." not in name
-    })
+    trained.save_pretrained(
+        tmp_path, state_dict={name: tensor for name, tensor in trained.state_dict().items() if ".fuser." not in name}
+    )
     loaded = FusedLlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert_deformable_detr_init(loaded)
     # Weights that are in the checkpoint are loaded, not re-initialised.

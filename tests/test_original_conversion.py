@@ -11,13 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_image, randomise, run_without_package
-from reference_math import (
-    StateView,
-    igva_reference,
-    mlp_projector_reference,
-    mmfuser_reference,
-)
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
@@ -37,6 +30,15 @@ from hf_fusedvlm.conversion.original_layout import parse_select_layer
 from hf_fusedvlm.conversion.original_processor import LLAVA_V1_SYSTEM
 from hf_fusedvlm.tiny import build_tiny_instruction_encoder, tiny_llava_config
 
+from conftest import make_image, randomise, run_without_package
+from reference_math import (
+    StateView,
+    igva_reference,
+    mlp_projector_reference,
+    mmfuser_reference,
+)
+
+
 ORIGINAL_VOCAB = 100  # the LLM's vocabulary before <image> and <pad>; 102 rows padded to 128
 QUESTION = "What is shown in the image?"
 MMFUSER_LAYERS = [-6, -5, -4, -3, -2]  # 4 levels and the query, as list-22/-17/-12/-7/-2 on CLIP-L
@@ -51,8 +53,23 @@ CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.261302
 
 def original_tokenizer() -> PreTrainedTokenizerFast:
     """A Llama-like tokenizer without <image> and <pad> (pad = unk, as the original LLaVA code saves it)."""
-    words = ["USER", "ASSISTANT", ":", "A", "chat", "What", "is", "shown", "in", "the", "image", "?", "a", "red",
-             "circle"]
+    words = [
+        "USER",
+        "ASSISTANT",
+        ":",
+        "A",
+        "chat",
+        "What",
+        "is",
+        "shown",
+        "in",
+        "the",
+        "image",
+        "?",
+        "a",
+        "red",
+        "circle",
+    ]
     words += [f"w{index}" for index in range(ORIGINAL_VOCAB - 3 - len(words))]
     vocab = {token: index for index, token in enumerate(["<unk>", "<s>", "</s>", *words])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -86,17 +103,30 @@ def write_tower(folder, vision_state: dict) -> None:
     clip = CLIPModel(
         CLIPConfig(
             vision_config=vision_config.to_dict(),
-            text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                         "num_attention_heads": 4, "vocab_size": 99},
+            text_config={
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "vocab_size": 99,
+            },
         )
     )
     clip.vision_model.load_state_dict(vision_state)
     folder.mkdir(parents=True)
     clip.config.save_pretrained(folder)
     torch.save(clip.state_dict(), folder / "pytorch_model.bin")
-    preprocessor = {"crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True, "size": 32,
-                    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
-                    "resample": 3}
+    preprocessor = {
+        "crop_size": 32,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "size": 32,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "resample": 3,
+    }
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
 
 
@@ -155,16 +185,18 @@ def mmfuser_block_shapes(dim=64, heads=16, levels=4, points=4) -> dict:
     """The official MSCrossAttnBlock at `model.mm_projector.0`."""
     shapes = {}
     for attention, attention_levels in (("cross_attn", levels), ("self_attn", 1)):
-        shapes.update({
-            f"{attention}.sampling_offsets.weight": (heads * attention_levels * points * 2, dim),
-            f"{attention}.sampling_offsets.bias": (heads * attention_levels * points * 2,),
-            f"{attention}.attention_weights.weight": (heads * attention_levels * points, dim),
-            f"{attention}.attention_weights.bias": (heads * attention_levels * points,),
-            f"{attention}.value_proj.weight": (dim, dim),
-            f"{attention}.value_proj.bias": (dim,),
-            f"{attention}.output_proj.weight": (dim, dim),
-            f"{attention}.output_proj.bias": (dim,),
-        })
+        shapes.update(
+            {
+                f"{attention}.sampling_offsets.weight": (heads * attention_levels * points * 2, dim),
+                f"{attention}.sampling_offsets.bias": (heads * attention_levels * points * 2,),
+                f"{attention}.attention_weights.weight": (heads * attention_levels * points, dim),
+                f"{attention}.attention_weights.bias": (heads * attention_levels * points,),
+                f"{attention}.value_proj.weight": (dim, dim),
+                f"{attention}.value_proj.bias": (dim,),
+                f"{attention}.output_proj.weight": (dim, dim),
+                f"{attention}.output_proj.bias": (dim,),
+            }
+        )
     for norm in ("query_norm", "feat_norm", "norm1"):
         shapes.update({f"{norm}.weight": (dim,), f"{norm}.bias": (dim,)})
     shapes.update({"gamma1": (dim,), "gamma2": (dim,)})
@@ -175,21 +207,30 @@ def igva_aggregator_shapes(dim=64, sentence_dim=64) -> dict:
     """The official Aggregator at `model.vision_aggregator` (QueryTransformer blocks in `transformers`)."""
     hidden = AGGREGATOR["hidden"]
     shapes = {
-        "sentence_proj.weight": (hidden, sentence_dim), "sentence_proj.bias": (hidden,),
-        "cls_proj.weight": (hidden, dim), "cls_proj.bias": (hidden,),
-        "linear.weight": (len(IGVA_GROUPS), hidden), "linear.bias": (len(IGVA_GROUPS),),
+        "sentence_proj.weight": (hidden, sentence_dim),
+        "sentence_proj.bias": (hidden,),
+        "cls_proj.weight": (hidden, dim),
+        "cls_proj.bias": (hidden,),
+        "linear.weight": (len(IGVA_GROUPS), hidden),
+        "linear.bias": (len(IGVA_GROUPS),),
     }
     for block in range(AGGREGATOR["blocks"]):
-        shapes.update({
-            f"transformers.{block}.cross_attention.in_proj_weight": (3 * hidden, hidden),
-            f"transformers.{block}.cross_attention.in_proj_bias": (3 * hidden,),
-            f"transformers.{block}.cross_attention.out_proj.weight": (hidden, hidden),
-            f"transformers.{block}.cross_attention.out_proj.bias": (hidden,),
-            f"transformers.{block}.ffn.0.weight": (hidden, hidden), f"transformers.{block}.ffn.0.bias": (hidden,),
-            f"transformers.{block}.ffn.2.weight": (hidden, hidden), f"transformers.{block}.ffn.2.bias": (hidden,),
-            f"transformers.{block}.norm1.weight": (hidden,), f"transformers.{block}.norm1.bias": (hidden,),
-            f"transformers.{block}.norm2.weight": (hidden,), f"transformers.{block}.norm2.bias": (hidden,),
-        })
+        shapes.update(
+            {
+                f"transformers.{block}.cross_attention.in_proj_weight": (3 * hidden, hidden),
+                f"transformers.{block}.cross_attention.in_proj_bias": (3 * hidden,),
+                f"transformers.{block}.cross_attention.out_proj.weight": (hidden, hidden),
+                f"transformers.{block}.cross_attention.out_proj.bias": (hidden,),
+                f"transformers.{block}.ffn.0.weight": (hidden, hidden),
+                f"transformers.{block}.ffn.0.bias": (hidden,),
+                f"transformers.{block}.ffn.2.weight": (hidden, hidden),
+                f"transformers.{block}.ffn.2.bias": (hidden,),
+                f"transformers.{block}.norm1.weight": (hidden,),
+                f"transformers.{block}.norm1.bias": (hidden,),
+                f"transformers.{block}.norm2.weight": (hidden,),
+                f"transformers.{block}.norm2.bias": (hidden,),
+            }
+        )
     return {f"model.vision_aggregator.{key}": shape for key, shape in shapes.items()}
 
 
@@ -219,15 +260,26 @@ def write_sentence_encoder(folder, encoder, tokenizer, pooling: str = "mean_toke
     """A sentence-transformers folder (transformer at the root, Pooling, optional Normalize), written by hand."""
     encoder.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         (folder / "2_Normalize").mkdir()
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "1_Pooling").mkdir()
-    modes = {f"pooling_mode_{mode}": mode == pooling for mode in
-             ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")}
+    modes = {
+        f"pooling_mode_{mode}": mode == pooling
+        for mode in (
+            "cls_token",
+            "mean_tokens",
+            "max_tokens",
+            "mean_sqrt_len_tokens",
+            "weightedmean_tokens",
+            "lasttoken",
+        )
+    }
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, **modes}))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
 
@@ -245,35 +297,66 @@ def checkpoints(tmp_path_factory):
 
     llm = original_llm_state(llava)
     projector = llava.model.multi_modal_projector
-    plain = {**llm, "model.mm_projector.0.weight": projector.linear_1.weight,
-             "model.mm_projector.0.bias": projector.linear_1.bias,
-             "model.mm_projector.2.weight": projector.linear_2.weight,
-             "model.mm_projector.2.bias": projector.linear_2.bias}
+    plain = {
+        **llm,
+        "model.mm_projector.0.weight": projector.linear_1.weight,
+        "model.mm_projector.0.bias": projector.linear_1.bias,
+        "model.mm_projector.2.weight": projector.linear_2.weight,
+        "model.mm_projector.2.bias": projector.linear_2.bias,
+    }
     write_original(root / "llava", original_config(llava), plain, "bin", num_shards=2)
     # A self-trained (DeepSpeed) checkpoint: the tower inside, and --vision-tower then only gives config and processor.
-    inside = {**plain, **{f"model.vision_tower.vision_tower.vision_model.{key}": value
-                          for key, value in tower_state.items()}}
+    inside = {
+        **plain,
+        **{f"model.vision_tower.vision_tower.vision_model.{key}": value for key, value in tower_state.items()},
+    }
     inside["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(17)[None]
     write_original(root / "llava-tower-inside", original_config(llava), inside)
 
-    mmfuser = {**llm, **random_tensors(mmfuser_block_shapes(), seed=3),
-               **random_tensors({"model.mm_projector.1.weight": (64, 64), "model.mm_projector.1.bias": (64,),
-                                 "model.mm_projector.3.weight": (64, 64), "model.mm_projector.3.bias": (64,)}, seed=4)}
+    mmfuser = {
+        **llm,
+        **random_tensors(mmfuser_block_shapes(), seed=3),
+        **random_tensors(
+            {
+                "model.mm_projector.1.weight": (64, 64),
+                "model.mm_projector.1.bias": (64,),
+                "model.mm_projector.3.weight": (64, 64),
+                "model.mm_projector.3.bias": (64,),
+            },
+            seed=4,
+        ),
+    }
     layers = "list" + "/".join(map(str, MMFUSER_LAYERS))
-    write_original(root / "mmfuser", original_config(llava, model_type="llava_llama", mm_vision_select_layer=layers),
-                   mmfuser)
+    write_original(
+        root / "mmfuser", original_config(llava, model_type="llava_llama", mm_vision_select_layer=layers), mmfuser
+    )
 
     encoder, encoder_tokenizer = build_tiny_instruction_encoder(seed=0)
-    igva_projector = random_tensors({"model.mm_projector.0.weight": (64, 128), "model.mm_projector.0.bias": (64,),
-                                     "model.mm_projector.2.weight": (64, 64), "model.mm_projector.2.bias": (64,)}, 5)
+    igva_projector = random_tensors(
+        {
+            "model.mm_projector.0.weight": (64, 128),
+            "model.mm_projector.0.bias": (64,),
+            "model.mm_projector.2.weight": (64, 64),
+            "model.mm_projector.2.bias": (64,),
+        },
+        5,
+    )
     embedder = {f"model.sentence_embedder.0.auto_model.{key}": value for key, value in encoder.state_dict().items()}
     igva = {**llm, **random_tensors(igva_aggregator_shapes(), seed=6), **igva_projector, **embedder}
-    igva_keys = {"model_type": "llava_llama", "vit_base_layer": -2, "vit_aggregate_groups": str(IGVA_GROUPS),
-                 "sentence_embed_dim": 64,
-                 "sentence_embedder": "sentence-transformers/all-mpnet-base-v2"}
+    igva_keys = {
+        "model_type": "llava_llama",
+        "vit_base_layer": -2,
+        "vit_aggregate_groups": str(IGVA_GROUPS),
+        "sentence_embed_dim": 64,
+        "sentence_embedder": "sentence-transformers/all-mpnet-base-v2",
+    }
     igva_config = original_config(
-        llava, **igva_keys, aggregate_by_average=False, aggregator_hidden_dim=AGGREGATOR["hidden"],
-        aggregator_num_heads=AGGREGATOR["heads"], aggregator_num_transformers=AGGREGATOR["blocks"],
+        llava,
+        **igva_keys,
+        aggregate_by_average=False,
+        aggregator_hidden_dim=AGGREGATOR["hidden"],
+        aggregator_num_heads=AGGREGATOR["heads"],
+        aggregator_num_transformers=AGGREGATOR["blocks"],
     )
     igva_config.pop("mm_vision_select_layer")  # the IGVA code no longer sets it
     write_original(root / "igva", igva_config, igva, "bin", num_shards=2)
@@ -282,8 +365,13 @@ def checkpoints(tmp_path_factory):
     # The sentence-transformers folder holds other weights than the checkpoint's frozen copy, which must win.
     folder_encoder, _ = build_tiny_instruction_encoder(seed=7)
     write_sentence_encoder(root / "sentence-encoder", folder_encoder, encoder_tokenizer)
-    return SimpleNamespace(root=root, llava=llava, states={"mmfuser": mmfuser, "igva": igva, "igva-average": average},
-                           encoder=encoder, encoder_tokenizer=encoder_tokenizer)
+    return SimpleNamespace(
+        root=root,
+        llava=llava,
+        states={"mmfuser": mmfuser, "igva": igva, "igva-average": average},
+        encoder=encoder,
+        encoder_tokenizer=encoder_tokenizer,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -341,8 +429,9 @@ def test_plain_llava_matches_llava_hf(checkpoints, converted, name):
     assert model.config.text_config.vocab_size == 128 and model.config.image_token_index == 100
     with torch.no_grad():
         actual = model(**inputs).logits
-        expected = checkpoints.llava(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                     pixel_values=inputs["pixel_values"]).logits
+        expected = checkpoints.llava(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]
+        ).logits
     torch.testing.assert_close(actual[..., :ORIGINAL_VOCAB], expected[..., :ORIGINAL_VOCAB], rtol=1e-5, atol=1e-5)
     # New rows (<image>, <pad>, padding to 64) start as the mean of the original rows.
     for matrix in (model.get_input_embeddings().weight, model.lm_head.weight):
@@ -378,7 +467,8 @@ def test_igva_matches_official_math(checkpoints, converted):
     assert processor.instruction_tokenizer.model_max_length == 32  # sentence_bert_config.json's max_seq_length
     with torch.no_grad():
         output = model.get_image_features(
-            inputs["pixel_values"], instruction_input_ids=inputs["instruction_input_ids"],
+            inputs["pixel_values"],
+            instruction_input_ids=inputs["instruction_input_ids"],
             instruction_attention_mask=inputs["instruction_attention_mask"],
         )
         # The sentence embedding as sentence-transformers computes it with the checkpoint's frozen encoder.
@@ -386,8 +476,12 @@ def test_igva_matches_official_math(checkpoints, converted):
     sentence = torch.nn.functional.normalize(token_states.mean(1), dim=-1)
     state = checkpoints.states["igva"]
     aggregator = StateView(state, "model.vision_aggregator.", num_heads=AGGREGATOR["heads"], eps=1e-5)
-    official = SimpleNamespace(sentence_proj=aggregator.sentence_proj, cls_proj=aggregator.cls_proj,
-                               blocks=list(aggregator.transformers), linear=aggregator.linear)
+    official = SimpleNamespace(
+        sentence_proj=aggregator.sentence_proj,
+        cls_proj=aggregator.cls_proj,
+        blocks=list(aggregator.transformers),
+        linear=aggregator.linear,
+    )
     projector = StateView(state, "model.mm_projector.")
     hidden_states = tower_hidden_states(checkpoints.llava, inputs["pixel_values"])
     for image, features in enumerate(output.pooler_output):
@@ -406,8 +500,9 @@ def test_igva_average_mode_matches_official_math(checkpoints, converted):
     projector = StateView(checkpoints.states["igva-average"], "model.mm_projector.")
     hidden_states = tower_hidden_states(checkpoints.llava, pixel_values)
     for image, features in enumerate(actual):
-        groups = [torch.stack([hidden_states[layer][image].double() for layer in group]).mean(0) for group in
-                  IGVA_GROUPS]
+        groups = [
+            torch.stack([hidden_states[layer][image].double() for layer in group]).mean(0) for group in IGVA_GROUPS
+        ]
         fused = torch.cat([hidden_states[-2][image, 1:].double(), torch.stack(groups).mean(0)[1:]], -1)
         assert relative_error(features, mlp_projector_reference(fused, projector[0], projector[2])) <= 1e-5
 
@@ -420,8 +515,9 @@ def test_processor_renders_the_llava_v1_conversation(converted):
         {"role": "user", "content": [{"type": "text", "text": "Is it a chat?"}]},
     ]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    assert prompt == (f"{LLAVA_V1_SYSTEM} USER: <image>\nWhat is shown? ASSISTANT: A red circle.</s>"
-                      "USER: Is it a chat? ASSISTANT:")
+    assert prompt == (
+        f"{LLAVA_V1_SYSTEM} USER: <image>\nWhat is shown? ASSISTANT: A red circle.</s>USER: Is it a chat? ASSISTANT:"
+    )
     assert processor.image_processor.do_pad and processor.image_processor.crop_size["height"] == 32
 
 
@@ -465,8 +561,9 @@ def test_embed_instructions_pooling_modes(fused_models, tiny_instruction_encoder
     if pooling == "cls":
         expected = states[:, 0]
     else:  # the maximum over each sample's real tokens only
-        expected = torch.stack([states[row, mask.bool()].max(0).values for row, mask in enumerate(
-            batch["attention_mask"])])
+        expected = torch.stack(
+            [states[row, mask.bool()].max(0).values for row, mask in enumerate(batch["attention_mask"])]
+        )
     expected = torch.nn.functional.normalize(expected, dim=-1)
     original = model.config.instruction_pooling
     model.config.instruction_pooling = pooling
@@ -513,8 +610,16 @@ def _rewrite(checkpoints, name, tmp_path, config_changes=None, state_changes=Non
 
 def test_unknown_and_missing_keys_are_listed(checkpoints, tmp_path):
     removed = "model.mm_projector.0.cross_attn.value_proj.weight"
-    folder = _rewrite(checkpoints, "mmfuser", tmp_path, state_changes={
-        removed: None, "model.image_newline": torch.zeros(64), "model.mm_projector.0.extra_gate": torch.zeros(1)})
+    folder = _rewrite(
+        checkpoints,
+        "mmfuser",
+        tmp_path,
+        state_changes={
+            removed: None,
+            "model.image_newline": torch.zeros(64),
+            "model.mm_projector.0.extra_gate": torch.zeros(1),
+        },
+    )
     with pytest.raises(ConversionError) as error:
         convert_original_checkpoint(folder, tmp_path / "out", vision_tower=checkpoints.root / "tower", progress=False)
     message = str(error.value)
@@ -525,10 +630,14 @@ def test_unknown_and_missing_keys_are_listed(checkpoints, tmp_path):
 
 
 def test_wrong_shapes_are_named(checkpoints, tmp_path):
-    folder = _rewrite(checkpoints, "igva-average", tmp_path,
-                      state_changes={"model.mm_projector.0.weight": torch.zeros(64, 64)})
-    with pytest.raises(ConversionError, match=r"wrong shape: model\.mm_projector\.0\.weight \[64, 64\] \(expected "
-                                              r"\[64, 128\]\)"):
+    folder = _rewrite(
+        checkpoints, "igva-average", tmp_path, state_changes={"model.mm_projector.0.weight": torch.zeros(64, 64)}
+    )
+    with pytest.raises(
+        ConversionError,
+        match=r"wrong shape: model\.mm_projector\.0\.weight \[64, 64\] \(expected "
+        r"\[64, 128\]\)",
+    ):
         convert_original_checkpoint(folder, tmp_path / "out", vision_tower=checkpoints.root / "tower", progress=False)
 
 
@@ -539,22 +648,40 @@ def test_missing_vision_tower_names_the_config_entry(checkpoints, tmp_path):
 
 def test_igva_needs_the_instruction_encoder(checkpoints, tmp_path):
     with pytest.raises(ConversionError, match="--instruction-encoder.*all-mpnet-base-v2"):
-        convert_original_checkpoint(checkpoints.root / "igva", tmp_path / "out",
-                                    vision_tower=checkpoints.root / "tower", progress=False)
+        convert_original_checkpoint(
+            checkpoints.root / "igva", tmp_path / "out", vision_tower=checkpoints.root / "tower", progress=False
+        )
 
 
 def test_unsupported_pooling_is_refused(checkpoints, tmp_path):
     encoder_folder = tmp_path / "encoder"
-    write_sentence_encoder(encoder_folder, checkpoints.encoder, checkpoints.encoder_tokenizer,
-                           pooling="weightedmean_tokens")
+    write_sentence_encoder(
+        encoder_folder, checkpoints.encoder, checkpoints.encoder_tokenizer, pooling="weightedmean_tokens"
+    )
     with pytest.raises(ConversionError, match="pooling modes \\['weightedmean_tokens'\\]"):
-        convert_original_checkpoint(checkpoints.root / "igva", tmp_path / "out", vision_tower=checkpoints.root /
-                                    "tower", instruction_encoder=encoder_folder, progress=False)
+        convert_original_checkpoint(
+            checkpoints.root / "igva",
+            tmp_path / "out",
+            vision_tower=checkpoints.root / "tower",
+            instruction_encoder=encoder_folder,
+            progress=False,
+        )
 
 
 def test_trained_fusion_keeps_its_fuser_and_cli_reports_errors(checkpoints, tmp_path, capsys):
-    code = main(["--input", str(checkpoints.root / "mmfuser"), "--output", str(tmp_path / "out"),
-                 "--vision-tower", str(checkpoints.root / "tower"), "--fuser", "igva", "--no-progress"])
+    code = main(
+        [
+            "--input",
+            str(checkpoints.root / "mmfuser"),
+            "--output",
+            str(tmp_path / "out"),
+            "--vision-tower",
+            str(checkpoints.root / "tower"),
+            "--fuser",
+            "igva",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "trained mmfuser model" in capsys.readouterr().err
 
@@ -566,9 +693,20 @@ def test_llava_hf_input_points_to_the_other_converter(tiny_llava, tmp_path):
 
 
 def test_cli_converts_and_verifies(checkpoints, tmp_path, capsys):
-    code = main(["--input", str(checkpoints.root / "llava"), "--output", str(tmp_path / "out"),
-                 "--vision-tower", str(checkpoints.root / "tower"), "--fuser", "average", "--verify",
-                 "--no-progress"])
+    code = main(
+        [
+            "--input",
+            str(checkpoints.root / "llava"),
+            "--output",
+            str(tmp_path / "out"),
+            "--vision-tower",
+            str(checkpoints.root / "tower"),
+            "--fuser",
+            "average",
+            "--verify",
+            "--no-progress",
+        ]
+    )
     report = capsys.readouterr().out
     assert code == 0, report
     assert "verified: max |logit difference|" in report
@@ -587,5 +725,9 @@ def test_formats_are_told_apart_by_structure(checkpoints, tiny_llava, tmp_path):
     # The old command name converts llava-hf checkpoints too.
     tiny_llava[1].save_pretrained(tmp_path / "hf")
     tiny_llava[0].save_pretrained(tmp_path / "hf")
-    assert main_original(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "out"), "--fuser", "none",
-                          "--no-progress"]) == 0
+    assert (
+        main_original(
+            ["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "out"), "--fuser", "none", "--no-progress"]
+        )
+        == 0
+    )

@@ -86,9 +86,7 @@ def test_from_llava_processor_copies_the_llava_processor(tiny_llava, processor, 
     assert plain_processor.get_attributes() == ["image_processor", "tokenizer"]
     assert plain_processor.model_input_names == ["input_ids", "attention_mask", "pixel_values"]
     outputs = processor(images=image, text=PROMPT, return_tensors="pt")
-    assert_same_outputs(
-        outputs, {**expected, **instruction_inputs(processor.instruction_tokenizer, [QUESTION])}
-    )
+    assert_same_outputs(outputs, {**expected, **instruction_inputs(processor.instruction_tokenizer, [QUESTION])})
     assert set(processor.model_input_names) == set(outputs) | {"image_sample_index"}
 
 
@@ -177,8 +175,11 @@ def test_batched_generation_matches_each_sample_alone(processor, trained_igva, i
     with torch.no_grad():
         weights = trained_igva(**batch).fusion_weights
         swapped = trained_igva(
-            **{**batch, "instruction_input_ids": batch["instruction_input_ids"].flip(0),
-               "instruction_attention_mask": batch["instruction_attention_mask"].flip(0)}
+            **{
+                **batch,
+                "instruction_input_ids": batch["instruction_input_ids"].flip(0),
+                "instruction_attention_mask": batch["instruction_attention_mask"].flip(0),
+            }
         ).fusion_weights
     assert (weights - swapped).abs().max() > 1e-4  # each sample's own instruction reaches the fuser
 
@@ -257,8 +258,12 @@ def test_too_long_instruction_is_truncated_with_a_warning(processor, image, capl
     limit = processor.instruction_tokenizer.model_max_length
     long_question = " ".join(["how many dots are there in the top left corner"] * 10)
     with caplog.at_level(logging.WARNING):
-        outputs = processor(images=[image, image], text=[PROMPT, f"USER: <image>\n{long_question} ASSISTANT:"],
-                            padding=True, return_tensors="pt")
+        outputs = processor(
+            images=[image, image],
+            text=[PROMPT, f"USER: <image>\n{long_question} ASSISTANT:"],
+            padding=True,
+            return_tensors="pt",
+        )
     assert outputs["instruction_input_ids"].shape == (2, limit)
     assert outputs["instruction_attention_mask"].sum(-1)[1] == limit
     messages = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
@@ -276,19 +281,33 @@ def test_too_long_instruction_is_truncated_with_a_warning(processor, image, capl
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda p, image: p(images=[image, image], text=[PROMPT, PROMPT], instructions=["one"], padding=True),
-         "Got 1 instructions for 2 prompts"),
-        (lambda p, image: p(images=image, text=f"USER: {QUESTION} ASSISTANT:"),
-         "Found total 0 <image> tokens and 1 images"),
+        (
+            lambda p, image: p(images=[image, image], text=[PROMPT, PROMPT], instructions=["one"], padding=True),
+            "Got 1 instructions for 2 prompts",
+        ),
+        (
+            lambda p, image: p(images=image, text=f"USER: {QUESTION} ASSISTANT:"),
+            "Found total 0 <image> tokens and 1 images",
+        ),
         (lambda p, image: p(text=PROMPT), "Found 1 <image> tokens in the text but no images were passed"),
         (lambda p, image: p(images=image, instructions=[QUESTION]), "without prompts"),
-        (lambda p, image: p.apply_chat_template([text_message("system", "Be brief.")], tokenize=True),
-         "no message with role 'user'"),
-        (lambda p, image: p.apply_chat_template([user(image, QUESTION)], instructions=[QUESTION]),
-         "only used when apply_chat_template tokenises"),
+        (
+            lambda p, image: p.apply_chat_template([text_message("system", "Be brief.")], tokenize=True),
+            "no message with role 'user'",
+        ),
+        (
+            lambda p, image: p.apply_chat_template([user(image, QUESTION)], instructions=[QUESTION]),
+            "only used when apply_chat_template tokenises",
+        ),
     ],
-    ids=["instruction-count", "images-without-tokens", "tokens-without-images", "instructions-without-text",
-         "chat-without-user", "instructions-without-tokenize"],
+    ids=[
+        "instruction-count",
+        "images-without-tokens",
+        "tokens-without-images",
+        "instructions-without-text",
+        "chat-without-user",
+        "instructions-without-tokenize",
+    ],
 )
 def test_bad_inputs_raise_clear_errors(processor, image, call, message):
     with pytest.raises(ValueError, match=message):

@@ -8,9 +8,10 @@ import json
 
 import pytest
 import torch
-from conftest import FUSER_TYPES, instruction_inputs, reads_instruction, run_without_package
 from torch import nn
 from transformers import AutoModel, BitsAndBytesConfig, LlavaForConditionalGeneration
+
+from conftest import FUSER_TYPES, instruction_inputs, reads_instruction, run_without_package
 
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantization extra is not installed")
@@ -72,7 +73,7 @@ def assert_fusion_in_float32(model):
     float32 weight, and every fuser parameter is float32."""
     fused = model.model
     for part in (fused.fuser, fused.instruction_encoder):
-        for name, module in (part.named_modules() if part is not None else ()):
+        for name, module in part.named_modules() if part is not None else ():
             if isinstance(module, nn.Linear):
                 assert type(module).__module__.startswith("torch.nn"), f"{name} became {type(module)}"
                 assert type(module.weight) is nn.Parameter and module.weight.dtype == torch.float32, name
@@ -208,7 +209,9 @@ def test_remote_code_quantized_generate(checkpoints, prompt_inputs, tmp_path):
     inputs = model_inputs(prompt_inputs, "igva")
     torch.save(dict(inputs), tmp_path / "inputs.pt")
     paths = {fuser_type: str(checkpoints[fuser_type]) for fuser_type in fuser_types}
-    constants = f"CHECKPOINTS = {paths!r}\nINPUTS = {str(tmp_path / 'inputs.pt')!r}\nMAX_NEW_TOKENS = {MAX_NEW_TOKENS}\n"
+    constants = (
+        f"CHECKPOINTS = {paths!r}\nINPUTS = {str(tmp_path / 'inputs.pt')!r}\nMAX_NEW_TOKENS = {MAX_NEW_TOKENS}\n"
+    )
     result = run_without_package(constants + REMOTE_QUANTIZED_GENERATE, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
@@ -243,6 +246,8 @@ def test_missing_or_old_bitsandbytes_error(checkpoints, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
     for error in errors.values():
-        assert error is not None and 'pip install "hf-fusedvlm[quantization]"' in error and "bitsandbytes>=0.48" in error
+        assert (
+            error is not None and 'pip install "hf-fusedvlm[quantization]"' in error and "bitsandbytes>=0.48" in error
+        )
     assert "bitsandbytes is not installed" in errors["missing"]
     assert "bitsandbytes 0.45.0 is installed" in errors["old"]

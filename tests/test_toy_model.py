@@ -19,7 +19,9 @@ def test_demo_command_answers_its_question_correctly(tmp_path):
     image_path = tmp_path / "question.png"
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "ask_toy.py"), "--image", str(image_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)

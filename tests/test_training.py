@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_without_package
-from hub_server import FakeHub
 from safetensors import safe_open
 from transformers import AutoProcessor
 
@@ -35,12 +33,29 @@ from hf_fusedvlm.training import (
     parameter_part,
 )
 
+from conftest import run_without_package
+from hub_server import FakeHub
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL_IGVA = {"aggregator_hidden_size": 64, "aggregator_num_layers": 2}
 TRAIN_OPTIONS = [
-    "--per_device_train_batch_size", "4", "--learning_rate", "2e-3", "--logging_steps", "1", "--report_to", "none",
-    "--seed", "0", "--disable_tqdm", "true", "--dataloader_pin_memory", "false", "--weight_decay", "0",
+    "--per_device_train_batch_size",
+    "4",
+    "--learning_rate",
+    "2e-3",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--seed",
+    "0",
+    "--disable_tqdm",
+    "true",
+    "--dataloader_pin_memory",
+    "false",
+    "--weight_decay",
+    "0",
 ]
 
 
@@ -73,8 +88,9 @@ def tokens_for_second_image(folder: Path, processor, workspace) -> tuple[Path, l
 
     image_path = workspace / "data" / json.loads((workspace / "data" / "data.json").read_text())[1]["image"]
     model = FusedLlavaForConditionalGeneration.from_pretrained(folder).eval()
-    inputs = processor(images=Image.open(image_path), text="USER: <image>\nHow many dots are there? ASSISTANT:",
-                       return_tensors="pt")
+    inputs = processor(
+        images=Image.open(image_path), text="USER: <image>\nHow many dots are there? ASSISTANT:", return_tensors="pt"
+    )
     return image_path, model.generate(**inputs, max_new_tokens=5, do_sample=False)[0].tolist()
 
 
@@ -93,11 +109,24 @@ def fixed_batch_loss(model, processor, workspace) -> float:
 
 
 def train(workspace, output: Path, stage: str, *extra: str) -> Path:
-    main([
-        "--model_name_or_path", str(workspace / "igva"), "--data_path", str(workspace / "data" / "data.json"),
-        "--output_dir", str(output), "--stage", stage, "--max_steps", "8", "--save_steps", "4", *TRAIN_OPTIONS,
-        *extra,
-    ])
+    main(
+        [
+            "--model_name_or_path",
+            str(workspace / "igva"),
+            "--data_path",
+            str(workspace / "data" / "data.json"),
+            "--output_dir",
+            str(output),
+            "--stage",
+            stage,
+            "--max_steps",
+            "8",
+            "--save_steps",
+            "4",
+            *TRAIN_OPTIONS,
+            *extra,
+        ]
+    )
     return output
 
 
@@ -121,10 +150,25 @@ def test_synthetic_samples_are_deterministic_balanced_and_drawn_as_described():
         assert ink_pixels == digit_pixels + 4 * sample.details["dots"]  # the digit and 2x2 dots, none overlapping
         assert (pixels == BACKGROUND).all(1).sum() == len(pixels) - colour_pixels - ink_pixels
         rows, columns = np.nonzero((np.asarray(sample.image) == COLOURS[sample.details["colour"]]).all(-1))
-        side = {"left": columns.max() < 8, "right": columns.min() >= 24, "top": rows.max() < 8, "bottom": rows.min() >= 24}
+        side = {
+            "left": columns.max() < 8,
+            "right": columns.min() >= 24,
+            "top": rows.max() < 8,
+            "bottom": rows.min() >= 24,
+        }
         assert side[sample.details["position"]]
-    assert {s.answer for s in samples if s.kind == "digit"} <= {"zero", "one", "two", "three", "four", "five", "six",
-                                                                  "seven", "eight", "nine"}
+    assert {s.answer for s in samples if s.kind == "digit"} <= {
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+    }
 
 
 def test_llava_dataset_files(workspace):
@@ -155,11 +199,16 @@ def test_collator_labels_only_the_answers_and_routes_the_last_instruction(worksp
         assert labelled == " " + "  ".join(f"{answer}" for answer in answers) + " </s>"
         assert torch.equal(labels[labels != -100], input_ids[labels != -100])
         # Right padding, never labelled; image tokens never labelled.
-        assert batch["attention_mask"][row, : lengths[row]].all() and not batch["attention_mask"][row, lengths[row] :].any()
+        assert (
+            batch["attention_mask"][row, : lengths[row]].all()
+            and not batch["attention_mask"][row, lengths[row] :].any()
+        )
         assert (labels[lengths[row] :] == -100).all()
         assert (labels[input_ids == processor.tokenizer.convert_tokens_to_ids("<image>")] == -100).all()
         last_question = [turn["value"] for turn in record["conversations"] if turn["from"] == "human"][-1]
-        instruction = processor.instruction_tokenizer.decode(batch["instruction_input_ids"][row], skip_special_tokens=True)
+        instruction = processor.instruction_tokenizer.decode(
+            batch["instruction_input_ids"][row], skip_special_tokens=True
+        )
         assert instruction == last_question.replace("<image>", "").strip().lower()
     # The first answer of the two-round sample is labelled too, separately from the second.
     assert (batch["labels"][3] != -100).sum() > (batch["labels"][0] != -100).sum()
@@ -186,8 +235,9 @@ def test_stage_trains_only_its_parts_reduces_the_loss_and_saves_a_loadable_check
         assert (output / checkpoint / "model.safetensors").is_file()
         assert (output / checkpoint / "modeling_fused_llava.py").is_file()
         assert (output / checkpoint / "instruction_tokenizer" / "tokenizer.json").is_file()
-    loss_before = fixed_batch_loss(FusedLlavaForConditionalGeneration.from_pretrained(workspace / "igva"), processor,
-                                   workspace)
+    loss_before = fixed_batch_loss(
+        FusedLlavaForConditionalGeneration.from_pretrained(workspace / "igva"), processor, workspace
+    )
     loss_after = fixed_batch_loss(FusedLlavaForConditionalGeneration.from_pretrained(output), processor, workspace)
     assert loss_after < 0.9 * loss_before, (loss_before, loss_after)
     card = (output / "README.md").read_text()
@@ -204,15 +254,19 @@ def test_balance_loss_weight_flag_overrides_the_checkpoint(workspace):
 
 def test_lora_checkpoint_is_the_merged_model(workspace, processor):
     """stage2-lora saves LoRA merged into the LLM: the reloaded plain checkpoint computes what the PEFT model did."""
-    from hf_fusedvlm.training import ModelArguments, load_model_for_stage
     from transformers import TrainingArguments
+
+    from hf_fusedvlm.training import ModelArguments, load_model_for_stage
 
     output = train(workspace, workspace / "out-lora", "stage2-lora", "--lora_dropout", "0")
     before, after = read_weights(workspace / "igva"), read_weights(output)
     assert not any(".lora_" in key or "base_layer" in key for key in after)
     assert changed_parts(before, after) == {"fuser", "projector", "language_model"}  # LLM changed only by the merge
-    changed_llm = {key.rsplit(".", 2)[-2] for key in before if parameter_part(key) == "language_model"
-                   and not torch.equal(before[key], after[key])}
+    changed_llm = {
+        key.rsplit(".", 2)[-2]
+        for key in before
+        if parameter_part(key) == "language_model" and not torch.equal(before[key], after[key])
+    }
     assert changed_llm == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     # Resume the adapters from the saved merge is not possible; instead check the merge against a live PEFT model.
     peft_model = load_model_for_stage(
@@ -248,8 +302,9 @@ def test_lora_checkpoint_is_the_merged_model(workspace, processor):
 def test_qlora_keeps_the_fuser_fp32_and_trains_it(workspace):
     pytest.importorskip("bitsandbytes", reason="the quantization extra is not installed")
     import bitsandbytes as bnb
-    from hf_fusedvlm.training import ModelArguments, load_model_for_stage
     from transformers import TrainingArguments
+
+    from hf_fusedvlm.training import ModelArguments, load_model_for_stage
 
     model = load_model_for_stage(
         ModelArguments(str(workspace / "igva"), stage="qlora"),
@@ -258,7 +313,9 @@ def test_qlora_keeps_the_fuser_fp32_and_trains_it(workspace):
     base = model.get_base_model()
     assert isinstance(base.model.language_model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     assert any(isinstance(module, bnb.nn.Linear4bit) for module in base.model.vision_tower.modules())
-    assert all(parameter.dtype == torch.float32 and parameter.requires_grad for parameter in base.model.fuser.parameters())
+    assert all(
+        parameter.dtype == torch.float32 and parameter.requires_grad for parameter in base.model.fuser.parameters()
+    )
     assert all(parameter.requires_grad for parameter in base.model.multi_modal_projector.parameters())
     del model
 
@@ -325,15 +382,37 @@ def launch_two_processes(workspace, output: Path, *launcher: str) -> subprocess.
     """`accelerate launch` of 3 stage1 steps (2 CPU processes over gloo, 2 samples each per step) into `output`;
     `launcher`: the accelerate options and the script or `-m module` to run."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--use_cpu", "true",
-        "--model_name_or_path", str(workspace / "igva"), "--data_path", str(workspace / "data" / "data.json"),
-        "--output_dir", str(output), "--stage", "stage1", "--max_steps", "3", "--save_steps", "3", *TRAIN_OPTIONS,
-        "--per_device_train_batch_size", "2", "--ddp_backend", "gloo",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launcher,
+        "--use_cpu",
+        "true",
+        "--model_name_or_path",
+        str(workspace / "igva"),
+        "--data_path",
+        str(workspace / "data" / "data.json"),
+        "--output_dir",
+        str(output),
+        "--stage",
+        "stage1",
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "3",
+        *TRAIN_OPTIONS,
+        "--per_device_train_batch_size",
+        "2",
+        "--ddp_backend",
+        "gloo",
         # Plain SGD: attention's key bias has an exactly zero gradient (softmax ignores a shift shared by all keys),
         # so it receives rounding noise (1e-11 to 1e-8) that Adam normalises into steps of up to the learning rate,
         # with a sign that differs between two runs equal up to summation order. Its learning rate keeps the steps
         # far above the comparison's tolerance.
-        "--optim", "sgd", "--learning_rate", "0.5",
+        "--optim",
+        "sgd",
+        "--learning_rate",
+        "0.5",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     completed = subprocess.run(command, cwd=output.parent, env=env, capture_output=True, text=True, timeout=300)
@@ -349,8 +428,19 @@ def ddp_run(workspace):
     output = workspace / "ddp"
     output.mkdir()
     completed = launch_two_processes(
-        workspace, output, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "hf_fusedvlm.training",
+        workspace,
+        output,
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "hf_fusedvlm.training",
     )
     return output, completed
 
@@ -370,8 +460,9 @@ def test_accelerate_launch_two_processes(workspace, ddp_run):
     assert model.config.fuser_type == "igva"
 
 
-def test_fsdp_checkpoint_equals_the_unsharded_run_and_loads_without_the_package(workspace, ddp_run, processor,
-                                                                               tmp_path):
+def test_fsdp_checkpoint_equals_the_unsharded_run_and_loads_without_the_package(
+    workspace, ddp_run, processor, tmp_path
+):
     """FSDP2 (2 CPU processes, each holding half of every parameter) saves, from the full state dict Trainer gathers,
     the weights the unsharded DDP run of the same seed, data and steps saves: equal up to float32 summation order
     (the gradients are reduce-scattered instead of all-reduced; measured |diff| <= 2e-7, tolerance 1e-6)."""
@@ -400,19 +491,49 @@ def test_push_to_hub_through_trainer(workspace, tmp_path):
     """--push_to_hub uploads the final fused checkpoint (code, processor, card with the training summary)."""
     output = tmp_path / "push"
     with FakeHub() as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_fake_token_123", "HF_HUB_OFFLINE": "0",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT)}
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": "hf_fake_token_123",
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "PYTHONPATH": str(REPO_ROOT),
+        }
         command = [
-            sys.executable, "-m", "hf_fusedvlm.training", "--model_name_or_path", str(workspace / "igva"),
-            "--data_path", str(workspace / "data" / "data.json"), "--output_dir", str(output), "--stage", "stage1",
-            "--max_steps", "2", "--save_steps", "2", *TRAIN_OPTIONS, "--push_to_hub", "--hub_model_id", "user/trained",
-            "--hub_token", "hf_fake_token_123",
+            sys.executable,
+            "-m",
+            "hf_fusedvlm.training",
+            "--model_name_or_path",
+            str(workspace / "igva"),
+            "--data_path",
+            str(workspace / "data" / "data.json"),
+            "--output_dir",
+            str(output),
+            "--stage",
+            "stage1",
+            "--max_steps",
+            "2",
+            "--save_steps",
+            "2",
+            *TRAIN_OPTIONS,
+            "--push_to_hub",
+            "--hub_model_id",
+            "user/trained",
+            "--hub_token",
+            "hf_fake_token_123",
         ]
         completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert completed.returncode == 0, completed.stderr[-4000:]
         files = hub.repos["user/trained"].files
-    for name in ("model.safetensors", "config.json", "modeling_fused_llava.py", "fusers.py", "processor_config.json",
-                 "instruction_tokenizer/tokenizer.json", "README.md"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "modeling_fused_llava.py",
+        "fusers.py",
+        "processor_config.json",
+        "instruction_tokenizer/tokenizer.json",
+        "README.md",
+    ):
         assert name in files, name
     assert not any(name.startswith("checkpoint-") for name in files)
     card = files["README.md"].decode()

@@ -12,7 +12,7 @@ import pytest
 from hf_fusedvlm.conversion import fused_from_llava
 from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
 from hf_fusedvlm.synthetic_vqa import write_llava_dataset
-from hf_fusedvlm.training import InvalidTrainingInput, LlavaConversationDataset, FusedLlavaDataCollator, main
+from hf_fusedvlm.training import FusedLlavaDataCollator, InvalidTrainingInput, LlavaConversationDataset, main
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,57 +42,135 @@ def data_file(root: Path, name: str, records) -> Path:
 
 # (case, model folder, JSON data (None: the good synthetic set), extra arguments, expected message)
 BAD_INPUTS = [
-    ("no human turn", "fused", [[QUESTION, ANSWER], [{"from": "assistant", "value": "red"}]], [],
-     r"Record 1 of .*: `conversations` has no human \(or user\) turn"),
-    ("all answers empty", "fused", [[QUESTION, {"from": "gpt", "value": ""}], [QUESTION, {"from": "assistant",
-                                                                                        "value": " "}]], [],
-     r"Every answer \(gpt turn\) in .* is empty: training would only learn to stop"),
-    ("missing value", "fused", [[QUESTION, {"from": "gpt"}]], [], r"Record 0 of .*: `conversations\[1\].value` is missing"),
-    ("list value", "fused", [[{"from": "human", "value": ["a", "b"]}, ANSWER]], [],
-     r"`conversations\[0\].value` is a list: give the turn's text as one string"),
+    (
+        "no human turn",
+        "fused",
+        [[QUESTION, ANSWER], [{"from": "assistant", "value": "red"}]],
+        [],
+        r"Record 1 of .*: `conversations` has no human \(or user\) turn",
+    ),
+    (
+        "all answers empty",
+        "fused",
+        [[QUESTION, {"from": "gpt", "value": ""}], [QUESTION, {"from": "assistant", "value": " "}]],
+        [],
+        r"Every answer \(gpt turn\) in .* is empty: training would only learn to stop",
+    ),
+    (
+        "missing value",
+        "fused",
+        [[QUESTION, {"from": "gpt"}]],
+        [],
+        r"Record 0 of .*: `conversations\[1\].value` is missing",
+    ),
+    (
+        "list value",
+        "fused",
+        [[{"from": "human", "value": ["a", "b"]}, ANSWER]],
+        [],
+        r"`conversations\[0\].value` is a list: give the turn's text as one string",
+    ),
     ("string record", "fused", ["What colour is the square?"], [], r"Record 0 of .* is a str, not an object"),
-    ("unknown speaker", "fused", [[{"from": "bot", "value": "hi"}, ANSWER]], [],
-     r"`conversations\[0\].from` is 'bot': use one of human, user, gpt, assistant, system"),
-    ("missing image", "fused", [{"image": "nowhere.png", "conversations": [QUESTION, ANSWER]}], [],
-     r"`image` .*nowhere.png not found: pass --image_folder"),
-    ("JSON syntax error", "fused", '[\n  {"conversations": []},\n  {"conversations": ]\n]', [],
-     r"data-JSON syntax error.json is not valid JSON: .* at line 3, column"),
+    (
+        "unknown speaker",
+        "fused",
+        [[{"from": "bot", "value": "hi"}, ANSWER]],
+        [],
+        r"`conversations\[0\].from` is 'bot': use one of human, user, gpt, assistant, system",
+    ),
+    (
+        "missing image",
+        "fused",
+        [{"image": "nowhere.png", "conversations": [QUESTION, ANSWER]}],
+        [],
+        r"`image` .*nowhere.png not found: pass --image_folder",
+    ),
+    (
+        "JSON syntax error",
+        "fused",
+        '[\n  {"conversations": []},\n  {"conversations": ]\n]',
+        [],
+        r"data-JSON syntax error.json is not valid JSON: .* at line 3, column",
+    ),
     ("empty list", "fused", [], [], r"must hold a non-empty JSON list"),
-    ("nonexistent model", "./no-such-checkpoint", None, [], r"no-such-checkpoint does not exist: pass a fused checkpoint"),
+    (
+        "nonexistent model",
+        "./no-such-checkpoint",
+        None,
+        [],
+        r"no-such-checkpoint does not exist: pass a fused checkpoint",
+    ),
     ("config.json as model", "fused/config.json", None, [], r"is a file: pass the checkpoint folder"),
-    ("unconverted llava-hf", "llava-hf", None, [],
-     r"plain llava-hf LLaVA .*random model\. Convert it first: `fusedvlm-convert --input .*llava-hf --output "
-     r"llava-hf-fused --fuser igva`"),
-    ("output is the source", "fused", None, ["--output_dir", "{root}/fused"],
-     r"--output_dir .* is the --model_name_or_path .* folder: saving there would overwrite"),
-    ("output inside the source", "fused", None, ["--output_dir", "{root}/fused/run"],
-     r"is inside the --model_name_or_path .* folder"),
+    (
+        "unconverted llava-hf",
+        "llava-hf",
+        None,
+        [],
+        r"plain llava-hf LLaVA .*random model\. Convert it first: `fusedvlm-convert --input .*llava-hf --output "
+        r"llava-hf-fused --fuser igva`",
+    ),
+    (
+        "output is the source",
+        "fused",
+        None,
+        ["--output_dir", "{root}/fused"],
+        r"--output_dir .* is the --model_name_or_path .* folder: saving there would overwrite",
+    ),
+    (
+        "output inside the source",
+        "fused",
+        None,
+        ["--output_dir", "{root}/fused/run"],
+        r"is inside the --model_name_or_path .* folder",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "model", "records", "extra", "message"), BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("case", "model", "records", "extra", "message"), BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS]
+)
 def test_bad_input_is_refused_before_training(folders, case, model, records, extra, message):
     if records is None:
         data = folders / "data" / "data.json"
     else:
-        rows = [row if not isinstance(row, list) else {"conversations": row} for row in records] if isinstance(
-            records, list) else records
+        rows = (
+            [row if not isinstance(row, list) else {"conversations": row} for row in records]
+            if isinstance(records, list)
+            else records
+        )
         data = data_file(folders, f"data-{case}", rows)
     model_path = model if model.startswith("./") else str(folders / model)
     extra = [argument.format(root=folders) for argument in extra]
     output = [] if "--output_dir" in extra else ["--output_dir", str(folders / f"out-{case}")]
     shards_before = {path: path.stat().st_mtime_ns for path in (folders / "fused").iterdir()}
     with pytest.raises(InvalidTrainingInput, match=message):
-        main(["--model_name_or_path", model_path, "--data_path", str(data), *output, *extra, "--max_steps", "1",
-              "--report_to", "none", "--use_cpu", "true"])
+        main(
+            [
+                "--model_name_or_path",
+                model_path,
+                "--data_path",
+                str(data),
+                *output,
+                *extra,
+                "--max_steps",
+                "1",
+                "--report_to",
+                "none",
+                "--use_cpu",
+                "true",
+            ]
+        )
     assert not (folders / f"out-{case}").exists()  # refused before anything was written
     assert {path: path.stat().st_mtime_ns for path in (folders / "fused").iterdir()} == shards_before
 
 
 def test_user_and_assistant_roles_train(folders):
     """Records with `from: user / assistant` (what many users write) are LLaVA records too."""
-    data = data_file(folders, "roles", [{"conversations": [{"from": "user", "value": "Colour?"},
-                                                           {"from": "assistant", "value": "red"}]}])
+    data = data_file(
+        folders,
+        "roles",
+        [{"conversations": [{"from": "user", "value": "Colour?"}, {"from": "assistant", "value": "red"}]}],
+    )
     processor = FusedLlavaProcessor.from_pretrained(folders / "fused")
     batch = FusedLlavaDataCollator(processor)([LlavaConversationDataset(data)[0]])
     labelled = processor.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100])
@@ -103,15 +181,33 @@ def test_unreachable_hub_is_one_clear_line_and_never_shows_the_token(folders, tm
     """`--push_to_hub` with an endpoint nobody listens on: exit 2, one line naming the endpoint and the way out, no
     traceback, and the token appears nowhere."""
     command = [
-        sys.executable, "-m", "hf_fusedvlm.training", "--model_name_or_path", str(folders / "fused"),
-        "--data_path", str(folders / "data" / "data.json"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
-        "--report_to", "none", "--use_cpu", "true", "--push_to_hub", "--hub_model_id", "user/trained",
-        "--hub_token", "hf_secret_value_42",
+        sys.executable,
+        "-m",
+        "hf_fusedvlm.training",
+        "--model_name_or_path",
+        str(folders / "fused"),
+        "--data_path",
+        str(folders / "data" / "data.json"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+        "--push_to_hub",
+        "--hub_model_id",
+        "user/trained",
+        "--hub_token",
+        "hf_secret_value_42",
     ]
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "PYTHONPATH": str(REPO_ROOT)}
     completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2, completed.stderr[-3000:]
     assert "Traceback" not in completed.stderr
-    assert "fusedvlm-train: error: --push_to_hub: the Hub at http://127.0.0.1:9 could not be reached" in completed.stderr
+    assert (
+        "fusedvlm-train: error: --push_to_hub: the Hub at http://127.0.0.1:9 could not be reached" in completed.stderr
+    )
     assert "train without --push_to_hub" in completed.stderr
     assert "hf_secret_value_42" not in completed.stdout + completed.stderr

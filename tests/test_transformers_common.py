@@ -51,15 +51,40 @@ NOT_APPLICABLE_FOR: dict[str, dict[str, str]] = {
 # transformers' LLaVA tester's sub-configs, verbatim: the tower config names no model_type (LlavaConfig's default, a
 # CLIP tower) and sets projection_dim; the text config carries the tester's extra fields.
 LLAVA_TESTER_TEXT_CONFIG = {
-    "model_type": "llama", "seq_length": 7, "is_training": True, "use_input_mask": True, "use_token_type_ids": False,
-    "use_labels": True, "vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "intermediate_size": 37, "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-    "max_position_embeddings": 512, "type_vocab_size": 16, "type_sequence_label_size": 2, "initializer_range": 0.02,
-    "num_labels": 3, "num_choices": 4, "pad_token_id": 1,
+    "model_type": "llama",
+    "seq_length": 7,
+    "is_training": True,
+    "use_input_mask": True,
+    "use_token_type_ids": False,
+    "use_labels": True,
+    "vocab_size": 99,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 16,
+    "type_sequence_label_size": 2,
+    "initializer_range": 0.02,
+    "num_labels": 3,
+    "num_choices": 4,
+    "pad_token_id": 1,
 }
 LLAVA_TESTER_VISION_CONFIG = {
-    "image_size": 8, "patch_size": 2, "num_channels": 3, "is_training": True, "hidden_size": 32, "projection_dim": 32,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37, "dropout": 0.1, "attention_dropout": 0.1,
+    "image_size": 8,
+    "patch_size": 2,
+    "num_channels": 3,
+    "is_training": True,
+    "hidden_size": 32,
+    "projection_dim": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
     "initializer_range": 0.02,
 }
 # The common tests that also run on those configs: the ones that build, initialise, save or train from the config.
@@ -168,9 +193,9 @@ class FusedLlavaModelTester:
             "attention_mask": torch.ones(input_ids.shape, dtype=torch.long),
         }
         if reads_instruction(self.fuser_type):
-            inputs["instruction_input_ids"] = common.ids_tensor(
-                [self.batch_size, self.instruction_length], self.instruction_vocab_size - 1
-            ) + 1
+            inputs["instruction_input_ids"] = (
+                common.ids_tensor([self.batch_size, self.instruction_length], self.instruction_vocab_size - 1) + 1
+            )
             inputs["instruction_attention_mask"] = torch.ones(
                 self.batch_size, self.instruction_length, dtype=torch.long
             )

@@ -27,8 +27,17 @@ MISSING_FROM_SDIST = {"exporters.test_export": "ExportTesterMixin", "generation.
 
 def fetch_command(version: str, destination: Path) -> list[str]:
     return [
-        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-        f"transformers=={version}", "--dest", str(destination),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        f"transformers=={version}",
+        "--dest",
+        str(destination),
     ]
 
 

@@ -102,14 +102,16 @@ def recipe_env() -> dict:
 
 def test_the_documented_server_answers_the_documented_requests(recipe_folder):
     port = free_port()
-    serve, requests = (
-        [code.replace(DOCUMENTED_PORT, port) for code in steps()[role]] for role in ("serve", "request")
-    )
+    serve, requests = ([code.replace(DOCUMENTED_PORT, port) for code in steps()[role]] for role in ("serve", "request"))
     log_path = recipe_folder / "serve.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            ["bash", "-c", "exec " + serve[0].strip()], cwd=recipe_folder, env=recipe_env(), stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            ["bash", "-c", "exec " + serve[0].strip()],
+            cwd=recipe_folder,
+            env=recipe_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + START_SECONDS

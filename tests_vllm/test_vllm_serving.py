@@ -73,8 +73,10 @@ def requests_for(fuser_type: str, processor) -> list[dict]:
     """One request per image; for igva also the first image under the second image's question, and the first request
     again with the second question given as `instructions` (a processor option)."""
     samples = [make_sample(0, index) for index in IMAGES]
-    requests = [{"prompt": question_prompt(processor, sample.question), "image_index": index}
-                for index, sample in zip(IMAGES, samples)]
+    requests = [
+        {"prompt": question_prompt(processor, sample.question), "image_index": index}
+        for index, sample in zip(IMAGES, samples)
+    ]
     if hf_fusedvlm.fuser_class(fuser_type).reads_instruction:
         requests.append({"prompt": requests[1]["prompt"], "image_index": IMAGES[0]})
         requests.append({**requests[0], "instructions": samples[1].question})
@@ -108,9 +110,18 @@ def run_vllm_generate(
         cores = os.cpu_count() or 1
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core % cores) for core in range(tensor_parallel_size)))
     completed = subprocess.run(
-        [sys.executable, str(HERE / "vllm_generate.py"), str(spec), str(output),
-         "--tensor-parallel-size", str(tensor_parallel_size)],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(HERE / "vllm_generate.py"),
+            str(spec),
+            str(output),
+            "--tensor-parallel-size",
+            str(tensor_parallel_size),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     return completed, output
 
@@ -122,7 +133,9 @@ def vllm_generate(folder: Path, requests: list[dict], tensor_parallel_size: int,
 
 
 def max_logprob_difference(served: dict, reference: dict) -> float:
-    return max(abs(value - float(reference["logprobs"][int(token)])) for token, value in served["first_logprobs"].items())
+    return max(
+        abs(value - float(reference["logprobs"][int(token)])) for token, value in served["first_logprobs"].items()
+    )
 
 
 @pytest.mark.parametrize("tensor_parallel_size", [1, 2])
@@ -150,8 +163,10 @@ def check_served_as_transformers(folder: Path, fuser_type: str, tensor_parallel_
     if hf_fusedvlm.fuser_class(fuser_type).reads_instruction:
         # The same image under two instructions (from the prompt, or as a processor option): vLLM must neither reuse
         # the first encoding from its multimodal cache nor drop the instruction.
-        shift = max(abs(value - float(reference[0]["logprobs"][int(token)]))
-                    for token, value in served[3]["first_logprobs"].items())
+        shift = max(
+            abs(value - float(reference[0]["logprobs"][int(token)]))
+            for token, value in served[3]["first_logprobs"].items()
+        )
         assert shift > 10 * LOGPROB_TOLERANCE, "the instruction did not change the logits"
 
 
@@ -187,7 +202,9 @@ def test_vllm_serve_answers_a_chat_request_as_transformers_does(checkpoints, tmp
 
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-    conversation = [{"role": "user", "content": [{"type": "image", "image": sample.image}, {"type": "text", "text": question}]}]
+    conversation = [
+        {"role": "user", "content": [{"type": "image", "image": sample.image}, {"type": "text", "text": question}]}
+    ]
     inputs = processor.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
@@ -200,8 +217,20 @@ def test_vllm_serve_answers_a_chat_request_as_transformers_does(checkpoints, tmp
     command = [
         # vllm-cpu 0.32.0's `vllm` command looks up the version of a distribution named "vllm" and fails; its
         # OpenAI server module is what `vllm serve` runs.
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--served-model-name", "fused",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--enforce-eager",
+        "--served-model-name",
+        "fused",
     ]
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -219,9 +248,15 @@ def test_vllm_serve_answers_a_chat_request_as_transformers_does(checkpoints, tmp
             f"http://127.0.0.1:{port}/v1/chat/completions",
             {
                 "model": "fused",
-                "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": question},
-                ]}],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": image_url}},
+                            {"type": "text", "text": question},
+                        ],
+                    }
+                ],
                 "temperature": 0.0,
                 "max_tokens": MAX_TOKENS,
                 # vLLM's chat endpoint adds no BOS unless asked, transformers' apply_chat_template does; this
@@ -241,7 +276,10 @@ def test_throughput_benchmark_quick_mode_prints_ratios_and_writes_json(tmp_path)
     benchmarks = HERE.parent / "benchmarks"
     completed = subprocess.run(
         [sys.executable, str(benchmarks / "bench_vllm.py"), "--quick", "--fusers", "igva", "--json", str(json_path)],
-        cwd=benchmarks, capture_output=True, text=True, timeout=900,
+        cwd=benchmarks,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
     assert "ratio" in completed.stdout
@@ -256,8 +294,20 @@ def test_vllm_refuses_a_head_size_its_cpu_attention_cannot_run_at_start(tmp_path
     naming the head size; never by a server that reports ready and fails its first request."""
     folder = HERE.parent / "examples" / "toy-fused-llava"
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(free_port()),
-        "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes", "1G", "--enforce-eager",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--port",
+        str(free_port()),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--kv-cache-memory-bytes",
+        "1G",
+        "--enforce-eager",
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode != 0
@@ -274,7 +324,9 @@ def test_igva_instruction_and_vllm_caches(checkpoints, tmp_path):
     output = tmp_path / "caching.json"
     completed = subprocess.run(
         [sys.executable, str(HERE / "vllm_caching.py"), str(checkpoints["igva"]), str(output), "--block-size", "32"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
     results = json.loads(output.read_text())
@@ -287,8 +339,11 @@ def test_igva_instruction_and_vllm_caches(checkpoints, tmp_path):
     assert repeat["first_logprobs"] == first["first_logprobs"]
     # The image comes in the first block, so another instruction leaves nothing of the prompt cached.
     assert not other["mm_cache_hit"] and other["cached_tokens"] == 0
-    shift = max(abs(value - first["first_logprobs"][token]) for token, value in other["first_logprobs"].items()
-                if token in first["first_logprobs"])
+    shift = max(
+        abs(value - first["first_logprobs"][token])
+        for token, value in other["first_logprobs"].items()
+        if token in first["first_logprobs"]
+    )
     assert shift > 10 * LOGPROB_TOLERANCE, "the instruction did not change the image's features"
     assert not next_last["mm_cache_hit"] and next_last["cached_tokens"] == 0
     assert next_image["mm_cache_hit"] and next_image["cached_tokens"] == full_blocks

@@ -37,8 +37,13 @@ def main() -> None:
 
     processor = AutoProcessor.from_pretrained(args.checkpoint)
     llm = LLM(
-        model=args.checkpoint, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
-        block_size=args.block_size, disable_log_stats=False,
+        model=args.checkpoint,
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=True,
+        seed=0,
+        block_size=args.block_size,
+        disable_log_stats=False,
     )
     image = make_sample(0, 0).image
     image_turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": FIRST_QUESTION}]}
@@ -46,8 +51,11 @@ def main() -> None:
 
     def next_turn(answer: str) -> str:
         return processor.apply_chat_template(
-            [image_turn, {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-             {"role": "user", "content": [{"type": "text", "text": SECOND_QUESTION}]}],
+            [
+                image_turn,
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                {"role": "user", "content": [{"type": "text", "text": SECOND_QUESTION}]},
+            ],
             add_generation_prompt=True,
         )
 

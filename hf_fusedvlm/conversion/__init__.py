@@ -13,6 +13,13 @@ Modules, in pipeline order:
 - `convert`: one entry point for both formats; `cli`: the `fusedvlm-convert` command; `demo`: `--demo`.
 """
 
+from ..parity import (
+    expand_projector_input,
+    fused_config_from_llava,
+    fused_from_llava,
+    llava_checkpoint_key,
+    new_fuser_tensors,
+)
 from .checkpoint import checkpoint_format, resolve_checkpoint
 from .cli import main, main_original
 from .convert import convert_checkpoint
@@ -21,13 +28,6 @@ from .hub import folder_files, push_folder_to_hub
 from .llava_hf import convert_llava_checkpoint
 from .model_card import render_model_card
 from .original import convert_original_checkpoint
-from ..parity import (
-    expand_projector_input,
-    fused_config_from_llava,
-    fused_from_llava,
-    llava_checkpoint_key,
-    new_fuser_tensors,
-)
 from .sentence_encoder import SentenceEncoder, load_sentence_encoder
 from .verify import VERIFY_TOLERANCES
 from .writing import ConversionResult, OutputTensor, PlannedShard, shard_name, write_shard, write_shards

@@ -14,11 +14,6 @@ import torch
 from transformers import AutoProcessor, GenerationConfig, LlavaConfig, LlavaProcessor
 
 from ..configuration_fused_llava import FusedLlavaConfig
-from ..processing_fused_llava import FusedLlavaProcessor
-from .checkpoint import LLAVA_HF, checkpoint_format, read_config_json, resolve_checkpoint
-from .errors import ConversionError, as_torch_dtype, parse_dtype
-from .hub import publish_result
-from .model_card import card_command, render_model_card, source_license
 from ..parity import (
     FUSER_PREFIX,
     INSTRUCTION_ENCODER_PREFIX,
@@ -28,6 +23,11 @@ from ..parity import (
     llava_checkpoint_key,
     new_fuser_tensors,
 )
+from ..processing_fused_llava import FusedLlavaProcessor
+from .checkpoint import LLAVA_HF, checkpoint_format, read_config_json, resolve_checkpoint
+from .errors import ConversionError, as_torch_dtype, parse_dtype
+from .hub import publish_result
+from .model_card import card_command, render_model_card, source_license
 from .pipeline import check_fuser_choice, describe_result, fuser_settings, prepare_output
 from .sentence_encoder import SentenceEncoder, load_sentence_encoder
 from .shards import StoredShard, read_shards

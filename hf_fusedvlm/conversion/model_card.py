@@ -16,7 +16,14 @@ MODEL_CARD_TEMPLATE = "fused_llava.md"
 
 # The benchmarks of Dense Connector's model zoo table (docs/ModelZoo.md of HJYao00/DenseConnector), in its order.
 DENSE_CONNECTOR_BENCHMARKS = (
-    "TextVQA", "SQA-IMG", "GQA", "LLaVA-Bench-in-the-Wild", "MMBench", "MM-Vet", "MMMU", "MathVista"
+    "TextVQA",
+    "SQA-IMG",
+    "GQA",
+    "LLaVA-Bench-in-the-Wild",
+    "MMBench",
+    "MM-Vet",
+    "MMMU",
+    "MathVista",
 )
 # Scores the Dense Connector authors report for their released LLaVA-1.5 checkpoints (not measured here), per Hub id.
 REPORTED_SCORES = {

@@ -15,6 +15,13 @@ from pathlib import Path
 import torch
 
 from ..configuration_fused_llava import FusedLlavaConfig
+from ..parity import (
+    FUSER_PREFIX,
+    INSTRUCTION_ENCODER_PREFIX,
+    PROJECTOR_INPUT_KEY,
+    expand_projector_input,
+    new_fuser_tensors,
+)
 from .checkpoint import resolve_checkpoint
 from .errors import ConversionError, listed, parse_dtype
 from .hub import publish_result
@@ -27,10 +34,10 @@ from .original_layout import (
     VARIANT_ORIGINS,
     VARIANTS,
     detect_variant,
-    names_siglip_tower,
-    fuser_for_variant,
     fused_config_from_original,
+    fuser_for_variant,
     map_original_key,
+    names_siglip_tower,
     original_key,
     read_original_config,
     text_config_from_original,
@@ -44,13 +51,6 @@ from .original_processor import (
     load_llm_tokenizer,
     read_vision_tower,
     write_companions,
-)
-from ..parity import (
-    FUSER_PREFIX,
-    INSTRUCTION_ENCODER_PREFIX,
-    PROJECTOR_INPUT_KEY,
-    expand_projector_input,
-    new_fuser_tensors,
 )
 from .pipeline import check_fuser_choice, describe_result, fuser_class_or_error, fuser_settings, prepare_output
 from .sentence_encoder import SentenceEncoder, load_sentence_encoder

@@ -25,10 +25,11 @@ from transformers import CLIPVisionConfig, LlavaConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..configuration_fused_llava import FusedLlavaConfig
+from ..parity import FUSER_PREFIX, INSTRUCTION_ENCODER_PREFIX, fused_config_from_llava
 from .checkpoint import ORIGINAL, checkpoint_format, read_config_json
 from .errors import ConversionError
-from ..parity import FUSER_PREFIX, INSTRUCTION_ENCODER_PREFIX, fused_config_from_llava
 from .sentence_encoder import SentenceEncoder
+
 
 VARIANTS = ("llava", "mmfuser", "igva", "igva-average", "dense-connector")
 VARIANT_FUSERS = {"mmfuser": "mmfuser", "igva": "igva", "igva-average": "average", "dense-connector": "dense_connector"}

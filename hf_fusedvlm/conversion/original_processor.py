@@ -15,8 +15,8 @@ from transformers import (
     LlavaImageProcessorPil,
     SiglipVisionConfig,
 )
-from transformers.image_utils import PILImageResampling
 from transformers.image_processing_utils import ImageProcessingMixin
+from transformers.image_utils import PILImageResampling
 
 from ..configuration_fused_llava import FusedLlavaConfig
 from ..processing_fused_llava import FusedLlavaProcessor

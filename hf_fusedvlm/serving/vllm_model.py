@@ -182,7 +182,10 @@ class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessing
         return self.dummy_inputs.get_dummy_text(mm_counts) if self.info.reads_instruction() else None
 
     def _postprocess_hf_mm_data(
-        self, mm_inputs: Mapping[str, object], hf_processor_mm_kwargs: Mapping[str, object], processed_data: BatchFeature
+        self,
+        mm_inputs: Mapping[str, object],
+        hf_processor_mm_kwargs: Mapping[str, object],
+        processed_data: BatchFeature,
     ) -> BatchFeature:
         processed_data.pop("input_ids", None)
         processed_data.pop("attention_mask", None)
@@ -309,9 +312,7 @@ class FusedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         quant_config = vllm_config.quant_config
         dtype = vllm_config.model_config.dtype
         self.config = config
-        self.configure_mm_token_handling(
-            vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_id]
-        )
+        self.configure_mm_token_handling(vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_id])
         with self._mark_tower_model(vllm_config, "image"):
             self.vision_tower = build_vision_tower(config, quant_config, maybe_prefix(prefix, "vision_tower"))
             # As in transformers: the fuser stays fp32 (deformable sampling, group softmax), the instruction encoder

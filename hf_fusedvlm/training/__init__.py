@@ -27,7 +27,6 @@ records about its run, secrets and local paths removed), `trainer` ([`FusedLlava
 input checks, `main`).
 """
 
-
 import importlib
 import logging
 

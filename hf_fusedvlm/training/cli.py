@@ -169,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
 
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
     is_main = training_args.process_index == 0
-    dataset = LlavaConversationDataset(data_args.data_path, data_args.image_folder, processor.image_token,
-                                       progress=is_main and not training_args.disable_tqdm)
+    dataset = LlavaConversationDataset(
+        data_args.data_path,
+        data_args.image_folder,
+        processor.image_token,
+        progress=is_main and not training_args.disable_tqdm,
+    )
     model = load_model_for_stage(model_args, training_args)
     if is_main:
         print(f"Stage {model_args.stage}: trainable parameters per part")

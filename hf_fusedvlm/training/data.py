@@ -63,8 +63,9 @@ def _check_record(record, image_folder: Path, image_token: str) -> tuple[str, st
     return None
 
 
-def validate_records(records, data_path: Path, image_folder: Path, image_token: str = "<image>",
-                     progress: bool = True) -> None:
+def validate_records(
+    records, data_path: Path, image_folder: Path, image_token: str = "<image>", progress: bool = True
+) -> None:
     """Check every record before training, so that a bad one fails here with its index and field, not mid-epoch (a
     StopIteration in the collator would end the epoch silently). Also refuses a data set whose answers are all empty,
     which would train on EOS only."""
@@ -75,8 +76,11 @@ def validate_records(records, data_path: Path, image_folder: Path, image_token: 
         problem = _check_record(record, image_folder, image_token)
         if problem is not None:
             field, message = problem
-            raise InvalidTrainingInput(f"Record {index} of {data_path}: `{field}` {message}." if field else
-                             f"Record {index} of {data_path} {message}.")
+            raise InvalidTrainingInput(
+                f"Record {index} of {data_path}: `{field}` {message}."
+                if field
+                else f"Record {index} of {data_path} {message}."
+            )
         answered += any(turn["value"].strip() for turn in record["conversations"] if ROLES[turn["from"]] == "assistant")
     if not answered:
         raise InvalidTrainingInput(
@@ -103,8 +107,13 @@ class LlavaConversationDataset(Dataset):
     set is built (see [`validate_records`]).
     """
 
-    def __init__(self, data_path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
-                 image_token: str = "<image>", progress: bool = True):
+    def __init__(
+        self,
+        data_path: str | os.PathLike,
+        image_folder: str | os.PathLike | None = None,
+        image_token: str = "<image>",
+        progress: bool = True,
+    ):
         data_path = Path(data_path)
         if not data_path.is_file():
             raise InvalidTrainingInput(f"--data_path {data_path} does not exist: pass a LLaVA conversation JSON file.")

@@ -49,8 +49,12 @@ def recorded_arguments(*arguments) -> dict:
     [`shown_path`]."""
     record = {}
     for group in arguments:
-        fields = group.to_dict() if hasattr(group, "to_dict") else group if isinstance(group, dict) else (
-            dataclasses.asdict(group)
+        fields = (
+            group.to_dict()
+            if hasattr(group, "to_dict")
+            else group
+            if isinstance(group, dict)
+            else (dataclasses.asdict(group))
         )
         for name, value in fields.items():
             if is_secret(name):

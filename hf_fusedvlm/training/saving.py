@@ -50,7 +50,9 @@ def live_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         for name, parameter in module.named_parameters(recurse=False):
-            state[prefix + name] = _dense_weight(module) if name == "weight" and _is_4bit(parameter) else parameter.detach()
+            state[prefix + name] = (
+                _dense_weight(module) if name == "weight" and _is_4bit(parameter) else parameter.detach()
+            )
         for name, buffer in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:
                 state[prefix + name] = buffer
@@ -108,8 +110,9 @@ def full_precision_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]
     return fused_state_dict(model, live_state_dict(model))
 
 
-def save_fused_checkpoint(model: torch.nn.Module, output_dir: str | os.PathLike,
-                          state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_fused_checkpoint(
+    model: torch.nn.Module, output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
     """Save `model` as a fused checkpoint (weights, config with `auto_map`, remote code) to `output_dir`.
 
     Without `state_dict`, the weights are read from `model` itself: a plain fused model is saved with

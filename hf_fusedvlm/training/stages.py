@@ -114,12 +114,12 @@ def lora_config(model_args: ModelArguments):
     try:
         from peft import LoraConfig
     except ImportError as error:
-        raise ImportError(
-            f'--stage {model_args.stage} needs PEFT: run `pip install "hf-fusedvlm[train]"`.'
-        ) from error
+        raise ImportError(f'--stage {model_args.stage} needs PEFT: run `pip install "hf-fusedvlm[train]"`.') from error
     names = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
     if not names or not all(name.isidentifier() for name in names):
-        raise ValueError(f"--lora_target_modules must be comma-separated layer names, got {model_args.lora_target_modules!r}.")
+        raise ValueError(
+            f"--lora_target_modules must be comma-separated layer names, got {model_args.lora_target_modules!r}."
+        )
     return LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,

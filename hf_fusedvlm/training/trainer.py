@@ -53,9 +53,12 @@ class FusedLlavaTrainer(Trainer):
         save_fused_checkpoint(model, output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        record = {**recorded_arguments(self.run_arguments, self.args), "world_size": self.args.world_size,
-                  "parallel_mode": self.args.parallel_mode.value,
-                  "distributed_type": self.accelerator.distributed_type.value}
+        record = {
+            **recorded_arguments(self.run_arguments, self.args),
+            "world_size": self.args.world_size,
+            "parallel_mode": self.args.parallel_mode.value,
+            "distributed_type": self.accelerator.distributed_type.value,
+        }
         Path(output_dir, ARGUMENTS_RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
@@ -75,15 +78,27 @@ class FusedLlavaTrainer(Trainer):
             self.processing_class.save_pretrained(self.args.output_dir)
         self.create_model_card()
         message = f"Training in progress, step {self.state.global_step}"
-        upload = {"repo_id": self.hub_model_id, "token": self.args.hub_token, "run_as_future": True,
-                  "revision": self.args.hub_revision, "ignore_patterns": ["_*", f"{PREFIX_CHECKPOINT_DIR}-*", "*.bin"]}
+        upload = {
+            "repo_id": self.hub_model_id,
+            "token": self.args.hub_token,
+            "run_as_future": True,
+            "revision": self.args.hub_revision,
+            "ignore_patterns": ["_*", f"{PREFIX_CHECKPOINT_DIR}-*", "*.bin"],
+        }
         jobs = [hf_api().upload_folder(folder_path=self.args.output_dir, commit_message=message, **upload)]
         if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-            in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else Path(
-                checkpoint_folder).name
+            in_repo = (
+                "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name
+            )
             upload["ignore_patterns"] = ["*.bin"]
-            jobs.append(hf_api().upload_folder(folder_path=checkpoint_folder, path_in_repo=in_repo,
-                                               commit_message=message + ", checkpoint", **upload))
+            jobs.append(
+                hf_api().upload_folder(
+                    folder_path=checkpoint_folder,
+                    path_in_repo=in_repo,
+                    commit_message=message + ", checkpoint",
+                    **upload,
+                )
+            )
         if self.push_in_progress is None or self.push_in_progress.is_done():
             self.push_in_progress = PushInProgress(jobs)
         else:
@@ -126,8 +141,9 @@ class FusedLlavaTrainer(Trainer):
             base_model=(card_data.get("base_model") if card_data else None) or (self.source if is_hub_id else None),
             license=card_data.get("license") if card_data else None,
             license_link=card_data.get("license_link") if card_data else None,
-            instruction_encoder=(config.instruction_encoder_config.model_type if base.model.instruction_encoder
-                                 is not None else None),
+            instruction_encoder=(
+                config.instruction_encoder_config.model_type if base.model.instruction_encoder is not None else None
+            ),
             new_parameters=self.parameter_counts.get("fuser", (0, 0))[1],
             convert_command=self.command,
             training_summary=self.training_summary(),
