@@ -157,7 +157,9 @@ def test_quick_start_answers_correctly_and_saves_a_fused_model(ran):
     runs, folder = ran("README.md")
     answer, truth = re.search(r"answer: (\w+) \| truth: (\w+)", output_of(runs, "make_sample(seed=3000")).groups()
     assert answer == truth
-    assert "to fuser 'mmfuser', saved it to my-fused-llava/" in output_of(runs, "fused_from_llava")
+    assert "-> mmfuser fuser, saved and loaded as FusedLlavaForConditionalGeneration" in output_of(
+        runs, "fused_from_llava"
+    )
     assert (folder / "my-fused-llava" / "config.json").exists()
 
 
