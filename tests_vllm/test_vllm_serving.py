@@ -30,7 +30,7 @@ LOGPROB_TOLERANCE = 1e-4
 IMAGES = (0, 1)
 
 
-SIGLIP_FUSERS = ("igva", "mmfuser")
+SIGLIP_FUSERS = ("igva", "mmfuser", "dense_connector")
 
 
 def save_checkpoints(root: Path, fuser_types, vision_model_type: str) -> dict[str, Path]:
