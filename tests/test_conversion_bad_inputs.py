@@ -14,7 +14,7 @@ import pytest
 
 import hf_fusedvlm.conversion.staging as staging_module
 import hf_fusedvlm.conversion.writing as writing_module
-from hf_fusedvlm.conversion import convert_llava_checkpoint, main
+from hf_fusedvlm.conversion import convert_checkpoint, main
 
 
 TOKEN = "hf_fake_token_never_printed_456"
@@ -121,7 +121,7 @@ def _empty_groups(tmp, source, monkeypatch):
 
 
 def _fused_checkpoint_as_input(tmp, source, monkeypatch):
-    convert_llava_checkpoint(source, tmp / "fused", "none", progress=False)
+    convert_checkpoint(source, tmp / "fused", "none", progress=False)
     return ["--input", str(tmp / "fused"), "--output", "OUT", "--fuser", "mmfuser"]
 
 
@@ -193,7 +193,7 @@ def test_negative_layers_need_no_equals_sign(source, tmp_path):
 
 def test_overwrite_replaces_an_earlier_fused_output(source, tmp_path):
     out = tmp_path / "out"
-    convert_llava_checkpoint(source, out, "none", progress=False)
+    convert_checkpoint(source, out, "none", progress=False)
     assert (
         main(["--input", str(source), "--output", str(out), "--fuser", "average", "--overwrite", "--no-progress"]) == 0
     )

@@ -15,6 +15,10 @@ from .errors import ConversionError
 
 # Files a conversion needs from a Hub repository (weights, configs, tokenizer and processor files, card).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "README.md"]
+# What is fetched first, to check every argument before the weights are downloaded: configs, shard indexes,
+# sentence-transformers module lists, processor settings (not the tokenizer vocabularies, which can be megabytes).
+METADATA_PATTERNS = ["*.json"]
+METADATA_IGNORED = ["*tokenizer.json", "*vocab.json"]
 LLAVA_HF = "llava-hf"
 ORIGINAL = "original"
 FUSED_MODEL_TYPE = "fused_llava"
@@ -52,13 +56,14 @@ def unreachable_hub_message(what: str, repo_id: str, reason: str) -> str:
 
 
 def resolve_checkpoint(
-    path_or_repo_id: str | os.PathLike, what: str = "--input", allow_pickles: bool = False
+    path_or_repo_id: str | os.PathLike, what: str = "--input", allow_pickles: bool = False, metadata_only: bool = False
 ) -> tuple[Path, str | None]:
     """A local folder for `path_or_repo_id` and the Hub repo id it came from (None for a folder outside the cache).
 
     A local folder is used as is; anything else is taken as a Hub repo id and its weights, configs, tokenizer and
     processor files are downloaded (to the Hugging Face cache). With `allow_pickles`, `.bin` weights are downloaded
-    too when the repo has no safetensors (original LLaVA checkpoints and CLIP towers are often `.bin` only)."""
+    too when the repo has no safetensors (original LLaVA checkpoints and CLIP towers are often `.bin` only). With
+    `metadata_only`, only the JSON files are (`METADATA_PATTERNS`): a later call fills the same snapshot folder."""
     path = Path(path_or_repo_id).expanduser()
     text = str(path_or_repo_id)
     if path.is_dir():
@@ -71,11 +76,13 @@ def resolve_checkpoint(
     unreachable = hub_connection_error()
     if unreachable:
         raise ConversionError(unreachable_hub_message(what, text, unreachable))
-    patterns = list(HUB_PATTERNS)
-    if allow_pickles and not _repo_has_safetensors(text):
+    patterns, ignored = list(HUB_PATTERNS), None
+    if metadata_only:
+        patterns, ignored = METADATA_PATTERNS, METADATA_IGNORED
+    elif allow_pickles and not _repo_has_safetensors(text):
         patterns.append("*.bin")
     try:
-        folder = snapshot_download(text, allow_patterns=patterns)
+        folder = snapshot_download(text, allow_patterns=patterns, ignore_patterns=ignored)
     except Exception as error:  # huggingface_hub raises many kinds; all mean the same to the user
         raise ConversionError(
             f"{what} {text} is neither a local folder nor a Hub repo that could be downloaded "

@@ -26,7 +26,6 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..configuration_fused_llava import FusedLlavaConfig
 from ..parity import FUSER_PREFIX, INSTRUCTION_ENCODER_PREFIX, fused_config_from_llava
-from .checkpoint import ORIGINAL, checkpoint_format, read_config_json
 from .errors import ConversionError
 from .sentence_encoder import SentenceEncoder
 
@@ -86,16 +85,8 @@ CLIP_TEXT_PARTS = ("text_model", "text_projection", "visual_projection", "logit_
 EMBEDDING_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
 
 
-def read_original_config(folder: Path) -> dict:
-    """The raw config.json of an original-format checkpoint, or a `ConversionError` saying what it is instead."""
-    raw = read_config_json(
-        folder, "an original-format LLaVA checkpoint folder (or Hub repo) such as liuhaotian/llava-v1.5-7b"
-    )
-    if checkpoint_format(raw, folder) != ORIGINAL:
-        raise ConversionError(
-            f"{folder} is a llava-hf checkpoint (nested text_config / vision_config), not an original-format one: "
-            "use fusedvlm-convert, which reads both formats (or convert_llava_checkpoint)."
-        )
+def check_original_config(raw: dict, folder: Path) -> None:
+    """Refuse, by name, the original-format configs fused LLaVA cannot import."""
     model_type = raw.get("model_type")
     if model_type not in ORIGINAL_MODEL_TYPES:
         raise ConversionError(
@@ -111,7 +102,6 @@ def read_original_config(folder: Path) -> dict:
         unsupported.append(f"mm_projector_type {raw.get('mm_projector_type', 'linear')!r} (only mlp2x_gelu)")
     if unsupported:
         raise ConversionError(f"{folder} uses {'; '.join(unsupported)}, which fused LLaVA does not support.")
-    return raw
 
 
 def parse_select_layer(value) -> int | list[int]:
@@ -253,10 +243,10 @@ def fused_config_from_original(
                     raise ConversionError(f"The IGVA config lacks {name}: the aggregator's size cannot be known.")
                 fuser_kwargs[option] = raw[name]
             embed_dim = raw.get("sentence_embed_dim")
-            if embed_dim is not None and embed_dim != encoder.model.config.hidden_size:
+            if embed_dim is not None and embed_dim != encoder.config.hidden_size:
                 raise ConversionError(
                     f"The checkpoint was trained with {embed_dim}-d sentence embeddings (sentence_embed_dim) but "
-                    f"--instruction-encoder gives {encoder.model.config.hidden_size}-d ones: give the sentence "
+                    f"--instruction-encoder gives {encoder.config.hidden_size}-d ones: give the sentence "
                     f"encoder it was trained with ({raw.get('sentence_embedder')})."
                 )
     if encoder is not None:
@@ -277,7 +267,7 @@ def fused_config_from_original(
         config = fused_config_from_llava(
             llava_config,
             fuser_type,
-            instruction_encoder_config=encoder.model.config if encoder else None,
+            instruction_encoder_config=encoder.config if encoder else None,
             **fuser_kwargs,
         )
     except ValueError as error:

@@ -22,7 +22,6 @@ from ..configuration_fused_llava import FusedLlavaConfig
 from ..processing_fused_llava import FusedLlavaProcessor
 from .errors import ConversionError
 from .sentence_encoder import SentenceEncoder
-from .writing import write_remote_code
 
 
 IMAGE_TOKEN = "<image>"
@@ -205,12 +204,10 @@ def write_companions(
     tokenizer,
     image_processor,
     encoder: SentenceEncoder | None,
-    card,
-    chat_template: str = LLAVA_V1_CHAT_TEMPLATE,
+    chat_template: str,
 ) -> None:
-    """Everything beside the weights: config and remote code, generation config, processor (with `chat_template`,
-    the conversation the model was trained with), model card."""
-    write_remote_code(config, staging)
+    """The generation config and the processor (with `chat_template`, the conversation the model was trained
+    with)."""
     generation_config = (
         GenerationConfig.from_pretrained(source)
         if (source / "generation_config.json").is_file()
@@ -234,4 +231,3 @@ def write_companions(
         # LLaVA's processors count the class token the default strategy drops; SigLIP has none.
         num_additional_image_tokens=0 if config.vision_config.model_type.startswith("siglip") else 1,
     ).save_pretrained(staging)
-    card.save(staging / "README.md")

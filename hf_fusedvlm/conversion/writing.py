@@ -20,6 +20,7 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from ..configuration_fused_llava import FusedLlavaConfig
 from ..modeling_fused_llava import FusedLlavaForConditionalGeneration
+from ..parity import expand_projector_input
 from .errors import ConversionError
 from .shards import SAFETENSORS_INDEX, TORCH_TO_SAFETENSORS, StoredShard, StoredTensor
 
@@ -113,6 +114,15 @@ def plan_tensor(name: str, stored: StoredTensor, dtype: torch.dtype | None, shap
         return (transform(value) if transform is not None else value).to(target)
 
     return OutputTensor(name, target, shape, source=stored, tensor=stored.tensor, transform=convert)
+
+
+def plan_projector_input(name: str, stored: StoredTensor, config: FusedLlavaConfig, dtype) -> OutputTensor:
+    """The projector's input weight, widened for the slots the fuser gives it (`parity.expand_projector_input`)."""
+    try:
+        shape = expand_projector_input(torch.empty(stored.shape, device="meta"), config).shape
+    except ValueError as error:
+        raise ConversionError(f"Cannot widen the projector for --fuser {config.fuser_type}: {error}") from error
+    return plan_tensor(name, stored, dtype, shape, lambda weight: expand_projector_input(weight, config))
 
 
 def plan_new_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> list[OutputTensor]:
