@@ -320,9 +320,7 @@ def test_bfloat16_single_file_current_layout_source(tiny_llava, tmp_path):
         folder / "model.safetensors",
         metadata={"format": "pt"},
     )
-    result = convert_checkpoint(
-        folder, tmp_path / "out", "average", dtype="bfloat16", verify=True, progress=False
-    )
+    result = convert_checkpoint(folder, tmp_path / "out", "average", dtype="bfloat16", verify=True, progress=False)
     assert result.verify_tolerance == VERIFY_TOLERANCES[torch.bfloat16]
     tensors = read_checkpoint(result.output)
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
