@@ -208,6 +208,7 @@ def test_every_fuser_converts_verifies_and_keeps_source_tensors(converted, sourc
         code = {
             "configuration_fused_llava.py",
             "modeling_fused_llava.py",
+            "modeling_fusion.py",
             "fusers.py",
             "fuser_registry.py",
             "deformable_attention.py",

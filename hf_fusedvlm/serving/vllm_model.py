@@ -41,7 +41,7 @@ from vllm.sequence import IntermediateTensors
 
 from ..configuration_fused_llava import FusedLlavaConfig
 from ..fusers import build_fuser, fuser_class
-from ..modeling_fused_llava import pool_sentence_embeddings
+from ..modeling_fusion import fuse_and_project, pool_sentence_embeddings
 from ..processing_fused_llava import FusedLlavaProcessor
 
 
@@ -353,15 +353,15 @@ class FusedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         layers = sorted(self.config.vision_layers_needed)
         selected = self.vision_tower(pixel_values.to(self.vision_tower.dtype), select_layers=layers)
         hidden_states: list[torch.Tensor | None] = [None] * (self.config.vision_config.num_hidden_layers + 1)
-        fuser_dtype = next(self.fuser.parameters(), selected).dtype
         for layer, state in zip(layers, selected.split(self.config.vision_config.hidden_size, dim=-1)):
-            hidden_states[layer] = state.to(fuser_dtype)
+            hidden_states[layer] = state
         instruction_embeds = None
         if self.instruction_encoder is not None:
             input_ids, attention_mask = (pad_rows(kwargs[field]) for field in INSTRUCTION_FIELDS)
             instruction_embeds = self.embed_instructions(input_ids, attention_mask)
-        fused = self.fuser(tuple(hidden_states), instruction_embeds)
-        features = self.multi_modal_projector(fused.features.to(self.multi_modal_projector.linear_2.weight.dtype))
+        features, _ = fuse_and_project(
+            self.fuser, self.multi_modal_projector, hidden_states, instruction_embeds, selected.dtype
+        )
         return list(features)
 
     def forward(
