@@ -20,6 +20,7 @@ from .modeling_fusion import (
     FusedLlavaImageFeaturesOutput,
     FusedPreTrainedMixin,
     FusedVisionMixin,
+    add_balance_loss,
 )
 
 
@@ -223,17 +224,6 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
     def fuser(self):
         return self.model.fuser
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, with `auto_map` naming this class for both `AutoModel` and
-        `AutoModelForImageTextToText`, so that remote-code users can load and `generate()` with either."""
-        class_path = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
-        self.config.auto_map = {
-            **(getattr(self.config, "auto_map", None) or {}),
-            "AutoModel": class_path,
-            "AutoModelForImageTextToText": class_path,
-        }
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
@@ -304,14 +294,7 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
             **kwargs,
         )
         image_outputs = mm_encoder_outputs.get("image")
-        balance_loss = getattr(image_outputs, "balance_loss", None)
-        if labels is not None and balance_loss is not None:
-            outputs.loss = outputs.loss + balance_loss.to(outputs.loss.device)
-        return FusedLlavaCausalLMOutputWithPast(
-            **outputs,
-            fusion_weights=getattr(image_outputs, "fusion_weights", None),
-            balance_loss=balance_loss,
-        )
+        return FusedLlavaCausalLMOutputWithPast(**add_balance_loss(outputs, image_outputs, labels))
 
 
 __all__ = ["FusedLlavaPreTrainedModel", "FusedLlavaModel", "FusedLlavaForConditionalGeneration"]

@@ -273,6 +273,18 @@ class FusedPreTrainedMixin:
         ]
         return quantization_config
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; a generation class names itself in `auto_map` for both `AutoModel` and
+        `AutoModelForImageTextToText`, so that remote-code users can load and `generate()` with either."""
+        if self.base_model is not self:
+            class_path = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": class_path,
+                "AutoModelForImageTextToText": class_path,
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def fuser_memory_footprint(self, return_buffers: bool = True) -> dict[str, int | float]:
         """How much of [`~PreTrainedModel.get_memory_footprint`] (same counting rule, so quantised weights count at
         their storage size) the fusion adds: returns `total`, `fuser` and `instruction_encoder` in bytes, and
@@ -287,6 +299,16 @@ class FusedPreTrainedMixin:
         total = self.get_memory_footprint(return_buffers=return_buffers)
         fuser, encoder = footprint(self.base_model.fuser), footprint(self.base_model.instruction_encoder)
         return {"total": total, "fuser": fuser, "instruction_encoder": encoder, "share": (fuser + encoder) / total}
+
+
+def add_balance_loss(outputs, image_outputs, labels) -> dict:
+    """The fields of a fused generation output: `outputs` (the base class's), IGVA's balance loss added to its loss
+    when `labels` are given, and the fusion weights and balance loss of `image_outputs` (None when no image was
+    encoded in this call)."""
+    balance_loss = getattr(image_outputs, "balance_loss", None)
+    if labels is not None and balance_loss is not None:
+        outputs.loss = outputs.loss + balance_loss.to(outputs.loss.device)
+    return {**outputs, "fusion_weights": getattr(image_outputs, "fusion_weights", None), "balance_loss": balance_loss}
 
 
 class FusedVisionMixin:

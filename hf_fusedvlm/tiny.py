@@ -14,6 +14,10 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaImageProcessorPil,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
@@ -220,6 +224,41 @@ def build_tiny_llava(
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy=TINY_TOWERS[vision_model_type]["select_strategy"],
         num_additional_image_tokens=TINY_TOWERS[vision_model_type]["extra_tokens"],
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def tiny_image_grid_pinpoints(image_size: int = 32) -> list[list[int]]:
+    """LLaVA-NeXT's crop layouts (1x2, 2x1, 2x2 tiles of the tower's image size) for the tiny towers."""
+    return [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+
+
+def build_tiny_llava_next(
+    seed: int = 0, num_vision_layers: int = 6, *, image_size: int = 32
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A plain tiny `LlavaNextForConditionalGeneration` (the CLIP tower and Llama of [`tiny_llava_config`], crops of
+    `image_size` pixels tiled up to 2x2) and its `LlavaNextProcessor`, identical for the same seed."""
+    tokenizer = build_tiny_llm_tokenizer()
+    fields = tiny_llava_config(tokenizer, num_vision_layers, image_size=image_size).to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        fields.pop(key, None)
+    pinpoints = tiny_image_grid_pinpoints(image_size)
+    model = LlavaNextForConditionalGeneration(LlavaNextConfig(**fields, image_grid_pinpoints=pinpoints)).eval()
+    _seeded_init(model, seed)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+        do_convert_rgb=True,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     return model, processor
