@@ -9,7 +9,11 @@ from conftest import REPO_ROOT
 
 PACKAGE = "hf_fusedvlm"
 # The files `save_pretrained` copies into a checkpoint for `trust_remote_code=True`.
-REMOTE_CODE = {"configuration_fused_llava", "modeling_fused_llava", "processing_fused_llava"}
+REMOTE_CODE = {
+    f"{kind}_fused_{family}"
+    for kind in ("configuration", "modeling", "processing")
+    for family in ("llava", "llava_next")
+}
 # Third-party packages remote code may import: transformers and the packages transformers itself requires.
 REMOTE_CODE_DEPENDENCIES = {"torch", "transformers", "huggingface_hub", "safetensors"}
 
