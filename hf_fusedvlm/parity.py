@@ -32,6 +32,7 @@ LEGACY_LLAVA_KEY_RENAMES = (
     (re.compile(r"^(model\.)?vision_tower\.vision_model\."), "model.vision_tower."),
     (re.compile(r"^vision_tower\."), "model.vision_tower."),
     (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+    (re.compile(r"^image_newline$"), "model.image_newline"),
 )
 
 
@@ -40,6 +41,9 @@ FUSED_FAMILIES = {
     "llava": (FusedLlavaConfig, FusedLlavaForConditionalGeneration),
     "llava_next": (FusedLlavaNextConfig, FusedLlavaNextForConditionalGeneration),
 }
+
+
+FUSED_MODEL_CLASSES = {config_class: model_class for config_class, model_class in FUSED_FAMILIES.values()}
 
 
 def fused_family(llava_config: PreTrainedConfig) -> tuple[type, type]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from hf_fusedvlm import (
@@ -14,6 +14,7 @@ from hf_fusedvlm import (
     FusedLlavaNextForConditionalGeneration,
     FusedLlavaNextProcessor,
 )
+from hf_fusedvlm.conversion import convert_checkpoint
 from hf_fusedvlm.parity import fused_from_llava
 from hf_fusedvlm.tiny import build_tiny_llava_next, tiny_image_grid_pinpoints
 
@@ -157,3 +158,30 @@ def test_bad_inputs_are_named(fused, batch, llava_next):
     fields.pop("model_type")
     with pytest.raises(ValueError, match=r"image_grid_pinpoints holds \[32, 50\].*multiples of the vision tower"):
         FusedLlavaNextConfig(**fields)
+
+
+@pytest.mark.parametrize("fuser", ["mmfuser", "igva"])
+def test_llava_hf_checkpoint_converts_with_parity(fuser, llava_next, tiny_instruction_encoder, tmp_path):
+    """A saved llava-hf LLaVA-NeXT (sharded, as transformers writes it) converts, `--verify` passes, and the result
+    loaded back gives LLaVA-NeXT's logits and greedy tokens."""
+    model, plain_processor = llava_next
+    model.save_pretrained(tmp_path / "source", max_shard_size="500KB")
+    plain_processor.save_pretrained(tmp_path / "source")
+    options = {}
+    if reads_instruction(fuser):
+        encoder, tokenizer = tiny_instruction_encoder
+        encoder.save_pretrained(tmp_path / "encoder")
+        tokenizer.save_pretrained(tmp_path / "encoder")
+        options["instruction_encoder"] = tmp_path / "encoder"
+    result = convert_checkpoint(tmp_path / "source", tmp_path / "out", fuser, verify=True, progress=False, **options)
+    assert result.verify_max_abs_diff <= 1e-6
+    converted = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert isinstance(converted, FusedLlavaNextForConditionalGeneration)
+    assert isinstance(processor, FusedLlavaNextProcessor)
+    inputs = processor(images=images_of(IMAGE_SHAPES[1:2]), text=PROMPTS[:1], return_tensors="pt")
+    plain = plain_inputs(inputs)
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(**inputs).logits, model(**plain).logits, rtol=0, atol=1e-6)
+    expected = model.generate(**plain, max_new_tokens=5, do_sample=False)
+    assert torch.equal(converted.generate(**inputs, max_new_tokens=5, do_sample=False), expected)

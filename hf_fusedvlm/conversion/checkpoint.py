@@ -21,7 +21,9 @@ METADATA_PATTERNS = ["*.json"]
 METADATA_IGNORED = ["*tokenizer.json", "*vocab.json"]
 LLAVA_HF = "llava-hf"
 ORIGINAL = "original"
-FUSED_MODEL_TYPE = "fused_llava"
+# The model types of the checkpoints this package writes, and of the plain llava-hf families it converts.
+FUSED_MODEL_TYPES = ("fused_llava", "fused_llava_next")
+LLAVA_HF_MODEL_TYPES = ("llava", "llava_next")
 # Seconds to wait for a TCP connection to the Hub before calling it unreachable. huggingface_hub retries a refused or
 # timed-out connection with back-off for about 40 s per file before it gives up; a user should learn in seconds.
 HUB_CONNECT_TIMEOUT = 5.0
@@ -129,21 +131,26 @@ def checkpoint_format(raw: dict, folder: Path) -> str:
     `llava` for llava-v1.5 / v1.6, `llava_llama` or `llava_mistral` for code trained later). Anything else, a fused
     checkpoint included, is refused with what it is."""
     model_type = raw.get("model_type")
-    if model_type == FUSED_MODEL_TYPE:
+    if model_type in FUSED_MODEL_TYPES:
         raise ConversionError(
-            f"{folder} is already a fused LLaVA checkpoint (model_type {FUSED_MODEL_TYPE!r}, fuser_type "
+            f"{folder} is already a fused LLaVA checkpoint (model_type {model_type!r}, fuser_type "
             f"{raw.get('fuser_type')!r}): load it with AutoModel.from_pretrained(..., trust_remote_code=True), or "
             "convert its plain source."
         )
     nested = isinstance(raw.get("text_config"), dict) and isinstance(raw.get("vision_config"), dict)
-    if nested and model_type == "llava":
+    if nested and model_type in LLAVA_HF_MODEL_TYPES:
         return LLAVA_HF
     if not nested and raw.get("mm_vision_tower"):
         return ORIGINAL
     raise ConversionError(
         f"{folder} is not a LLaVA checkpoint: its config.json has model_type {model_type!r} (architectures "
         f"{raw.get('architectures')}), "
-        + ("nested text_config / vision_config but not model_type 'llava'" if nested else "no mm_vision_tower entry")
-        + ". Expected a llava-hf checkpoint (LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf) or an "
+        + (
+            f"nested text_config / vision_config but not model_type {' or '.join(map(repr, LLAVA_HF_MODEL_TYPES))}"
+            if nested
+            else "no mm_vision_tower entry"
+        )
+        + ". Expected a llava-hf checkpoint (LlavaForConditionalGeneration or LlavaNextForConditionalGeneration, e.g. "
+        "llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf) or an "
         "original-format one (a flat config with mm_* keys, e.g. liuhaotian/llava-v1.5-7b)."
     )

@@ -1,7 +1,8 @@
-"""The llava-hf format (`LlavaForConditionalGeneration` checkpoints in safetensors, e.g. llava-hf/llava-1.5-7b-hf),
-as a source of the conversion pipeline (`pipeline`).
+"""The llava-hf format (`LlavaForConditionalGeneration` checkpoints in safetensors, e.g. llava-hf/llava-1.5-7b-hf, and
+`LlavaNextForConditionalGeneration` ones, e.g. llava-hf/llava-v1.6-mistral-7b-hf), as a source of the conversion
+pipeline (`pipeline`).
 
-check: the fused config of the source's `LlavaConfig` and the fuser arguments. plan: map each key to the fused
+check: the fused config (`FusedLlavaConfig` or `FusedLlavaNextConfig`) of the source's config and the fuser arguments. plan: map each key to the fused
 model's name (legacy llava-hf names included), keep every tensor's bytes (only
 `model.multi_modal_projector.linear_1.weight` is widened when the fuser's projector reads several slots, see
 `hf_fusedvlm.parity.expand_projector_input`), add the new fuser tensors (and igva's instruction encoder) as one extra
@@ -10,7 +11,7 @@ source and result for one image and prompt."""
 
 from pathlib import Path
 
-from transformers import AutoProcessor, GenerationConfig, LlavaConfig, LlavaProcessor
+from transformers import AutoConfig, AutoProcessor, GenerationConfig, LlavaNextProcessor, LlavaProcessor
 
 from ..configuration_fused_llava import FusedLlavaConfig
 from ..parity import (
@@ -21,11 +22,16 @@ from ..parity import (
     new_fuser_tensors,
 )
 from ..processing_fused_llava import FusedLlavaProcessor
+from ..processing_fused_llava_next import FusedLlavaNextProcessor
 from .errors import ConversionError, as_torch_dtype
 from .request import Plan, Request, Source, check_fuser_choice
 from .shards import StoredShard, read_shards
 from .verify import verify_against_llava
 from .writing import PlannedShard, plan_new_tensors, plan_projector_input, plan_tensor, planned_shard
+
+
+# The fused processor of each plain llava-hf processor.
+FUSED_PROCESSORS = {LlavaProcessor: FusedLlavaProcessor, LlavaNextProcessor: FusedLlavaNextProcessor}
 
 
 # ----------------------------------------------------------------------------------------------------------- plan
@@ -63,16 +69,18 @@ def write_processor(source: Path, folder: Path, instruction_tokenizer) -> None:
             f"Could not load the source's processor from {source} ({type(error).__name__}: {error}): a llava-hf "
             "checkpoint ships its image processor, tokenizer and chat template; download them with the weights."
         ) from error
-    if not isinstance(llava_processor, LlavaProcessor):
+    fused_class = FUSED_PROCESSORS.get(type(llava_processor))
+    if fused_class is None:
         raise ConversionError(
-            f"{source} has no LlavaProcessor (AutoProcessor gave {type(llava_processor).__name__}): the checkpoint "
-            "needs processor_config.json / preprocessor_config.json and its tokenizer files."
+            f"{source} has no LlavaProcessor or LlavaNextProcessor (AutoProcessor gave "
+            f"{type(llava_processor).__name__}): the checkpoint needs processor_config.json / "
+            "preprocessor_config.json and its tokenizer files."
         )
-    processor = FusedLlavaProcessor.from_llava_processor(llava_processor, instruction_tokenizer=instruction_tokenizer)
+    processor = fused_class.from_llava_processor(llava_processor, instruction_tokenizer=instruction_tokenizer)
     processor.save_pretrained(folder)
 
 
-def write_companions(folder: Path, source: Path, llava_config: LlavaConfig, encoder) -> None:
+def write_companions(folder: Path, source: Path, llava_config, encoder) -> None:
     """The source's generation config (or one from its config) and its processor made fused."""
     if (source / "generation_config.json").is_file():
         generation_config = GenerationConfig.from_pretrained(source)
@@ -97,7 +105,7 @@ def check(source: Source, request: Request) -> FusedLlavaConfig:
     check_fuser_choice(request.fuser_type, request.encoder)
     try:
         config = fused_config_from_llava(
-            LlavaConfig.from_pretrained(source.folder),
+            AutoConfig.from_pretrained(source.folder),
             request.fuser_type,
             instruction_encoder_config=request.encoder.config if request.encoder else None,
             **request.settings,
@@ -121,7 +129,7 @@ def plan(source: Source, request: Request) -> Plan:
         new_tensors += plan_new_tensors(encoder_state, request.dtype)
     if new_tensors:
         planned.append(PlannedShard(new_tensors))
-    llava_config = LlavaConfig.from_pretrained(source.folder)
+    llava_config = AutoConfig.from_pretrained(source.folder)
     return Plan(
         config=config,
         shards=planned,
@@ -129,7 +137,7 @@ def plan(source: Source, request: Request) -> Plan:
         num_new_tensors=len(new_tensors),
         source_name=lambda name: name,
         layout="its config.json",
-        fix="Convert an unmodified llava-hf LlavaForConditionalGeneration checkpoint.",
+        fix="Convert an unmodified llava-hf LlavaForConditionalGeneration (or LlavaNext...) checkpoint.",
         write_companions=lambda folder: write_companions(folder, source.folder, llava_config, encoder),
         verify=lambda folder: verify_against_llava(source.folder, folder, as_torch_dtype(config.dtype)),
         commit_message=f"Add {request.fuser_type} fused LLaVA",

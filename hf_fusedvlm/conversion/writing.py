@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..configuration_fused_llava import FusedLlavaConfig
-from ..modeling_fused_llava import FusedLlavaForConditionalGeneration
-from ..parity import expand_projector_input
+from ..parity import FUSED_MODEL_CLASSES, expand_projector_input
 from .errors import ConversionError
 from .shards import SAFETENSORS_INDEX, TORCH_TO_SAFETENSORS, StoredShard, StoredTensor
 
@@ -149,7 +148,7 @@ def plan_mismatches(
     """How a plan differs from the fused model's tensors: (unexpected names, missing names, (name, planned shape,
     expected shape) of wrong shapes). A tied parameter may be stored under one of its names only."""
     with torch.device("meta"):
-        model = FusedLlavaForConditionalGeneration(config)
+        model = FUSED_MODEL_CLASSES[type(config)](config)
     state = model.state_dict(keep_vars=True)
     aliases = {}
     for name, tensor in state.items():
@@ -257,11 +256,11 @@ def write_shards(folder: Path, planned: list[PlannedShard], progress: bool) -> i
 def write_remote_code(config: FusedLlavaConfig, folder: Path) -> None:
     """config.json with `auto_map` for AutoConfig, AutoModel and AutoModelForImageTextToText, and the model code
     (the modeling module and every module it imports relatively) for `trust_remote_code=True`."""
-    model_class = FusedLlavaForConditionalGeneration
+    model_class = FUSED_MODEL_CLASSES[type(config)]
     class_path = f"{model_class.__module__.rsplit('.', 1)[-1]}.{model_class.__name__}"
     config.auto_map = {
         **(getattr(config, "auto_map", None) or {}),
-        "AutoConfig": f"{FusedLlavaConfig.__module__.rsplit('.', 1)[-1]}.{FusedLlavaConfig.__name__}",
+        "AutoConfig": f"{type(config).__module__.rsplit('.', 1)[-1]}.{type(config).__name__}",
         "AutoModel": class_path,
         "AutoModelForImageTextToText": class_path,
     }
