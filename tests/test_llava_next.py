@@ -6,7 +6,14 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    LlavaNextForConditionalGeneration,
+)
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from hf_fusedvlm import (
@@ -185,3 +192,23 @@ def test_llava_hf_checkpoint_converts_with_parity(fuser, llava_next, tiny_instru
         torch.testing.assert_close(converted(**inputs).logits, model(**plain).logits, rtol=0, atol=1e-6)
     expected = model.generate(**plain, max_new_tokens=5, do_sample=False)
     assert torch.equal(converted.generate(**inputs, max_new_tokens=5, do_sample=False), expected)
+
+
+def test_four_bit_generate_keeps_the_fuser_unquantised(fused, llava_next, processor, tmp_path):
+    """4-bit: a fused LLaVA-NeXT quantises the modules LLaVA-NeXT's do, into the same tensors, keeps the fuser and
+    the instruction encoder in float32, and generates LLaVA-NeXT's greedy tokens from its parity start."""
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    llava_next[0].save_pretrained(tmp_path / "plain")
+    fused["mmfuser"].save_pretrained(tmp_path / "fused")
+    plain = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "plain", quantization_config=quantization)
+    model = AutoModel.from_pretrained(tmp_path / "fused", quantization_config=quantization)
+    quantized = {name for name, module in model.named_modules() if type(module).__module__.startswith("bitsandbytes")}
+    assert quantized and not any(name.startswith(("model.fuser", "model.instruction_encoder")) for name in quantized)
+    assert {parameter.dtype for parameter in model.model.fuser.parameters()} == {torch.float32}
+    plain_state = plain.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name in plain_state:
+            assert torch.equal(tensor, plain_state[name]), name
+    inputs = plain_inputs(processor(images=images_of(IMAGE_SHAPES[:1]), text=PROMPTS[:1], return_tensors="pt"))
+    expected = plain.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), expected)
