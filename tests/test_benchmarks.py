@@ -25,6 +25,11 @@ CASES = {
         {"fuser", "results", "full_depth_footprint_bytes"},
         lambda tmp: [],
     ),
+    "bench_llava_next.py": (
+        ["| variant | median s | ratio to plain | peak RSS rise (MiB) | ratio to plain |", "| mmfuser |"],
+        {"seconds", "time_ratio", "peak_rss_rise_bytes", "image_tokens"},
+        lambda tmp: [],
+    ),
     "bench_conversion.py": (
         ["| step    | median wall (s) | ratio to copy |", "goal wall <= 1.5 x copy"],
         {"checkpoint", "summary", "wall_ratio", "goals"},
