@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModel, LlavaNextConfig, LlavaNextForCon
 from hf_fusedvlm import FUSERS
 from hf_fusedvlm.parity import fused_from_llava
 
-from llava_shapes import CLIP_L_336, IMAGE_TOKEN_INDEX, LLAMA_7B
+from llava_shapes import CLIP_L_336, LLAMA_7B
 
 
 VARIANTS = ("plain", *FUSERS)
@@ -41,12 +41,12 @@ def build(variant: str, quick: bool):
     fusers that read the instruction, the instruction tokens."""
     vision = QUICK_VISION if quick else CLIP_L_336
     # The LLM is never run here: no decoder layer and a small vocabulary keep it cheap to build.
-    text = {**LLAMA_7B, **(QUICK_TEXT if quick else {}), "num_hidden_layers": 0, "vocab_size": IMAGE_TOKEN_INDEX + 64}
+    text = {**LLAMA_7B, **(QUICK_TEXT if quick else {}), "num_hidden_layers": 0, "vocab_size": 64}
     side = vision["image_size"]
     config = LlavaNextConfig(
         vision_config=AutoConfig.for_model("clip_vision_model", **vision),
         text_config=AutoConfig.for_model("llama", **text),
-        image_token_index=IMAGE_TOKEN_INDEX,
+        image_token_index=1,
         image_grid_pinpoints=[[side, 2 * side], [2 * side, side], [2 * side, 2 * side]],
     )
     torch.manual_seed(0)
@@ -108,6 +108,8 @@ def main():
     repeats = 1 if args.quick else args.repeats
 
     built = {variant: build(variant, args.quick) for variant in VARIANTS}
+    for variant in VARIANTS[1:]:  # every variant starts from the same tower weights: one copy is shared
+        built[variant][0].vision_tower = built["plain"][0].vision_tower
     tokens = {variant: image_path(*built[variant]).pooler_output[0].shape[0] for variant in VARIANTS}
     assert len(set(tokens.values())) == 1, tokens  # every fuser keeps LLaVA-NeXT's token count
     timings = {variant: [] for variant in VARIANTS}
