@@ -13,6 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils.hub import PushInProgress, hf_api
 
 from ..conversion import render_model_card
+from .errors import InvalidTrainingInput
 from .recording import recorded_arguments, shown_path
 from .saving import gathered, save_fused_checkpoint
 from .stages import STAGES, format_parameter_table, parameter_learning_rate, trainable_parameters
@@ -61,14 +62,24 @@ class FusedLlavaTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         names = {id(parameter): name for name, parameter in (self.model if model is None else model).named_parameters()}
         groups, optimizer.param_groups = optimizer.param_groups, []  # nothing stepped yet: no state to carry over
+        matched = set()
         for group in groups:
             by_rate: dict[float | None, list] = {}
             for parameter in group["params"]:
-                rate = parameter_learning_rate(names[id(parameter)], self.parameter_learning_rates)
+                name = names[id(parameter)]
+                rate = parameter_learning_rate(name, self.parameter_learning_rates)
+                matched.update(part for part, _ in self.parameter_learning_rates if part in name)
                 by_rate.setdefault(rate, []).append(parameter)
             settings = {key: value for key, value in group.items() if key != "params"}
             for rate, parameters in by_rate.items():
                 optimizer.add_param_group({**settings, "params": parameters, **({} if rate is None else {"lr": rate})})
+        unmatched = [part for part, _ in self.parameter_learning_rates if part not in matched]
+        if unmatched:  # e.g. a wrapper that renames or flattens the parameters
+            raise InvalidTrainingInput(
+                f"--parameter_learning_rates: the optimizer holds no parameter whose name contains {unmatched[0]!r} "
+                "(the model is wrapped so that its parameter names changed): train without --parameter_learning_rates "
+                "under this set-up."
+            )
         return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
