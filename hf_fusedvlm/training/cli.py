@@ -12,7 +12,14 @@ from ..configuration_fused_llava import FusedLlavaConfig
 from ..conversion.checkpoint import hub_connection_error, unreachable_hub_message
 from .errors import InvalidTrainingInput
 from .recording import recorded_command
-from .stages import LORA_STAGES, ModelArguments, format_parameter_table, load_model_for_stage, trainable_parameters
+from .stages import (
+    LORA_STAGES,
+    ModelArguments,
+    format_parameter_table,
+    load_model_for_stage,
+    parse_parameter_learning_rates,
+    trainable_parameters,
+)
 
 
 if TYPE_CHECKING:
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--resume_from_checkpoint is not supported with --stage {model_args.stage}: its checkpoints hold merged "
             "weights, not adapters. Start a new run from the checkpoint (--model_name_or_path CHECKPOINT) instead."
         )
+    parameter_learning_rates = parse_parameter_learning_rates(model_args.parameter_learning_rates)
     check_source(model_args.model_name_or_path)
     check_output_dir(training_args.output_dir, model_args.model_name_or_path)
     if training_args.push_to_hub:
@@ -189,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         source=model_args.model_name_or_path,
         command=recorded_command("fusedvlm-train", sys.argv[1:] if argv is None else argv),
         run_arguments={**asdict(model_args), **asdict(data_args)},
+        parameter_learning_rates=parameter_learning_rates,
     )
     check_distributed(trainer, model_args.stage)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
