@@ -196,6 +196,10 @@ BAD_INPUTS = {
         _original_llava_1_6(image_aspect_ratio="pad"),
         "image_aspect_ratio 'pad' with mm_patch_merge_type 'spatial_unpad'",
     ),
+    "original-1.6-with-class-token": (
+        _original_llava_1_6(mm_vision_select_feature="cls_patch"),
+        "LLaVA-1.6 packs each crop's patches as a square grid .*must be 'patch', not 'cls_patch'",
+    ),
     "original-anyres-max": (_original_llava_1_6(image_aspect_ratio="anyres_max_9"), "'anyres_max_9' with"),
     "original-1.6-trained-mmfuser": (
         _original_llava_1_6(mm_vision_select_layer="list-6/-2"),

@@ -134,6 +134,12 @@ def check_any_resolution(raw: dict, folder: Path) -> None:
             "them); other packings ('spatial', crops flattened with 'flat', 'maxpool2x2', 'anyres_max_N') cannot be "
             "imported."
         )
+    select_feature = raw.get("mm_vision_select_feature", "patch")
+    if select_feature != "patch":
+        raise ConversionError(
+            "LLaVA-1.6 packs each crop's patches as a square grid (the original code asserts it): "
+            f"mm_vision_select_feature must be 'patch', not {select_feature!r}."
+        )
     original_pinpoints(raw)
 
 
