@@ -18,6 +18,7 @@ LLAVA = "llava-hf/tiny-llava"
 ENCODER = "org/tiny-encoder"
 ORIGINAL_IGVA = "org/tiny-igva-original"
 ORIGINAL_LLAVA = "org/tiny-llava-original"
+ORIGINAL_NEXT = "org/tiny-llava-v1.6-original"
 NOT_A_TOWER = "org/bert"
 JUNK_WEIGHTS = b"\0" * 300_000  # never a valid shard: reading it at all would be a failure of these tests
 
@@ -69,6 +70,9 @@ def hub(tmp_path_factory, tiny_llava, tiny_instruction_encoder):
         igva = original_config(llava, vit_aggregate_groups="[[1, 2], [3]]", sentence_embedder="all-mpnet-base-v2")
         hub.repos[ORIGINAL_IGVA] = junk_weight_repo(ORIGINAL_IGVA, igva)
         hub.repos[ORIGINAL_LLAVA] = junk_weight_repo(ORIGINAL_LLAVA, original_config(llava))
+        next_config = original_config(llava, mm_patch_merge_type="spatial_unpad")
+        next_config["image_aspect_ratio"] = "anyres"  # LLaVA-1.6 without its image_grid_pinpoints
+        hub.repos[ORIGINAL_NEXT] = junk_weight_repo(ORIGINAL_NEXT, next_config)
         hub.repos[NOT_A_TOWER] = junk_weight_repo(NOT_A_TOWER, bert)
         yield hub
 
@@ -116,6 +120,10 @@ REFUSED = {
         "is a 'bert' model",
     ),
     "no vision tower": (["--input", ORIGINAL_LLAVA], "pass --vision-tower"),
+    "LLaVA-1.6 without pinpoints": (
+        ["--input", ORIGINAL_NEXT, "--vision-tower", NOT_A_TOWER, "--fuser", "mmfuser"],
+        "image_aspect_ratio 'anyres' but no image_grid_pinpoints",
+    ),
     "a push without a token": (
         ["--input", LLAVA, "--fuser", "none", "--push-to-hub", "me/fused"],
         "no Hugging Face token is set",

@@ -1,5 +1,6 @@
-"""The original LLaVA format (haotian-liu/LLaVA and its forks, among them the official MMFuser and IGVA code): see
-`original_layout` for the variants and the config, `original_processor` for the tokenizer and image processor.
+"""The original LLaVA format (haotian-liu/LLaVA, LLaVA-1.5 and LLaVA-1.6, and its forks, among them the official
+MMFuser and IGVA code): see `original_layout` for the variants and the config, `original_processor` for the tokenizer
+and image processor.
 
 The vision tower is named by the config's `mm_vision_tower` and only stored in the checkpoint when it was trained
 (`model.vision_tower.vision_tower.*`); its config, image processor and, otherwise, its weights come from
@@ -19,6 +20,7 @@ from .errors import ConversionError, listed
 from .original_layout import (
     CLIP_TEXT_PARTS,
     EMBEDDING_KEYS,
+    PLAIN_VARIANTS,
     RECOMPUTED_BUFFER,
     TOWER_PREFIX,
     VARIANT_ORIGINS,
@@ -33,10 +35,14 @@ from .original_layout import (
     text_config_from_original,
 )
 from .original_processor import (
+    CHATML_DIRECT_CHAT_TEMPLATE,
     LLAMA_3_CHAT_TEMPLATE,
     LLAVA_V1_CHAT_TEMPLATE,
+    MISTRAL_INSTRUCT_CHAT_TEMPLATE,
     VICUNA_V1_CHAT_TEMPLATE,
     add_llava_tokens,
+    any_resolution_image_processor,
+    is_chatml_tokenizer,
     is_llama_3_tokenizer,
     load_llm_tokenizer,
     read_vision_tower,
@@ -71,7 +77,7 @@ def plan_checkpoint(
     """Per source shard, the fused entries of its tensors (renamed, embeddings grown, projector widened for a plain
     LLaVA converted to a wider fuser; a trained fusion's projector already has its width)."""
     new_vocab = config.text_config.vocab_size
-    widens = variant == "llava" and fuser_class_or_error(config.fuser_type).projector_slots(config)[1] > 1
+    widens = variant in PLAIN_VARIANTS and fuser_class_or_error(config.fuser_type).projector_slots(config)[1] > 1
     planned = []
     for shard in shards:
         entries = []
@@ -131,9 +137,15 @@ def require_vision_tower(vision_tower, raw: dict, keys, source: Path):
     )
 
 
-def chat_template(variant: str, tokenizer) -> str:
+def chat_template(variant: str, tokenizer, raw: dict) -> str:
     """The conversation the checkpoint was trained with: `llava_v1` for the LLaVA code and the MMFuser and IGVA forks;
-    for Dense Connector, `vicuna_v1` or, with a Llama-3 LLM, `llama_3`."""
+    for LLaVA-1.6, the one the LLaVA code picks for its LLM: `mistral_instruct` for Mistral, `chatml_direct` for the
+    34B's ChatML tokenizer, `llava_v1` for Vicuna; for Dense Connector, `vicuna_v1` or, with a Llama-3 LLM,
+    `llama_3`."""
+    if variant == "llava-next":
+        if raw.get("model_type") == "llava_mistral":
+            return MISTRAL_INSTRUCT_CHAT_TEMPLATE
+        return CHATML_DIRECT_CHAT_TEMPLATE if is_chatml_tokenizer(tokenizer) else LLAVA_V1_CHAT_TEMPLATE
     if variant != "dense-connector":
         return LLAVA_V1_CHAT_TEMPLATE
     return LLAMA_3_CHAT_TEMPLATE if is_llama_3_tokenizer(tokenizer) else VICUNA_V1_CHAT_TEMPLATE
@@ -148,7 +160,7 @@ def fused_config(source: Source, request: Request, keys: dict, tower: Path, voca
     fuser_type = fuser_for_variant(variant, request.fuser_type)
     trained = f" (the checkpoint was trained with {raw['sentence_embedder']})" if raw.get("sentence_embedder") else ""
     check_fuser_choice(fuser_type, request.encoder, trained)
-    if variant != "llava" and request.fixes_layers:
+    if variant not in PLAIN_VARIANTS and request.fixes_layers:
         raise ConversionError(
             f"The layers of a trained {variant} checkpoint are fixed by its config: drop "
             "--fuser-layers and --fuser-groups."
@@ -156,7 +168,6 @@ def fused_config(source: Source, request: Request, keys: dict, tower: Path, voca
     require_vision_tower(request.vision_tower, raw, keys, source.folder)
     siglip_named = raw.get("mm_vision_tower") if variant == "dense-connector" and names_siglip_tower(raw) else None
     vision_config, image_processor = read_vision_tower(tower, str(request.vision_tower), siglip_named)
-    image_processor.do_pad = raw.get("image_aspect_ratio") == "pad"
     # Before the tokenizer is read, `<image>` and `<pad>` stand after the config's vocabulary.
     source_vocab = raw.get("vocab_size", 32000)
     image_token_index, pad_token_id, vocab_size = vocab or (source_vocab, source_vocab + 1, source_vocab + 64)
@@ -164,6 +175,10 @@ def fused_config(source: Source, request: Request, keys: dict, tower: Path, voca
     config = fused_config_from_original(
         raw, variant, keys, text_config, vision_config, image_token_index, fuser_type, request.encoder, request.settings
     )
+    if variant == "llava-next":
+        image_processor = any_resolution_image_processor(image_processor, config.image_grid_pinpoints)
+    else:
+        image_processor.do_pad = raw.get("image_aspect_ratio") == "pad"
     source_dtype = raw.get("torch_dtype") or raw.get("dtype")
     config.dtype = request.dtype or (
         getattr(torch, source_dtype) if source_dtype in ("float32", "float16", "bfloat16") else None
@@ -202,7 +217,7 @@ def plan(source: Source, request: Request) -> Plan:
     tower_shards = read_shards(tower, "--vision-tower", allow_pickles=True)
     planned += plan_vision_tower(tower_shards, request.dtype, config, present)
     new_tensors = []
-    if variant == "llava":
+    if variant in PLAIN_VARIANTS:
         new_tensors += plan_new_tensors(new_fuser_tensors(config, seed=0), request.dtype)
     encoder = request.encoder
     if encoder is not None and not any(key.startswith("model.sentence_embedder.") for key in keys):
@@ -221,7 +236,7 @@ def plan(source: Source, request: Request) -> Plan:
             return verify_dense_connector(folder, source.folder, shards, source_text_config, request.dtype)
         return verify_against_llm(folder, source.folder, source_text_config, request.dtype)
 
-    template = chat_template(variant, tokenizer)
+    template = chat_template(variant, tokenizer, source.raw)
     return Plan(
         config=config,
         shards=planned,
@@ -236,7 +251,7 @@ def plan(source: Source, request: Request) -> Plan:
         ),
         verify=verify,
         commit_message=f"Import {variant} LLaVA",
-        card_fuser=config.fuser_type if variant == "llava" and config.fuser_type != "none" else None,
+        card_fuser=config.fuser_type if variant in PLAIN_VARIANTS and config.fuser_type != "none" else None,
         card_vision_tower=tower_repo or tower.name,
-        imported_from=None if variant == "llava" else VARIANT_ORIGINS[variant],
+        imported_from=None if variant in PLAIN_VARIANTS else VARIANT_ORIGINS[variant],
     )
