@@ -63,7 +63,14 @@ FUSER_OPTIONS = {
     "concat": {"fuser_layers": FUSER_LAYERS},
     # One sampling point per head and level: with more, Deformable-DETR's grid initialisation puts them on
     # neighbouring cells (most outside a 4x4 grid), never on the query's own cell where the detail is.
-    "mmfuser": {"fuser_layers": FUSER_LAYERS, "fuser_num_heads": 4, "fuser_num_points": 1},
+    # Its first point starts on the query's own cell (`from_query`), where a one-cell detail is; chosen on validation
+    # (docs/evidence.md, Diagnosis).
+    "mmfuser": {
+        "fuser_layers": FUSER_LAYERS,
+        "fuser_num_heads": 4,
+        "fuser_num_points": 1,
+        "fuser_offset_init": "from_query",
+    },
     "average": {"fuser_layer_groups": FUSER_LAYER_GROUPS},
     # The paper's balance weight (0.02) holds the weights at uniform here; below 0.003 they collapse onto one group.
     "igva": {
@@ -73,6 +80,9 @@ FUSER_OPTIONS = {
         "balance_loss_weight": 0.003,
     },
 }
+# Learning rates as multiples of --learning-rate, by parameter-name part: mmfuser's sampling offsets train at a tenth
+# of the rate (Deformable DETR's multiplier); at the full rate they drift off the 4x4 grid (chosen on validation).
+LR_SCALES = {"mmfuser": {"sampling_offsets": 0.1}}
 # Disjoint synthetic sets (seeds of `generate_samples`); the handwriting of each comes from its own split.
 TRAIN_SET, VALIDATION_SET, TEST_SET, TOWER_SET, PROBE_TRAIN_SET, PROBE_TEST_SET = 0, 1000, 2000, 3000, 4000, 4001
 
@@ -546,9 +556,9 @@ def fuser_options(overrides: list[str]) -> dict:
 
 
 def lr_scales(overrides: list[str]) -> dict:
-    """`--lr-scale FUSER:NAME=SCALE` as `{fuser: {name part: scale}}`: the parameters of FUSER's models whose names
+    """`LR_SCALES` with `--lr-scale FUSER:NAME=SCALE` overrides as `{fuser: {name part: scale}}`: the parameters of FUSER's models whose names
     contain NAME train at SCALE x --learning-rate in both stages."""
-    scales = {}
+    scales = {fuser: dict(parts) for fuser, parts in LR_SCALES.items()}
     for override in overrides:
         fuser, _, assignment = override.partition(":")
         name, _, value = assignment.partition("=")

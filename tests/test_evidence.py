@@ -53,11 +53,6 @@ def quick_results(tmp_path_factory):
             sys.executable,
             str(REPO_ROOT / "benchmarks" / "fusion_evidence.py"),
             "--quick",
-            # the mmfuser settings chosen on validation (docs/evidence.md, Diagnosis), so that their path runs too
-            "--fuser-option",
-            'mmfuser:fuser_offset_init="from_query"',
-            "--lr-scale",
-            "mmfuser:sampling_offsets=0.1",
             "--output",
             str(folder / "results.json"),
             "--plots",
@@ -89,6 +84,7 @@ def test_quick_run_writes_the_committed_shape(quick_results):
         assert len(weights) == 4 and all(weight > 0 for weight in weights)
         assert sum(weights) == pytest.approx(1.0, abs=1e-4)
     assert 0.0 <= results["mmfuser_sampling_on_details"]["per_seed"][0] <= 1.0
+    # the defaults are the mmfuser settings chosen on validation (docs/evidence.md, Diagnosis)
     assert results["fuser_options"]["mmfuser"]["fuser_offset_init"] == "from_query"
     assert results["lr_scales"] == {"mmfuser": {"sampling_offsets": 0.1}}
     (diagnostics,) = [run["mmfuser_validation"] for run in results["runs"] if run["fuser"] == "mmfuser"]
