@@ -13,7 +13,9 @@ def register() -> None:
     start-time config check, and the fused config and processor with transformers' Auto classes."""
     from vllm import ModelRegistry
 
-    import hf_fusedvlm  # noqa: F401  (registers `fused_llava` with AutoConfig and AutoProcessor)
+    from hf_fusedvlm import register_auto_classes
+
+    register_auto_classes()  # `fused_llava` with AutoConfig and AutoProcessor (vLLM has imported transformers)
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.vllm_model:{ARCHITECTURE}")

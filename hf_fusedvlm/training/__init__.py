@@ -41,16 +41,16 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # Each public name and the module that defines it. Loaded on first use, so that `fusedvlm-train --help` and argument
 # errors answer before `Trainer` (and the peft and bitsandbytes it imports) are loaded.
 _EXPORTS = {
-    "DataArguments": "cli",
+    "DataArguments": "arguments",
     "FusedLlavaDataCollator": "data",
     "FusedLlavaTrainer": "trainer",
     "IGNORE_INDEX": "data",
     "InvalidTrainingInput": "errors",
-    "LORA_STAGES": "stages",
+    "LORA_STAGES": "arguments",
     "LlavaConversationDataset": "data",
-    "ModelArguments": "stages",
+    "ModelArguments": "arguments",
     "ROLES": "data",
-    "STAGES": "stages",
+    "STAGES": "arguments",
     "check_output_dir": "cli",
     "check_source": "cli",
     "conversation_to_messages": "data",

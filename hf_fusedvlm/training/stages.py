@@ -1,12 +1,11 @@
 """Training stages: which parts of a fused LLaVA train (see [`STAGES`]), LoRA / QLoRA set-up, and loading the model
 ready for its stage."""
 
-from dataclasses import dataclass, field
-
 import torch
 from transformers import BitsAndBytesConfig, TrainingArguments
 
 from ..modeling_fused_llava import FusedLlavaForConditionalGeneration
+from .arguments import LORA_STAGES, STAGES, ModelArguments
 
 
 # Parts of a fused model, by parameter-name prefix (PEFT's `base_model.model.` removed); LoRA weights are their own part.
@@ -17,36 +16,10 @@ PARTS = {
     "projector": ("model.multi_modal_projector.",),
     "language_model": ("model.language_model.", "lm_head."),
 }
-STAGES = {
-    "stage1": ("fuser", "projector"),
-    "stage2": ("fuser", "projector", "language_model"),
-    "stage2-lora": ("fuser", "projector", "lora"),
-    "qlora": ("fuser", "projector", "lora"),
-}
-LORA_STAGES = ("stage2-lora", "qlora")
 # Left out of 4-bit quantisation in `qlora`, besides the model class's fuser and instruction encoder: the projector
 # trains in full precision, and lm_head stays as bitsandbytes leaves it by default (naming skips replaces its default).
 QLORA_SKIP_MODULES = ["model.multi_modal_projector", "lm_head", "model.fuser", "model.instruction_encoder"]
 PEFT_PREFIX = "base_model.model."
-
-
-@dataclass
-class ModelArguments:
-    """What to train and how: the starting checkpoint, the stage and its LoRA settings."""
-
-    model_name_or_path: str = field(metadata={"help": "A fused checkpoint (fusedvlm-convert output or a trained one)."})
-    stage: str = field(default="stage1", metadata={"help": "Which parts train.", "choices": list(STAGES)})
-    balance_loss_weight: float | None = field(
-        default=None, metadata={"help": "IGVA's balance loss weight; overrides the checkpoint's (0 disables it)."}
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (stage2-lora, qlora)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: str = field(
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        metadata={"help": "Comma-separated names of the LLM's linear layers that get LoRA adapters."},
-    )
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "qlora: nf4 or fp4.", "choices": ["nf4", "fp4"]})
 
 
 def parameter_part(name: str) -> str:
