@@ -21,10 +21,10 @@ Distributed training is accelerate's: `accelerate launch [--num_processes N] -m 
 same command under DDP, FSDP or DeepSpeed, as configured with `accelerate config`; under FSDP and DeepSpeed the saves
 are built from the full state dict Trainer gathers.
 
-Modules: `data` (data set, its checks, collator), `stages` (which parts train, the model arguments, LoRA / QLoRA,
-loading), `saving` (fused checkpoints from a live model or a gathered state dict), `recording` (what a checkpoint
-records about its run, secrets and local paths removed), `trainer` ([`FusedLlavaTrainer`]), `cli` (data arguments,
-input checks, `main`).
+Modules: `arguments` (the stages, the model and data arguments and `--help`: the stdlib only), `data` (data set, its
+checks, collator), `stages` (which parts train, LoRA / QLoRA, loading), `saving` (fused checkpoints from a live model
+or a gathered state dict), `recording` (what a checkpoint records about its run, secrets and local paths removed),
+`trainer` ([`FusedLlavaTrainer`]), `cli` (parsing, input checks, `main`; it imports the heavy modules after parsing).
 """
 
 import importlib
