@@ -1,9 +1,9 @@
 """hf-fusedvlm: multi-layer visual feature fusion (MMFuser, IGVA and baselines) for LLaVA in Transformers.
 
-Importing the package registers `fused_llava` with `AutoConfig`, `AutoModel` and `AutoModelForImageTextToText`
-(both model keys map to the generation class, so `AutoModel` + `generate()` works) and `FusedLlavaProcessor` with
-`AutoProcessor`, and marks the classes for `auto_map` so that `save_pretrained` writes checkpoints loadable with
-`trust_remote_code=True`.
+Importing the package registers both model families, `fused_llava` (LLaVA-1.5) and `fused_llava_next` (LLaVA-NeXT),
+with `AutoConfig`, `AutoModel` and `AutoModelForImageTextToText` (both model keys map to the generation class, so
+`AutoModel` + `generate()` works) and their processors with `AutoProcessor`, and marks the classes for `auto_map` so
+that `save_pretrained` writes checkpoints loadable with `trust_remote_code=True`.
 
 The import itself stays light (no torch, no transformers), so that the package's commands answer `--help` and bad
 arguments at once: the public classes load on first use (PEP 562), and the registration runs as soon as transformers
@@ -35,6 +35,11 @@ _EXPORTS = {
     "FusedLlavaProcessor": "processing_fused_llava",
     "instruction_from_conversation": "processing_fused_llava",
     "instruction_from_prompt": "processing_fused_llava",
+    "FusedLlavaNextConfig": "configuration_fused_llava_next",
+    "FusedLlavaNextForConditionalGeneration": "modeling_fused_llava_next",
+    "FusedLlavaNextModel": "modeling_fused_llava_next",
+    "FusedLlavaNextPreTrainedModel": "modeling_fused_llava_next",
+    "FusedLlavaNextProcessor": "processing_fused_llava_next",
 }
 
 _registered = False
@@ -44,7 +49,8 @@ _own_imports = 0  # package modules being executed right now (imports nest)
 
 
 def register_auto_classes() -> None:
-    """Register `fused_llava` with transformers' Auto classes and mark the classes for `auto_map` (idempotent).
+    """Register `fused_llava` and `fused_llava_next` with transformers' Auto classes and mark the classes for
+    `auto_map` (idempotent).
 
     Importing the package does this as soon as transformers is imported; the commands call it after parsing their
     arguments ([`auto_registration_deferred`])."""
@@ -56,16 +62,23 @@ def register_auto_classes() -> None:
         from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
         from .configuration_fused_llava import FusedLlavaConfig
+        from .configuration_fused_llava_next import FusedLlavaNextConfig
         from .modeling_fused_llava import FusedLlavaForConditionalGeneration
+        from .modeling_fused_llava_next import FusedLlavaNextForConditionalGeneration
         from .processing_fused_llava import FusedLlavaProcessor
+        from .processing_fused_llava_next import FusedLlavaNextProcessor
 
-        AutoConfig.register(FusedLlavaConfig.model_type, FusedLlavaConfig, exist_ok=True)
-        AutoModel.register(FusedLlavaConfig, FusedLlavaForConditionalGeneration, exist_ok=True)
-        AutoModelForImageTextToText.register(FusedLlavaConfig, FusedLlavaForConditionalGeneration, exist_ok=True)
-        FusedLlavaConfig.register_for_auto_class()
-        FusedLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-        AutoProcessor.register(FusedLlavaConfig, FusedLlavaProcessor, exist_ok=True)
-        FusedLlavaProcessor.register_for_auto_class()
+        for config_class, model_class, processor_class in (
+            (FusedLlavaConfig, FusedLlavaForConditionalGeneration, FusedLlavaProcessor),
+            (FusedLlavaNextConfig, FusedLlavaNextForConditionalGeneration, FusedLlavaNextProcessor),
+        ):
+            AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+            AutoModel.register(config_class, model_class, exist_ok=True)
+            AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
+            config_class.register_for_auto_class()
+            model_class.register_for_auto_class("AutoModelForImageTextToText")
+            AutoProcessor.register(config_class, processor_class, exist_ok=True)
+            processor_class.register_for_auto_class()
         _registered = True
     finally:
         _registering = False
@@ -155,6 +168,11 @@ __all__ = [
     "FusedLlavaConfig",
     "FusedLlavaForConditionalGeneration",
     "FusedLlavaModel",
+    "FusedLlavaNextConfig",
+    "FusedLlavaNextForConditionalGeneration",
+    "FusedLlavaNextModel",
+    "FusedLlavaNextPreTrainedModel",
+    "FusedLlavaNextProcessor",
     "FusedLlavaPreTrainedModel",
     "FusedLlavaProcessor",
     "FuserOutput",

@@ -14,7 +14,7 @@ import pytest
 
 import hf_fusedvlm.conversion.staging as staging_module
 import hf_fusedvlm.conversion.writing as writing_module
-from hf_fusedvlm.conversion import convert_llava_checkpoint, main
+from hf_fusedvlm.conversion import convert_checkpoint, main
 
 
 TOKEN = "hf_fake_token_never_printed_456"
@@ -121,7 +121,7 @@ def _empty_groups(tmp, source, monkeypatch):
 
 
 def _fused_checkpoint_as_input(tmp, source, monkeypatch):
-    convert_llava_checkpoint(source, tmp / "fused", "none", progress=False)
+    convert_checkpoint(source, tmp / "fused", "none", progress=False)
     return ["--input", str(tmp / "fused"), "--output", "OUT", "--fuser", "mmfuser"]
 
 
@@ -131,6 +131,31 @@ def _vision_tower_for_llava_hf(tmp, source, monkeypatch):
 
 def _llava_hf_without_fuser(tmp, source, monkeypatch):
     return ["--input", str(source), "--output", "OUT"]
+
+
+def _original_llava_1_6(**changes):
+    """An original-format LLaVA-1.6 folder whose config.json has `changes` (None removes a key); it holds no weights:
+    these mistakes are refused from the config alone."""
+
+    def setup(tmp, source, monkeypatch):
+        config = {
+            **json.loads((source / "config.json").read_text())["text_config"],
+            "model_type": "llava",
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+            "mm_vision_select_layer": -2,
+            "mm_projector_type": "mlp2x_gelu",
+            "image_aspect_ratio": "anyres",
+            "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672]],
+            "mm_patch_merge_type": "spatial_unpad",
+            **changes,
+        }
+        folder = tmp / "llava-v1.6"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+        return ["--input", str(folder), "--output", "OUT", "--vision-tower", str(source)]
+
+    return setup
 
 
 BAD_INPUTS = {
@@ -151,6 +176,35 @@ BAD_INPUTS = {
     "fused-checkpoint-as-input": (_fused_checkpoint_as_input, "already a fused LLaVA checkpoint"),
     "vision-tower-for-llava-hf": (_vision_tower_for_llava_hf, "drop --vision-tower"),
     "llava-hf-without-fuser": (_llava_hf_without_fuser, "choose the fuser to add with --fuser"),
+    "original-1.6-without-pinpoints": (
+        _original_llava_1_6(image_grid_pinpoints=None),
+        "'anyres' but no image_grid_pinpoints.*add them to config.json",
+    ),
+    "original-1.6-pinpoints-as-grids": (
+        _original_llava_1_6(image_grid_pinpoints="(1x1),...,(3x3)"),
+        r"image_grid_pinpoints '\(1x1\),...,\(3x3\)' is not a list of \(width, height\) pairs",
+    ),
+    "original-1.6-spatial-without-unpad": (
+        _original_llava_1_6(mm_patch_merge_type="spatial"),
+        "mm_patch_merge_type 'spatial': fused LLaVA imports .*'spatial_unpad' with 'anyres'",
+    ),
+    "original-anyres-with-flat-merge": (
+        _original_llava_1_6(mm_patch_merge_type=None),
+        "image_aspect_ratio 'anyres' with mm_patch_merge_type 'flat'",
+    ),
+    "original-unpad-without-anyres": (
+        _original_llava_1_6(image_aspect_ratio="pad"),
+        "image_aspect_ratio 'pad' with mm_patch_merge_type 'spatial_unpad'",
+    ),
+    "original-1.6-with-class-token": (
+        _original_llava_1_6(mm_vision_select_feature="cls_patch"),
+        "LLaVA-1.6 packs each crop's patches as a square grid .*must be 'patch', not 'cls_patch'",
+    ),
+    "original-anyres-max": (_original_llava_1_6(image_aspect_ratio="anyres_max_9"), "'anyres_max_9' with"),
+    "original-1.6-trained-mmfuser": (
+        _original_llava_1_6(mm_vision_select_layer="list-6/-2"),
+        "trained mmfuser model .*only plain LLaVA-1.6 checkpoints import as LLaVA-NeXT",
+    ),
 }
 
 
@@ -193,7 +247,7 @@ def test_negative_layers_need_no_equals_sign(source, tmp_path):
 
 def test_overwrite_replaces_an_earlier_fused_output(source, tmp_path):
     out = tmp_path / "out"
-    convert_llava_checkpoint(source, out, "none", progress=False)
+    convert_checkpoint(source, out, "none", progress=False)
     assert (
         main(["--input", str(source), "--output", str(out), "--fuser", "average", "--overwrite", "--no-progress"]) == 0
     )

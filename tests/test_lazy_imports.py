@@ -18,7 +18,15 @@ from conftest import REPO_ROOT
 
 
 # Modules whose presence means the heavy stack was loaded.
-HEAVY = ("torch", "transformers.training_args", "peft", "bitsandbytes", "hf_fusedvlm.modeling_fused_llava")
+HEAVY = (
+    "torch",
+    "transformers.training_args",
+    "peft",
+    "bitsandbytes",
+    "hf_fusedvlm.modeling_fusion",
+    "hf_fusedvlm.modeling_fused_llava",
+    "hf_fusedvlm.modeling_fused_llava_next",
+)
 # Runs a console-script target (`module:function`) or a `python -m` module with the given argv, then reports the exit
 # code and which HEAVY modules were imported, as the last line of stderr.
 COMMAND_RUNNER = """
@@ -40,17 +48,19 @@ print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 """
 # What each command's help must still show (options the registry or the module's tables give included).
 EXPECTED_HELP = {
-    "fusedvlm-train": ["--stage {stage1,stage2,stage2-lora,qlora}", "--model_name_or_path", "--data_path", "--help-all"]
+    "fusedvlm-train": [
+        "--stage {stage1,stage2,stage2-lora,qlora}",
+        "--model_name_or_path",
+        "--data_path",
+        "--parameter_learning_rates",
+        "--help-all",
+    ]
     + [f"--{name}" for name in COMMON_TRAINER_OPTIONS],
     "fusedvlm-synthetic-vqa": ["--scene {digits,glyphs}", "--split", "--kinds", "--output"],
+    "fusedvlm-convert": ["--input", "--fuser {none,", "--fuser-option NAME=VALUE", "--vision-tower", "--verify"],
+    "fusedvlm-convert-original": ["--input", "--fuser {none,", "--fuser-option NAME=VALUE", "--vision-tower"],
 }
 MODULE_COMMANDS = {"hf_fusedvlm.training": "fusedvlm-train", "hf_fusedvlm.synthetic_vqa": "fusedvlm-synthetic-vqa"}
-# `fusedvlm-convert`'s front end is being rewritten: it still imports the conversion modules (and torch) for --help.
-CONVERT_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="fusedvlm-convert still imports torch for --help: build its parser from the stdlib and "
-    "hf_fusedvlm.fuser_registry, import the conversion modules after parsing, then drop this mark",
-)
 
 
 def run_command(target: str, *argv: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -76,18 +86,10 @@ def console_scripts() -> dict[str, str]:
 
 
 def test_every_console_script_is_checked_here():
-    assert set(console_scripts()) == {*EXPECTED_HELP, "fusedvlm-convert", "fusedvlm-convert-original"}
+    assert set(console_scripts()) == set(EXPECTED_HELP)
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        *EXPECTED_HELP,
-        *MODULE_COMMANDS,
-        pytest.param("fusedvlm-convert", marks=CONVERT_PENDING),
-        pytest.param("fusedvlm-convert-original", marks=CONVERT_PENDING),
-    ],
-)
+@pytest.mark.parametrize("command", [*EXPECTED_HELP, *MODULE_COMMANDS])
 def test_help_imports_no_torch(command):
     target = console_scripts()[command] if command.startswith("fusedvlm-") else command
     completed, report = run_command(target, command, "--help")
@@ -135,17 +137,29 @@ def test_an_unknown_train_option_is_one_line(tmp_path):
     assert "fusedvlm-train: error: unrecognized arguments: --bogus" in completed.stderr
 
 
-# Each runs in a fresh interpreter and prints what it checked; `registered()` is true when all three Auto classes know
-# the fused model.
+# Each runs in a fresh interpreter and prints what it checked; `registered()` is true when the Auto classes know both
+# fused families (config, model for AutoModel and AutoModelForImageTextToText, processor) and the classes are marked
+# for `auto_map`.
 REGISTERED = """
 import sys
+FAMILIES = {
+    "fused_llava": ("FusedLlavaConfig", "FusedLlavaForConditionalGeneration", "FusedLlavaProcessor"),
+    "fused_llava_next": ("FusedLlavaNextConfig", "FusedLlavaNextForConditionalGeneration", "FusedLlavaNextProcessor"),
+}
 def registered():
-    from transformers import AutoConfig, AutoModel, AutoProcessor
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, MODEL_MAPPING
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
-    config = AutoConfig.for_model("fused_llava")
-    return (type(config).__name__, MODEL_MAPPING[type(config)].__name__, PROCESSOR_MAPPING[type(config)].__name__) == (
-        "FusedLlavaConfig", "FusedLlavaForConditionalGeneration", "FusedLlavaProcessor")
+    for model_type, names in FAMILIES.items():
+        config = type(AutoConfig.for_model(model_type))
+        model, processor = MODEL_MAPPING[config], PROCESSOR_MAPPING[config]
+        found = (config.__name__, model.__name__, processor.__name__)
+        if found != names or MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[config] is not model:
+            return False
+        auto_classes = (config._auto_class, model._auto_class, processor._auto_class)
+        if auto_classes != ("AutoConfig", "AutoModelForImageTextToText", "AutoProcessor"):
+            return False
+    return True
 """
 
 
@@ -163,6 +177,7 @@ def registered():
         ("import transformers, hf_fusedvlm\nprint(registered())", "True"),
         # A package module that imports transformers itself: registered once it has executed (not half-way).
         ("from hf_fusedvlm.configuration_fused_llava import FusedLlavaConfig\nprint(registered())", "True"),
+        ("from hf_fusedvlm import FusedLlavaNextProcessor\nprint(registered())", "True"),
         # Deferred (the commands' argument parsing): no torch inside; registered on leaving normally, not on an exit.
         (
             "import hf_fusedvlm\nwith hf_fusedvlm.auto_registration_deferred():\n    import transformers\n"
@@ -175,7 +190,7 @@ def registered():
             "False False",
         ),
     ],
-    ids=["package-first", "transformers-first", "own-module", "deferred", "deferred-exit"],
+    ids=["package-first", "transformers-first", "own-module", "lazy-name", "deferred", "deferred-exit"],
 )
 def test_importing_the_package_registers_the_auto_classes(code, expected):
     completed = subprocess.run(
@@ -188,3 +203,23 @@ def test_importing_the_package_registers_the_auto_classes(code, expected):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip() == expected
+
+
+def test_every_public_name_loads_on_first_use():
+    code = (
+        "import sys, hf_fusedvlm\n"
+        "assert 'torch' not in sys.modules\n"
+        "missing = [name for name in hf_fusedvlm.__all__ if getattr(hf_fusedvlm, name, None) is None]\n"
+        "lazy = set(hf_fusedvlm._EXPORTS) | {'auto_registration_deferred', 'register_auto_classes'}\n"
+        "print(missing, sorted(lazy ^ set(hf_fusedvlm.__all__)), hf_fusedvlm._registered)"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "[] [] True"

@@ -36,14 +36,15 @@ EXAMPLE = "sentence-transformers/all-mpnet-base-v2"
 
 @dataclass
 class SentenceEncoder:
-    """A sentence encoder: its transformer, tokenizer, pooling (`instruction_pooling`) and L2 normalisation, and
-    the name the model card gives it (a Hub id or a folder name)."""
+    """A sentence encoder: its transformer's config, pooling (`instruction_pooling`) and L2 normalisation, the name
+    the model card gives it (a Hub id or a folder name), and once loaded its transformer and tokenizer."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    config: object
     pooling: str
     normalize: bool
     name: str
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
 
     @property
     def config_fields(self) -> dict:
@@ -115,8 +116,9 @@ def _check_prompts(folder: Path) -> None:
             )
 
 
-def _check_text_encoder(transformer_path: Path, folder: Path) -> None:
-    """Refuse, by name, folders that are not a text encoder (a LLaVA, a causal LM, an encoder-decoder)."""
+def _check_text_encoder(transformer_path: Path, folder: Path):
+    """The transformer's config; folders that are not a text encoder (a LLaVA, a causal LM, an encoder-decoder) are
+    refused by name."""
     if not (transformer_path / "config.json").is_file():
         raise ConversionError(
             f"--instruction-encoder {folder} has no config.json: give a sentence-transformers folder or Hub id "
@@ -140,17 +142,30 @@ def _check_text_encoder(transformer_path: Path, folder: Path) -> None:
             f"--instruction-encoder {folder} is a {config.model_type!r} model ({kind}), not a text encoder: give a "
             f"sentence encoder such as {EXAMPLE}."
         )
+    return config
 
 
-def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None) -> SentenceEncoder:
-    """The sentence encoder of a sentence-transformers folder or Hub id (see the module docstring)."""
-    folder, repo_id = resolve_checkpoint(path_or_repo_id, "--instruction-encoder")
+def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None, weights: bool = True) -> SentenceEncoder:
+    """The sentence encoder of a sentence-transformers folder or Hub id (see the module docstring). Without
+    `weights`, only its JSON files are read (a Hub repo's weights are not downloaded): its settings are checked and
+    its config read, but `model` and `tokenizer` stay None."""
+    folder, repo_id = resolve_checkpoint(path_or_repo_id, "--instruction-encoder", metadata_only=not weights)
     if (folder / "modules.json").is_file():
         transformer_path, pooling, normalize = _read_modules(folder)
         _check_prompts(folder)
     else:
         transformer_path, pooling, normalize = folder, "mean", False
-    _check_text_encoder(transformer_path, folder)
+    config = _check_text_encoder(transformer_path, folder)
+    settings_file = transformer_path / "sentence_bert_config.json"
+    settings = _read_json(settings_file, "sentence-transformers settings") if settings_file.is_file() else {}
+    if settings.get("do_lower_case"):
+        raise ConversionError(
+            f"--instruction-encoder {folder} lower-cases sentences before tokenising (do_lower_case in "
+            "sentence_bert_config.json), which the fused model's processor does not do: choose another encoder."
+        )
+    name = repo_id or folder.name
+    if not weights:
+        return SentenceEncoder(config, pooling, normalize, name)
     try:
         model = AutoModel.from_pretrained(transformer_path, dtype=dtype or "auto").eval()
         tokenizer = AutoTokenizer.from_pretrained(transformer_path)
@@ -160,13 +175,6 @@ def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None) -> 
             f"AutoModel and AutoTokenizer ({type(error).__name__}: {error}). Give a sentence-transformers folder "
             f"such as {EXAMPLE}, complete and unmodified."
         ) from error
-    settings_file = transformer_path / "sentence_bert_config.json"
-    settings = _read_json(settings_file, "sentence-transformers settings") if settings_file.is_file() else {}
-    if settings.get("do_lower_case"):
-        raise ConversionError(
-            f"--instruction-encoder {folder} lower-cases sentences before tokenising (do_lower_case in "
-            "sentence_bert_config.json), which the fused model's processor does not do: choose another encoder."
-        )
     if settings.get("max_seq_length"):  # sentence-transformers truncates there, below the model's own limit
         tokenizer.model_max_length = settings["max_seq_length"]
-    return SentenceEncoder(model, tokenizer, pooling, normalize, repo_id or folder.name)
+    return SentenceEncoder(model.config, pooling, normalize, name, model, tokenizer)

@@ -15,7 +15,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import FUSED_MODEL_TYPE
+from .checkpoint import FUSED_MODEL_TYPES
 from .errors import ConversionError, listed
 
 
@@ -32,7 +32,7 @@ def is_fused_output(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     has_weights = (folder / "model.safetensors.index.json").is_file() or (folder / "model.safetensors").is_file()
-    return isinstance(config, dict) and config.get("model_type") == FUSED_MODEL_TYPE and has_weights
+    return isinstance(config, dict) and config.get("model_type") in FUSED_MODEL_TYPES and has_weights
 
 
 def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:

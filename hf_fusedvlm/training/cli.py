@@ -16,6 +16,7 @@ from .arguments import (
     DataArguments,
     ModelArguments,
     own_arguments_parser,
+    parse_parameter_learning_rates,
     wants_help_all,
 )
 from .errors import InvalidTrainingInput
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--resume_from_checkpoint is not supported with --stage {model_args.stage}: its checkpoints hold merged "
             "weights, not adapters. Start a new run from the checkpoint (--model_name_or_path CHECKPOINT) instead."
         )
+    parameter_learning_rates = parse_parameter_learning_rates(model_args.parameter_learning_rates)
     check_source(model_args.model_name_or_path)
     check_output_dir(training_args.output_dir, model_args.model_name_or_path)
     if training_args.push_to_hub:
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         source=model_args.model_name_or_path,
         command=recorded_command("fusedvlm-train", sys.argv[1:] if argv is None else argv),
         run_arguments={**asdict(model_args), **asdict(data_args)},
+        parameter_learning_rates=parameter_learning_rates,
     )
     check_distributed(trainer, model_args.stage)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -5,7 +5,8 @@ import torch
 from transformers import BitsAndBytesConfig, TrainingArguments
 
 from ..modeling_fused_llava import FusedLlavaForConditionalGeneration
-from .arguments import LORA_STAGES, STAGES, ModelArguments
+from .arguments import LORA_STAGES, STAGES, ModelArguments, parse_parameter_learning_rates
+from .errors import InvalidTrainingInput
 
 
 # Parts of a fused model, by parameter-name prefix (PEFT's `base_model.model.` removed); LoRA weights are their own part.
@@ -72,6 +73,24 @@ def format_parameter_table(counts: dict[str, tuple[int, int]]) -> str:
     return "\n".join(lines)
 
 
+def parameter_learning_rate(name: str, rates: list[tuple[str, float]]) -> float | None:
+    """The learning rate `rates` (see [`parse_parameter_learning_rates`]) give the parameter `name`: that of the
+    first pair whose NAME is part of it, `None` (the default rate) when none is."""
+    return next((rate for part, rate in rates if part in name), None)
+
+
+def check_parameter_learning_rates(model: torch.nn.Module, rates: list[tuple[str, float]]) -> None:
+    """Refuse a `--parameter_learning_rates` NAME that names no trainable parameter (a typo would train everything
+    at the default rate without a word)."""
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    for part, _ in rates:
+        if not any(part in name for name in trainable):
+            raise InvalidTrainingInput(
+                f"--parameter_learning_rates: no trainable parameter's name contains {part!r} in this stage. "
+                f"Trainable parameters are named like {', '.join(trainable[:3])}, ..."
+            )
+
+
 def set_balance_loss_weight(model: FusedLlavaForConditionalGeneration, weight: float) -> None:
     """Override IGVA's balance loss weight in the config (saved with the checkpoint) and in the live fuser."""
     if weight < 0:
@@ -124,4 +143,5 @@ def load_model_for_stage(model_args: ModelArguments, training_args: TrainingArgu
 
         model = get_peft_model(model, lora_config(model_args))
     freeze_for_stage(model, model_args.stage)
+    check_parameter_learning_rates(model, parse_parameter_learning_rates(model_args.parameter_learning_rates))
     return model
