@@ -18,7 +18,9 @@ def register() -> None:
     start-time config check, and the fused configs and processors with transformers' Auto classes."""
     from vllm import ModelRegistry
 
-    import hf_fusedvlm  # noqa: F401  (registers `fused_llava` and `fused_llava_next` with AutoConfig and AutoProcessor)
+    from hf_fusedvlm import register_auto_classes
+
+    register_auto_classes()  # `fused_llava` and `fused_llava_next` with AutoConfig and AutoProcessor
 
     supported = ModelRegistry.get_supported_archs()
     for architecture, module in ARCHITECTURES.items():

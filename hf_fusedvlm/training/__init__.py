@@ -21,10 +21,10 @@ Distributed training is accelerate's: `accelerate launch [--num_processes N] -m 
 same command under DDP, FSDP or DeepSpeed, as configured with `accelerate config`; under FSDP and DeepSpeed the saves
 are built from the full state dict Trainer gathers.
 
-Modules: `data` (data set, its checks, collator), `stages` (which parts train, the model arguments, LoRA / QLoRA,
-loading), `saving` (fused checkpoints from a live model or a gathered state dict), `recording` (what a checkpoint
-records about its run, secrets and local paths removed), `trainer` ([`FusedLlavaTrainer`]), `cli` (data arguments,
-input checks, `main`).
+Modules: `arguments` (the stages, the model and data arguments and `--help`: the stdlib only), `data` (data set, its
+checks, collator), `stages` (which parts train, LoRA / QLoRA, loading), `saving` (fused checkpoints from a live model
+or a gathered state dict), `recording` (what a checkpoint records about its run, secrets and local paths removed),
+`trainer` ([`FusedLlavaTrainer`]), `cli` (parsing, input checks, `main`; it imports the heavy modules after parsing).
 """
 
 import importlib
@@ -41,16 +41,16 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # Each public name and the module that defines it. Loaded on first use, so that `fusedvlm-train --help` and argument
 # errors answer before `Trainer` (and the peft and bitsandbytes it imports) are loaded.
 _EXPORTS = {
-    "DataArguments": "cli",
+    "DataArguments": "arguments",
     "FusedLlavaDataCollator": "data",
     "FusedLlavaTrainer": "trainer",
     "IGNORE_INDEX": "data",
     "InvalidTrainingInput": "errors",
-    "LORA_STAGES": "stages",
+    "LORA_STAGES": "arguments",
     "LlavaConversationDataset": "data",
-    "ModelArguments": "stages",
+    "ModelArguments": "arguments",
     "ROLES": "data",
-    "STAGES": "stages",
+    "STAGES": "arguments",
     "check_output_dir": "cli",
     "check_source": "cli",
     "conversation_to_messages": "data",

@@ -1,48 +1,55 @@
 """`fusedvlm-train`: the command-line arguments, the checks of what they name (before anything loads or trains) and
-`main`."""
+`main`.
+
+The module imports the stdlib only: `--help` and bad arguments answer before torch, Trainer (and the peft and
+bitsandbytes it imports) or the model classes are imported, and the package registers its Auto classes only once the
+arguments are parsed (`hf_fusedvlm.auto_registration_deferred`)."""
 
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transformers import AutoProcessor, HfArgumentParser, PretrainedConfig, TrainingArguments
-
-from ..configuration_fused_llava import FusedLlavaConfig
-from ..conversion.checkpoint import hub_connection_error, unreachable_hub_message
-from .errors import InvalidTrainingInput
-from .recording import recorded_command
-from .stages import (
+from .. import auto_registration_deferred
+from .arguments import (
     LORA_STAGES,
+    DataArguments,
     ModelArguments,
-    format_parameter_table,
-    load_model_for_stage,
+    own_arguments_parser,
     parse_parameter_learning_rates,
-    trainable_parameters,
+    wants_help_all,
 )
+from .errors import InvalidTrainingInput
 
 
 if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
     from .trainer import FusedLlavaTrainer
 
 
-@dataclass
-class DataArguments:
-    """Where the LLaVA-format data is and how conversations become model inputs."""
+def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, "TrainingArguments"]:
+    """The model, data and Trainer arguments of a command line (`sys.argv[1:]` by default). `--help` lists the
+    package's own options and the most used Trainer ones without importing torch; `--help-all` every option. The
+    package's own options are checked first, so that their errors (a missing `--data_path`, an unknown `--stage`)
+    answer before Trainer is imported."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    help_all = wants_help_all(argv)
+    if not help_all:
+        own_arguments_parser().parse_known_args(argv)  # exits after printing the help, or an error in these options
+    from transformers import HfArgumentParser, TrainingArguments
 
-    data_path: str = field(metadata={"help": "LLaVA conversation JSON (a list of records)."})
-    image_folder: str | None = field(
-        default=None, metadata={"help": "Folder the records' image paths are relative to (default: the JSON's folder)."}
-    )
-    add_eos: bool = field(
-        default=True,
-        metadata={"help": "Append the EOS token to the last answer (and learn it) when the chat template does not."},
-    )
-
-
-def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if help_all:
+        parser.print_help()
+        raise SystemExit(0)
+    model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
+    if unknown:
+        raise InvalidTrainingInput(
+            f"unrecognized arguments: {' '.join(unknown)} (`fusedvlm-train --help-all` lists every option)."
+        )
     # The collator builds the model inputs from the raw records; Trainer must not drop their columns.
     training_args.remove_unused_columns = False
     return model_args, data_args, training_args
@@ -55,6 +62,11 @@ def _looks_like_hub_id(name: str) -> bool:
 def check_source(model_name_or_path: str) -> None:
     """Refuse a `--model_name_or_path` that is not a fused checkpoint, naming the command that makes one: from a
     plain LLaVA, `FusedLlavaForConditionalGeneration` would build a randomly initialised model and train that."""
+    from transformers import PretrainedConfig
+
+    from ..configuration_fused_llava import FusedLlavaConfig
+    from ..conversion.checkpoint import hub_connection_error, unreachable_hub_message
+
     path = Path(model_name_or_path)
     if path.is_file():
         raise InvalidTrainingInput(
@@ -156,7 +168,8 @@ def build_trainer(model, training_args, **kwargs) -> "FusedLlavaTrainer":
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, training_args = parse_arguments(argv)
+    with auto_registration_deferred():
+        model_args, data_args, training_args = parse_arguments(argv)
     if model_args.stage in LORA_STAGES and training_args.resume_from_checkpoint:
         raise InvalidTrainingInput(
             f"--resume_from_checkpoint is not supported with --stage {model_args.stage}: its checkpoints hold merged "
@@ -166,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     check_source(model_args.model_name_or_path)
     check_output_dir(training_args.output_dir, model_args.model_name_or_path)
     if training_args.push_to_hub:
+        from ..conversion.checkpoint import hub_connection_error
+
         unreachable = hub_connection_error()
         if unreachable:
             raise InvalidTrainingInput(
@@ -173,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                 "without --push_to_hub and upload the output folder later (`hf upload REPO OUTPUT_DIR`)."
             )
     # Imported here, after the arguments are parsed, so that `--help` and bad arguments answer without loading them.
+    from transformers import AutoProcessor
+
     from .data import FusedLlavaDataCollator, LlavaConversationDataset
+    from .recording import recorded_command
+    from .stages import format_parameter_table, load_model_for_stage, trainable_parameters
 
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
     is_main = training_args.process_index == 0

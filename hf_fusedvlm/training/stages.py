@@ -1,12 +1,11 @@
 """Training stages: which parts of a fused LLaVA train (see [`STAGES`]), LoRA / QLoRA set-up, and loading the model
 ready for its stage."""
 
-from dataclasses import dataclass, field
-
 import torch
 from transformers import BitsAndBytesConfig, TrainingArguments
 
 from ..modeling_fused_llava import FusedLlavaForConditionalGeneration
+from .arguments import LORA_STAGES, STAGES, ModelArguments, parse_parameter_learning_rates
 from .errors import InvalidTrainingInput
 
 
@@ -18,47 +17,10 @@ PARTS = {
     "projector": ("model.multi_modal_projector.",),
     "language_model": ("model.language_model.", "lm_head."),
 }
-STAGES = {
-    "stage1": ("fuser", "projector"),
-    "stage2": ("fuser", "projector", "language_model"),
-    "stage2-lora": ("fuser", "projector", "lora"),
-    "qlora": ("fuser", "projector", "lora"),
-}
-LORA_STAGES = ("stage2-lora", "qlora")
 # Left out of 4-bit quantisation in `qlora`, besides the model class's fuser and instruction encoder: the projector
 # trains in full precision, and lm_head stays as bitsandbytes leaves it by default (naming skips replaces its default).
 QLORA_SKIP_MODULES = ["model.multi_modal_projector", "lm_head", "model.fuser", "model.instruction_encoder"]
 PEFT_PREFIX = "base_model.model."
-
-
-@dataclass
-class ModelArguments:
-    """What to train and how: the starting checkpoint, the stage and its LoRA settings."""
-
-    model_name_or_path: str = field(metadata={"help": "A fused checkpoint (fusedvlm-convert output or a trained one)."})
-    stage: str = field(default="stage1", metadata={"help": "Which parts train.", "choices": list(STAGES)})
-    balance_loss_weight: float | None = field(
-        default=None, metadata={"help": "IGVA's balance loss weight; overrides the checkpoint's (0 disables it)."}
-    )
-    parameter_learning_rates: str | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "Comma-separated NAME=LR pairs: a trainable parameter whose name contains NAME trains at LR (the first "
-                "pair that matches), every other one at --learning_rate; the schedule scales all rates alike. "
-                "MMFuser's official stage 1 trains its block at a tenth of the projector's rate (`model.fuser.=1e-4` "
-                "with --learning_rate 1e-3), Deformable DETR its sampling offsets (`sampling_offsets=1e-4`)."
-            )
-        },
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (stage2-lora, qlora)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: str = field(
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        metadata={"help": "Comma-separated names of the LLM's linear layers that get LoRA adapters."},
-    )
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "qlora: nf4 or fp4.", "choices": ["nf4", "fp4"]})
 
 
 def parameter_part(name: str) -> str:
@@ -109,26 +71,6 @@ def format_parameter_table(counts: dict[str, tuple[int, int]]) -> str:
     trainable, total = (sum(column) for column in zip(*counts.values()))
     lines.append(f"| **all** | {trainable:,} ({100 * trainable / total:.1f} %) | {total:,} |")
     return "\n".join(lines)
-
-
-def parse_parameter_learning_rates(text: str | None) -> list[tuple[str, float]]:
-    """`--parameter_learning_rates` as `[(name_part, learning_rate), ...]`, in the order given."""
-    rates = []
-    for pair in (text or "").split(","):
-        if not pair.strip():
-            continue
-        name, _, value = pair.partition("=")
-        try:
-            rate = float(value)
-        except ValueError:
-            rate = -1.0
-        if not name.strip() or not rate >= 0:
-            raise InvalidTrainingInput(
-                f"--parameter_learning_rates: {pair.strip()!r} is not NAME=LR with LR a number >= 0 (e.g. "
-                "`model.fuser.=1e-4,sampling_offsets=1e-5`)."
-            )
-        rates.append((name.strip(), rate))
-    return rates
 
 
 def parameter_learning_rate(name: str, rates: list[tuple[str, float]]) -> float | None:

@@ -34,7 +34,7 @@ class FusedLlavaTrainer(Trainer):
             `training_args.json` (secrets removed) instead of Trainer's pickled `training_args.bin`.
         parameter_learning_rates (`list[tuple[str, float]]`, *optional*): `(name_part, learning_rate)` pairs: a
             parameter whose name contains `name_part` trains at that rate (the first pair that matches), the others at
-            `args.learning_rate` (see `stages.parse_parameter_learning_rates`).
+            `args.learning_rate` (see `arguments.parse_parameter_learning_rates`).
     """
 
     def __init__(
