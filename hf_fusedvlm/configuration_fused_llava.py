@@ -154,6 +154,14 @@ class FusedLlavaConfig(LlavaConfig):
         self.fuser_layer_groups = [
             [self._normalise_layer(layer, "fuser_layer_groups") for layer in group] for group in self.fuser_layer_groups
         ]
+        for number, group in enumerate(self.fuser_layer_groups, start=1):
+            repeated = sorted({layer for layer in group if group.count(layer) > 1})
+            if repeated:
+                raise ValueError(
+                    f"fuser_layer_groups group {number} {group} repeats hidden state(s) {repeated} (after negative "
+                    "indices are counted from the end), which would weigh them more in the group's mean: list each "
+                    "layer of a group once."
+                )
         self._check_select_strategy()
         fuser.check_config(self)
         if fuser.reads_instruction:
@@ -242,16 +250,30 @@ class FusedLlavaConfig(LlavaConfig):
         return own + list(fuser_fields())
 
     def _warn_misspelt_fields(self, kwargs: dict) -> None:
-        fields = self.fuser_field_names()
-        # The first words of the fields' names (`fuser_`, `instruction_`, ...): an unknown keyword starting with one
-        # of them is most likely a misspelt field.
-        prefixes = tuple({name.split("_", 1)[0] + "_" for name in fields})
+        """Refuse an unknown keyword that is a near miss of one of this config's fields (`fusertype`,
+        `vision_feature_layers`): ignored, it would leave the model built with the default. Other unknown keywords
+        are kept, as transformers keeps them (a config may carry keys of its own); one that starts like a fuser field
+        (`fuser_`, `instruction_`, ...) but resembles none gets a warning."""
+        own = self.fuser_field_names()
+        known = set(own) | set(self.__dataclass_fields__) | set(self.attribute_map) | set(PreTrainedConfig().to_dict())
+        # LLaVA's own fields (not those every config has, which transformers writes and reads itself).
+        llava = [name for name in LlavaConfig.__dataclass_fields__ if name not in PreTrainedConfig.__dataclass_fields__]
+        fields = own + [name for name in llava if not name.startswith("_")]
+        prefixes = tuple({name.split("_", 1)[0] + "_" for name in own})
         for key in kwargs:
-            if key.startswith(prefixes) and key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else f" Fuser fields: {', '.join(fields)}."
+            if key in known:
+                continue
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+            if close:
+                raise ValueError(
+                    f"FusedLlavaConfig got an unknown keyword {key!r}, which would be ignored: did you mean "
+                    f"{close[0]!r}? Rename it (in config.json too, if it comes from there)."
+                )
+            if key.startswith(prefixes):
                 warnings.warn(
-                    f"FusedLlavaConfig got an unknown keyword {key!r}, which no fuser reads.{hint}", stacklevel=2
+                    f"FusedLlavaConfig got an unknown keyword {key!r}, which no fuser reads. Fuser fields: "
+                    f"{', '.join(own)}.",
+                    stacklevel=2,
                 )
 
     def _normalise_layer(self, layer, field: str) -> int:
