@@ -2,7 +2,9 @@
 problem and the fix, and nothing on disk is lost or half-written. Plus the accepted spellings and the clean-up of
 staging folders left by a killed conversion."""
 
+import contextlib
 import errno
+import io
 import json
 import os
 import re
@@ -15,6 +17,7 @@ import pytest
 import hf_fusedvlm.conversion.staging as staging_module
 import hf_fusedvlm.conversion.writing as writing_module
 from hf_fusedvlm.conversion import convert_llava_checkpoint, main
+from hf_fusedvlm.tiny import build_tiny_instruction_encoder
 
 
 TOKEN = "hf_fake_token_never_printed_456"
@@ -133,6 +136,26 @@ def _llava_hf_without_fuser(tmp, source, monkeypatch):
     return ["--input", str(source), "--output", "OUT"]
 
 
+def _save_quietly(model, folder):
+    with contextlib.redirect_stderr(io.StringIO()):  # the progress bar is not the command's output
+        model.save_pretrained(folder)
+
+
+def _instruction_encoder_without_tokenizer(tmp, source, monkeypatch):
+    encoder, _ = build_tiny_instruction_encoder(seed=0)
+    _save_quietly(encoder, tmp / "encoder")  # config and weights, no tokenizer files
+    return ["--input", str(source), "--output", "OUT", "--fuser", "igva", "--instruction-encoder", str(tmp / "encoder")]
+
+
+def _instruction_encoder_without_pooling(tmp, source, monkeypatch):
+    encoder, tokenizer = build_tiny_instruction_encoder(seed=0)
+    _save_quietly(encoder, tmp / "encoder")
+    tokenizer.save_pretrained(tmp / "encoder")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    (tmp / "encoder" / "modules.json").write_text(json.dumps(modules))
+    return ["--input", str(source), "--output", "OUT", "--fuser", "igva", "--instruction-encoder", str(tmp / "encoder")]
+
+
 BAD_INPUTS = {
     "output-is-a-user-folder-with-overwrite": (_user_folder_as_output, "is not a fused LLaVA checkpoint .*notes.txt"),
     "output-inside-input": (_output_inside_input, "--output .* is inside the input"),
@@ -151,6 +174,11 @@ BAD_INPUTS = {
     "fused-checkpoint-as-input": (_fused_checkpoint_as_input, "already a fused LLaVA checkpoint"),
     "vision-tower-for-llava-hf": (_vision_tower_for_llava_hf, "drop --vision-tower"),
     "llava-hf-without-fuser": (_llava_hf_without_fuser, "choose the fuser to add with --fuser"),
+    "instruction-encoder-without-tokenizer": (
+        _instruction_encoder_without_tokenizer,
+        r"its tokenizer reads every word as '\[UNK\]' .*lacks the tokenizer files",
+    ),
+    "instruction-encoder-without-pooling": (_instruction_encoder_without_pooling, "modules.json lists no Pooling"),
 }
 
 

@@ -9,9 +9,12 @@ without sentence-transformers, for both checkpoint formats.
 (`FusedLlavaConfig.instruction_pooling`); the other modes are refused by name. The truncation length is
 `max_seq_length` of `sentence_bert_config.json` (older versions), else the tokenizer's `model_max_length` (where
 5 and 6 keep it). A folder without `modules.json` is pooled as `SentenceTransformer()` pools one: mean, no
-normalisation."""
+normalisation, with a warning (as sentence-transformers warns); a `modules.json` without a Pooling module, which
+sentence-transformers cannot turn into sentence embeddings, is refused, and so is a tokenizer that reads every word
+as its unknown token (a folder without tokenizer files)."""
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +87,7 @@ def read_pooling(config_file: Path) -> str:
 def _read_modules(folder: Path) -> tuple[Path, str, bool]:
     """(transformer folder, pooling, normalize) from `modules.json`."""
     modules = _read_json(folder / "modules.json", "the sentence-transformers module list")
-    transformer_path, pooling, normalize = None, "mean", False
+    transformer_path, pooling, normalize = None, None, False
     for module in modules if isinstance(modules, list) else []:
         kind, path = str(module.get("type", "")), folder / module.get("path", "")
         if kind.endswith(".Transformer"):
@@ -100,7 +103,29 @@ def _read_modules(folder: Path) -> tuple[Path, str, bool]:
             )
     if transformer_path is None:
         raise ConversionError(f"--instruction-encoder {folder}: modules.json lists no Transformer module.")
+    if pooling is None:
+        raise ConversionError(
+            f"--instruction-encoder {folder}: modules.json lists no Pooling module, so the folder gives token "
+            "embeddings, not sentence embeddings (sentence-transformers cannot encode with it either). Add the "
+            f"encoder's Pooling module (1_Pooling/config.json and its modules.json entry), as {EXAMPLE} has it."
+        )
     return transformer_path, pooling, normalize
+
+
+# A probe the tokenizer of any real text encoder reads as more than unknown tokens.
+_PROBE = "What colour is the square in the image?"
+
+
+def _check_tokenizer(tokenizer, transformer_path: Path, folder: Path) -> None:
+    """Refuse a tokenizer that reads every word as its unknown token: transformers builds one with an empty
+    vocabulary for a folder that has a config.json but no tokenizer files, and every instruction would embed alike."""
+    ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    if tokenizer.unk_token_id is not None and ids and all(token == tokenizer.unk_token_id for token in ids):
+        raise ConversionError(
+            f"--instruction-encoder {folder}: its tokenizer reads every word as {tokenizer.unk_token!r} (only "
+            f"{len(tokenizer)} tokens known): {transformer_path} lacks the tokenizer files (tokenizer.json, "
+            f"vocab.txt, ...). Give the complete sentence-transformers folder, such as {EXAMPLE}."
+        )
 
 
 def _check_prompts(folder: Path) -> None:
@@ -142,6 +167,17 @@ def _check_text_encoder(transformer_path: Path, folder: Path) -> None:
         )
 
 
+def _load(auto_class, transformer_path: Path, folder: Path, **kwargs):
+    try:
+        return auto_class.from_pretrained(transformer_path, **kwargs)
+    except Exception as error:
+        raise ConversionError(
+            f"--instruction-encoder {folder}: the transformer at {transformer_path} could not be loaded with "
+            f"AutoModel and AutoTokenizer ({type(error).__name__}: {error}). Give a sentence-transformers folder "
+            f"such as {EXAMPLE}, complete and unmodified."
+        ) from error
+
+
 def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None) -> SentenceEncoder:
     """The sentence encoder of a sentence-transformers folder or Hub id (see the module docstring)."""
     folder, repo_id = resolve_checkpoint(path_or_repo_id, "--instruction-encoder")
@@ -151,15 +187,9 @@ def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None) -> 
     else:
         transformer_path, pooling, normalize = folder, "mean", False
     _check_text_encoder(transformer_path, folder)
-    try:
-        model = AutoModel.from_pretrained(transformer_path, dtype=dtype or "auto").eval()
-        tokenizer = AutoTokenizer.from_pretrained(transformer_path)
-    except Exception as error:
-        raise ConversionError(
-            f"--instruction-encoder {folder}: the transformer at {transformer_path} could not be loaded with "
-            f"AutoModel and AutoTokenizer ({type(error).__name__}: {error}). Give a sentence-transformers folder "
-            f"such as {EXAMPLE}, complete and unmodified."
-        ) from error
+    tokenizer = _load(AutoTokenizer, transformer_path, folder)
+    _check_tokenizer(tokenizer, transformer_path, folder)  # before the weights load
+    model = _load(AutoModel, transformer_path, folder, dtype=dtype or "auto").eval()
     settings_file = transformer_path / "sentence_bert_config.json"
     settings = _read_json(settings_file, "sentence-transformers settings") if settings_file.is_file() else {}
     if settings.get("do_lower_case"):
@@ -169,4 +199,11 @@ def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None) -> 
         )
     if settings.get("max_seq_length"):  # sentence-transformers truncates there, below the model's own limit
         tokenizer.model_max_length = settings["max_seq_length"]
+    if not (folder / "modules.json").is_file():
+        warnings.warn(
+            f"--instruction-encoder {folder} has no modules.json (not a sentence-transformers folder): its token "
+            "states are mean-pooled without normalisation, as SentenceTransformer() pools such a folder. If the "
+            "encoder was trained with another pooling, give its sentence-transformers folder instead.",
+            stacklevel=2,
+        )
     return SentenceEncoder(model, tokenizer, pooling, normalize, repo_id or folder.name)
