@@ -63,16 +63,20 @@ FUSED_OUTPUT_FILES = (
 FUSED_OUTPUT_FOLDERS = ("instruction_tokenizer",)
 
 
+def is_fused_output_entry(path: Path) -> bool:
+    """Whether `path`, an entry of a folder, is one that a fused output holds (see `FUSED_OUTPUT_FILES`)."""
+    if path.is_dir() and not path.is_symlink():
+        return path.name in FUSED_OUTPUT_FOLDERS
+    return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in FUSED_OUTPUT_FILES)
+
+
 def foreign_files(folder: Path) -> list[str]:
     """The entries of `folder` that a fused output would not hold (folders with a trailing `/`), sorted."""
-    foreign = []
-    for path in sorted(folder.iterdir()):
-        if path.is_dir() and not path.is_symlink():
-            if path.name not in FUSED_OUTPUT_FOLDERS:
-                foreign.append(f"{path.name}/")
-        elif not any(fnmatch.fnmatchcase(path.name, pattern) for pattern in FUSED_OUTPUT_FILES):
-            foreign.append(path.name)
-    return foreign
+    return [
+        path.name + ("/" if path.is_dir() else "")
+        for path in sorted(folder.iterdir())
+        if not is_fused_output_entry(path)
+    ]
 
 
 def is_fused_output(folder: Path) -> bool:
