@@ -21,6 +21,49 @@ _PROBE_TURNS = ("FusedLlavaProbeFirstQuestion", "FusedLlavaProbeAnswer", "FusedL
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
 
 
+# PIL modes of 16-bit grayscale images (PNG, TIFF), which PIL's conversion to RGB clips at 255.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _checked_image(image, do_rescale: bool):
+    """`image` as the image processor can read it: 16-bit grayscale scaled to 8 bits (65535 -> 255) instead of
+    clipped; pixel values above 255 refused (they would be clipped or scaled wrong); a float image already in [0, 1]
+    while the image processor rescales by 1/255 is warned about, as transformers' image processors warn."""
+    mode = getattr(image, "mode", None)
+    if mode in _SIXTEEN_BIT_MODES:
+        return image.convert("I").point(lambda value: value / 257).convert("L")
+    if mode in ("I", "F"):
+        high = image.getextrema()[1]
+        if high > 255:
+            raise ValueError(
+                f"An image of PIL mode {mode!r} has pixel values up to {high}, which converting it to RGB would clip "
+                "at 255: the processor expects 8-bit images (or 16-bit grayscale, scaled down); scale it to 0..255 "
+                "first."
+            )
+        return image
+    if hasattr(image, "dtype") and hasattr(image, "max") and getattr(image, "size", 1) != 0:
+        is_float = image.is_floating_point() if hasattr(image, "is_floating_point") else image.dtype.kind == "f"
+        low, high = float(image.min()), float(image.max())
+        if high > 255:
+            raise ValueError(
+                f"An image array has pixel values up to {high:g}: the processor expects 8-bit values (0..255), or "
+                "floats in [0, 1] with do_rescale=False; scale it to 0..255 first (a 16-bit image: divide by 257)."
+            )
+        if is_float and do_rescale and low >= 0 and high <= 1:
+            logger.warning_once(
+                "An image has float pixel values in [0, 1], which the image processor rescales by 1/255 again. If "
+                "the values are already rescaled, pass do_rescale=False; if they are 0..255 values, ignore this."
+            )
+    return image
+
+
+def _checked_images(images, do_rescale: bool):
+    """[`_checked_image`] over flat or nested lists of images."""
+    if isinstance(images, (list, tuple)):
+        return [_checked_images(image, do_rescale) for image in images]
+    return _checked_image(images, do_rescale)
+
+
 def _collapse_whitespace(text: str) -> str:
     return " ".join(text.split())
 
@@ -268,6 +311,11 @@ class FusedLlavaProcessor(LlavaProcessor):
         for unused in ("videos", "audios", "audio"):
             if unused in kwargs and kwargs[unused] is not None and len(kwargs[unused]) == 0:
                 kwargs.pop(unused)
+        if images is not None:
+            do_rescale = kwargs.get("do_rescale", (kwargs.get("images_kwargs") or {}).get("do_rescale"))
+            if do_rescale is None:
+                do_rescale = getattr(self.image_processor, "do_rescale", True)
+            images = _checked_images(images, do_rescale)
         if self.instruction_tokenizer is None or text is None:
             return super().__call__(images=images, text=text, **kwargs)
 
