@@ -110,6 +110,24 @@ def instruction_from_prompt(
     return _collapse_whitespace(prompt)
 
 
+def missing_chat_template_message(processor, reads_instruction: bool) -> str | None:
+    """What a processor without a chat template costs, for a converter to print as a warning before it writes one
+    (None when `processor` has a template): `apply_chat_template` and training need it, and with `reads_instruction`
+    the fuser's instruction is the whole prompt, role words included."""
+    if getattr(processor, "chat_template", None):
+        return None
+    message = (
+        "the source's processor has no chat template, so apply_chat_template and fusedvlm-train cannot render "
+        "conversations (add chat_template.jinja from the model the checkpoint was fine-tuned from)"
+    )
+    if reads_instruction:
+        message += (
+            "; and the instruction the fuser reads will be the whole prompt, role words such as 'USER:' included, "
+            "unless `instructions=` is passed to the processor"
+        )
+    return message + "."
+
+
 def _common_prefix(first: str, second: str) -> str:
     return os.path.commonprefix([first, second])
 
@@ -416,6 +434,12 @@ class FusedLlavaProcessor(LlavaProcessor):
         """The instruction of a raw prompt: [`instruction_from_prompt`] with the chat template's role markers
         ([`chat_role_markers`]), removing the image token and the LLM tokenizer's special tokens."""
         user_marker, assistant_marker = self.chat_role_markers()
+        if self.chat_template is None:
+            logger.warning_once(
+                "This processor has no chat template, so the instruction the fuser reads is the whole prompt, role "
+                "words such as 'USER:' included: pass `instructions=` (the user's question) or give the processor "
+                "the model's chat template."
+            )
         special_tokens = dict.fromkeys([self.image_token, *self.tokenizer.all_special_tokens])
         return instruction_from_prompt(prompt, user_marker, assistant_marker, special_tokens=tuple(special_tokens))
 
@@ -427,4 +451,9 @@ class FusedLlavaProcessor(LlavaProcessor):
         return list(dict.fromkeys(names))
 
 
-__all__ = ["FusedLlavaProcessor", "instruction_from_conversation", "instruction_from_prompt"]
+__all__ = [
+    "FusedLlavaProcessor",
+    "instruction_from_conversation",
+    "instruction_from_prompt",
+    "missing_chat_template_message",
+]

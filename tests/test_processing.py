@@ -440,3 +440,23 @@ def test_empty_video_and_audio_lists_of_generic_harnesses_are_ignored(which, req
     assert_same_outputs(actual, expected)
     with pytest.raises(ValueError, match="audios"):
         processor(images=image, text=PROMPT, audios=[[0.0, 0.1]], return_tensors="pt")
+
+
+def test_a_processor_without_chat_template_says_what_the_instruction_becomes(processor, image, caplog):
+    """IGVA's instruction is cut from the prompt at the chat template's role markers; without a template it is the
+    whole prompt, role words included: the processor warns, and the converter has the message to print."""
+    from transformers.utils import logging as transformers_logging
+
+    from hf_fusedvlm.processing_fused_llava import missing_chat_template_message
+
+    bare = copy.deepcopy(processor)
+    bare.chat_template = None
+    assert bare.get_instruction(PROMPT) == f"USER: {QUESTION} ASSISTANT:"  # what the fuser would read
+    transformers_logging.get_logger("hf_fusedvlm.processing_fused_llava").warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        bare(images=image, text=PROMPT)
+    assert "no chat template, so the instruction the fuser reads is the whole prompt" in caplog.text
+    assert missing_chat_template_message(processor, reads_instruction=True) is None
+    assert "role words such as 'USER:' included" in missing_chat_template_message(bare, reads_instruction=True)
+    message = missing_chat_template_message(bare, reads_instruction=False)
+    assert "cannot render conversations" in message and "role words" not in message
