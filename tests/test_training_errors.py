@@ -38,6 +38,9 @@ def folders(tmp_path_factory, tiny_llava):
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not the rest of a PNG")
     shutil.copytree(root / "fused", root / "another-fused")  # an earlier training run's output
     (root / "a-file").write_text("not a folder")
+    fused_from_llava(llava, "none").save_pretrained(root / "shard-missing", max_shard_size="200KB")
+    shards = sorted((root / "shard-missing").glob("model-*.safetensors"))
+    shards[1].unlink()
     return root
 
 
@@ -136,6 +139,14 @@ BAD_INPUTS = [
         None,
         ["--output_dir", "{root}/another-fused"],
         r"--output_dir .*another-fused already holds a fused model .*pass --overwrite_output_dir",
+    ),
+    (
+        "shard deleted",
+        "shard-missing",
+        None,
+        [],
+        r"--model_name_or_path .*shard-missing is incomplete: its model.safetensors.index.json names "
+        r"model-00002-of-\d+.safetensors, which is missing; download or copy the whole checkpoint again\.",
     ),
     ("output is a file", "fused", None, ["--output_dir", "{root}/a-file"], r"--output_dir .*a-file is a file"),
     (

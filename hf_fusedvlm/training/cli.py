@@ -77,6 +77,11 @@ def check_source(model_name_or_path: str) -> None:
             "checkpoint folder (made by fusedvlm-convert) or a reachable Hub repo id."
         ) from None
     if config.get("model_type") == FusedLlavaConfig.model_type:
+        from ..modeling_fused_llava import missing_weight_files
+
+        missing = missing_weight_files(model_name_or_path)
+        if missing:
+            raise InvalidTrainingInput(f"--model_name_or_path {missing}.")
         return
     fused = f"{path.name or 'model'}-fused"
     if "text_config" in config and "vision_config" in config:
