@@ -294,6 +294,12 @@ def test_an_interrupted_replacement_is_recovered_by_the_next_run(source, tmp_pat
     assert main([*argv, "--overwrite"]) == 0
     assert f"removed {half}, an earlier output of {out} whose deletion was interrupted" in capsys.readouterr().out
     assert leftovers(tmp_path) == [] and json.loads((out / "config.json").read_text())["fuser_type"] == "none"
+    # A whole earlier model beside the new output is named, never deleted unasked.
+    whole = tmp_path / ".out.replaced-0dead002"
+    shutil.copytree(out, whole)
+    assert main([*argv, "--overwrite"]) == 0
+    assert f"If you do not need the earlier one, remove it with: rm -rf {whole}" in capsys.readouterr().out
+    shutil.rmtree(whole)
     # A part of an output and no output: nothing to restore; named with the command to remove it.
     shutil.rmtree(out)
     half.mkdir()

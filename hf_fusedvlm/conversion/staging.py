@@ -152,9 +152,14 @@ def clean_stale_staging(output: Path) -> list[str]:
     for old in sorted(output.parent.glob(f".{output.name}.replaced-*")):
         if not old.is_dir():
             continue
-        if output.exists():  # the replacement is in place: finish deleting what it replaced
+        if output.exists() and not is_fused_output(old):  # the replacement is in place: finish deleting the old one
             shutil.rmtree(old, ignore_errors=True)
             messages.append(f"removed {old}, an earlier output of {output} whose deletion was interrupted")
+        elif output.exists():  # a whole model is never deleted unasked
+            messages.append(
+                f"{old} is an earlier output of {output} that an interrupted replacement set aside; {output} holds "
+                f"the newer one. If you do not need the earlier one, remove it with: rm -rf {old}"
+            )
         elif is_fused_output(old):  # killed between the two renames: put the earlier output back
             old.rename(output)
             messages.append(
