@@ -2,6 +2,7 @@
 
 import dataclasses
 import difflib
+import functools
 import warnings
 
 from huggingface_hub.dataclasses import strict
@@ -35,6 +36,12 @@ _REFERENCE_MMFUSER_LAYERS = (3, 8, 13, 18, 23)
 _REFERENCE_NUM_GROUPS = 4
 # all-mpnet-base-v2, IGVA's sentence encoder: the model type of an instruction encoder config that names none.
 _INSTRUCTION_ENCODER_DEFAULT_TYPE = "mpnet"
+
+
+@functools.cache
+def _keys_every_config_writes() -> frozenset[str]:
+    """The keys transformers writes into every config.json (`_name_or_path`, `dtype`, ...)."""
+    return frozenset(PreTrainedConfig().to_dict())
 
 
 def default_fuser_layers(num_hidden_layers: int) -> list[int]:
@@ -255,7 +262,7 @@ class FusedLlavaConfig(LlavaConfig):
         are kept, as transformers keeps them (a config may carry keys of its own); one that starts like a fuser field
         (`fuser_`, `instruction_`, ...) but resembles none gets a warning."""
         own = self.fuser_field_names()
-        known = set(own) | set(self.__dataclass_fields__) | set(self.attribute_map) | set(PreTrainedConfig().to_dict())
+        known = set(own) | set(self.__dataclass_fields__) | set(self.attribute_map) | _keys_every_config_writes()
         # LLaVA's own fields (not those every config has, which transformers writes and reads itself).
         llava = [name for name in LlavaConfig.__dataclass_fields__ if name not in PreTrainedConfig.__dataclass_fields__]
         fields = own + [name for name in llava if not name.startswith("_")]
