@@ -2,7 +2,7 @@
 
 Generates a synthetic llava-hf checkpoint locally (random bf16, LLaVA-1.5-7B shapes: CLIP-L/336 tower, Llama-7B
 LM, legacy llava-hf key names, shards of --shard-gb), then times, in fresh processes and alternating, a plain copy of
-the same shard files and `convert_llava_checkpoint` (no --verify), and reports median wall time and peak RSS.
+the same shard files and `convert_checkpoint` (no --verify), and reports median wall time and peak RSS.
 
 Goals (issue 4): peak RSS <= largest shard + 1 GiB; conversion wall time <= 1.5 x the copy's.
 
@@ -143,10 +143,10 @@ def run_child(mode: str, source: Path, target: Path, fuser: str) -> None:
         for path in sorted(source.glob("*.safetensors")):
             shutil.copyfile(path, target / path.name)
     else:
-        from hf_fusedvlm.conversion import convert_llava_checkpoint
+        from hf_fusedvlm.conversion import convert_checkpoint
 
         imported = time.perf_counter()
-        convert_llava_checkpoint(source, target, fuser, progress=False)
+        convert_checkpoint(source, target, fuser, progress=False)
     finished = time.perf_counter()
     print(
         json.dumps(

@@ -26,7 +26,7 @@ from transformers.models.deformable_detr.modeling_deformable_detr import MultiSc
 
 from hf_fusedvlm import FUSERS, FusedLlavaConfig, build_fuser
 from hf_fusedvlm.deformable_attention import multi_scale_deformable_sampling
-from hf_fusedvlm.modeling_fused_llava import FusedLlavaMultiModalProjector
+from hf_fusedvlm.modeling_fusion import FusedLlavaMultiModalProjector
 
 from llava_shapes import CLIP_L_336, LLAMA_7B
 

@@ -63,7 +63,14 @@ FUSER_OPTIONS = {
     "concat": {"fuser_layers": FUSER_LAYERS},
     # One sampling point per head and level: with more, Deformable-DETR's grid initialisation puts them on
     # neighbouring cells (most outside a 4x4 grid), never on the query's own cell where the detail is.
-    "mmfuser": {"fuser_layers": FUSER_LAYERS, "fuser_num_heads": 4, "fuser_num_points": 1},
+    # Its first point starts on the query's own cell (`from_query`), where a one-cell detail is; chosen on validation
+    # (docs/evidence.md, Diagnosis).
+    "mmfuser": {
+        "fuser_layers": FUSER_LAYERS,
+        "fuser_num_heads": 4,
+        "fuser_num_points": 1,
+        "fuser_offset_init": "from_query",
+    },
     "average": {"fuser_layer_groups": FUSER_LAYER_GROUPS},
     # The paper's balance weight (0.02) holds the weights at uniform here; below 0.003 they collapse onto one group.
     "igva": {
@@ -73,6 +80,9 @@ FUSER_OPTIONS = {
         "balance_loss_weight": 0.003,
     },
 }
+# Learning rates as multiples of --learning-rate, by parameter-name part: mmfuser's sampling offsets train at a tenth
+# of the rate (Deformable DETR's multiplier); at the full rate they drift off the 4x4 grid (chosen on validation).
+LR_SCALES = {"mmfuser": {"sampling_offsets": 0.1}}
 # Disjoint synthetic sets (seeds of `generate_samples`); the handwriting of each comes from its own split.
 TRAIN_SET, VALIDATION_SET, TEST_SET, TOWER_SET, PROBE_TRAIN_SET, PROBE_TEST_SET = 0, 1000, 2000, 3000, 4000, 4001
 
@@ -148,8 +158,12 @@ def convert(source: Path, fuser: str, folder: Path, options: dict) -> Path:
     return folder
 
 
-def train(start: Path, data: Path, output: Path, stage: str, steps: int, seed: int, settings: dict) -> float:
-    """One stage of the package's recipe from `start` into `output`; returns the wall time in seconds."""
+def train(
+    start: Path, data: Path, output: Path, stage: str, steps: int, seed: int, settings: dict, scales: dict | None = None
+) -> float:
+    """One stage of the package's recipe from `start` into `output`, the parameters named in `scales` ({name part:
+    scale}) at scale x the learning rate (`fusedvlm-train --parameter_learning_rates`); returns the wall time in
+    seconds."""
     from hf_fusedvlm.training import main as train_main
 
     arguments = [
@@ -190,6 +204,9 @@ def train(start: Path, data: Path, output: Path, stage: str, steps: int, seed: i
         "--use_cpu",
         "true",
     ]
+    if scales:
+        rates = ",".join(f"{name}={scale * settings['learning_rate']:g}" for name, scale in scales.items())
+        arguments += ["--parameter_learning_rates", rates]
     start_time = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         train_main(arguments)
@@ -241,6 +258,24 @@ def sampling_on_details(model, processor, samples) -> float:
     return statistics.mean(shares)
 
 
+def mmfuser_diagnostics(model, processor, samples) -> dict:
+    """Where a trained mmfuser samples, on `samples`: the share of its cross-attention on the detail cells, the share
+    whose sampling point lies inside the image (outside, zero padding gives nothing and no gradient), each level's
+    share, the mean distance from query to sampling point (in cells) and the mean |gamma1| (0 at the start)."""
+    from hf_fusedvlm.interpretability import mmfuser_sampling
+
+    sampling = mmfuser_sampling(model, pixel_values(processor.image_processor, samples))
+    weights = sampling.attention_weights
+    inside = ((sampling.locations >= 0) & (sampling.locations <= 1)).all(-1)
+    return {
+        "on_details": sampling_on_details(model, processor, samples),
+        "inside_image": ((weights * inside).sum() / weights.sum()).item(),
+        "level_share": dict(zip(map(str, sampling.level_layers), sampling.level_share.mean((0, 1)).tolist())),
+        "mean_distance": sampling.mean_distance.mean().item(),
+        "gamma1": model.model.fuser.gamma1.abs().mean().item(),
+    }
+
+
 def train_and_score(task: dict) -> dict:
     """Worker: convert, train both stages and score one (fuser, seed) on the validation and test questions."""
     from transformers import AutoProcessor
@@ -254,8 +289,9 @@ def train_and_score(task: dict) -> dict:
         Path(task["source"]), fuser, work / f"start-{fuser}-{seed}", settings["fuser_options"].get(fuser, {})
     )
     stage1, stage2 = work / f"{fuser}-{seed}-stage1", Path(task["final"])
-    seconds = train(start, Path(task["data"]), stage1, "stage1", settings["stage1_steps"], seed, settings)
-    seconds += train(stage1, Path(task["data"]), stage2, "stage2", settings["stage2_steps"], seed, settings)
+    scales = settings["lr_scales"].get(fuser)
+    seconds = train(start, Path(task["data"]), stage1, "stage1", settings["stage1_steps"], seed, settings, scales)
+    seconds += train(stage1, Path(task["data"]), stage2, "stage2", settings["stage2_steps"], seed, settings, scales)
     model = FusedLlavaForConditionalGeneration.from_pretrained(stage2).eval()
     processor = AutoProcessor.from_pretrained(stage2)
     run = {"fuser": fuser, "seed": seed, "train_seconds": round(seconds, 1)}
@@ -263,6 +299,8 @@ def train_and_score(task: dict) -> dict:
         samples = generate_samples(settings[f"{split}_samples"], set_seed, scene="digits", split=split)
         answers, weights = answer_questions(model, processor, samples)
         run[split] = score_answers(samples, answers, weights)
+        if fuser == "mmfuser" and split == "validation":
+            run["mmfuser_validation"] = mmfuser_diagnostics(model, processor, samples[: settings["sampling_images"]])
         if fuser == "mmfuser" and split == "test":
             run["sampling_on_details"] = sampling_on_details(model, processor, samples[: settings["sampling_images"]])
     return run
@@ -333,6 +371,7 @@ def evidence_json(settings: dict, runs: list[dict], probe: dict, random_probe: d
             "final_loss": tower_loss,
         },
         "fuser_options": settings["fuser_options"],
+        "lr_scales": settings["lr_scales"],
         "budget": {
             key: settings[key]
             for key in (
@@ -516,6 +555,26 @@ def fuser_options(overrides: list[str]) -> dict:
     return options
 
 
+def lr_scales(overrides: list[str]) -> dict:
+    """`LR_SCALES` with `--lr-scale FUSER:NAME=SCALE` overrides as `{fuser: {name part: scale}}`: the parameters of FUSER's models whose names
+    contain NAME train at SCALE x --learning-rate in both stages."""
+    scales = {fuser: dict(parts) for fuser, parts in LR_SCALES.items()}
+    for override in overrides:
+        fuser, _, assignment = override.partition(":")
+        name, _, value = assignment.partition("=")
+        try:
+            scale = float(value)
+        except ValueError:
+            scale = -1.0
+        if fuser not in FUSERS or not name or not scale >= 0:
+            raise ValueError(
+                f"--lr-scale {override!r}: write FUSER:NAME=SCALE with FUSER one of {', '.join(FUSERS)} and SCALE a "
+                "number >= 0 (e.g. mmfuser:sampling_offsets=0.1)."
+            )
+        scales.setdefault(fuser, {})[name] = scale
+    return scales
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
@@ -540,6 +599,7 @@ def run(args) -> dict:
         )
     }
     settings["fuser_options"] = fuser_options(args.fuser_option)  # checked in main
+    settings["lr_scales"] = lr_scales(args.lr_scale)
     llava, processor, probe, random_probe, tower_loss = coarse_tower_llava(args)
     print(
         f"tower pretrained and probed ({time.perf_counter() - began:.0f} s), final loss {tower_loss:.3f}; probe "
@@ -590,6 +650,11 @@ def run(args) -> dict:
                     + f" ({result['train_seconds']:.0f} s, {time.perf_counter() - began:.0f} s so far)",
                     file=sys.stderr,
                 )
+                if "mmfuser_validation" in result:
+                    print(
+                        f"    mmfuser sampling (validation): {json.dumps(result['mmfuser_validation'])}",
+                        file=sys.stderr,
+                    )
                 results = evidence_json(settings, runs, probe, random_probe, tower_loss)
                 results["wall_seconds"] = round(time.perf_counter() - began, 1)
                 Path(args.output).write_text(json.dumps(results, indent=1))
@@ -623,6 +688,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FUSER:FIELD=VALUE",
         help="a config field of one fuser over FUSER_OPTIONS (VALUE as JSON); repeatable",
     )
+    parser.add_argument(
+        "--lr-scale",
+        action="append",
+        default=[],
+        metavar="FUSER:NAME=SCALE",
+        help="FUSER's parameters whose names contain NAME train at SCALE x --learning-rate (both stages); repeatable",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="models trained side by side (one thread each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process (and of --jobs 1)")
     parser.add_argument("--output", default="fusion_evidence.json")
@@ -647,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         fuser_options(args.fuser_option)
+        lr_scales(args.lr_scale)
     except ValueError as error:
         parser.error(str(error))
     unknown = sorted(set(args.fusers) - set(FUSERS))

@@ -261,11 +261,15 @@ class FusedLlavaConfig(LlavaConfig):
         `vision_feature_layers`): ignored, it would leave the model built with the default. Other unknown keywords
         are kept, as transformers keeps them (a config may carry keys of its own); one that starts like a fuser field
         (`fuser_`, `instruction_`, ...) but resembles none gets a warning."""
-        own = self.fuser_field_names()
+        own = FusedLlavaConfig.fuser_field_names()
         known = set(own) | set(self.__dataclass_fields__) | set(self.attribute_map) | _keys_every_config_writes()
-        # LLaVA's own fields (not those every config has, which transformers writes and reads itself).
-        llava = [name for name in LlavaConfig.__dataclass_fields__ if name not in PreTrainedConfig.__dataclass_fields__]
-        fields = own + [name for name in llava if not name.startswith("_")]
+        # This config's fields beyond those every config has (which transformers writes and reads itself): LLaVA's,
+        # the fuser's and a subclass's own (LLaVA-NeXT's `image_grid_pinpoints`).
+        fields = own + [
+            name
+            for name in self.__dataclass_fields__
+            if name not in PreTrainedConfig.__dataclass_fields__ and name not in own and not name.startswith("_")
+        ]
         prefixes = tuple({name.split("_", 1)[0] + "_" for name in own})
         for key in kwargs:
             if key in known:
@@ -273,12 +277,12 @@ class FusedLlavaConfig(LlavaConfig):
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
             if close:
                 raise ValueError(
-                    f"FusedLlavaConfig got an unknown keyword {key!r}, which would be ignored: did you mean "
+                    f"{type(self).__name__} got an unknown keyword {key!r}, which would be ignored: did you mean "
                     f"{close[0]!r}? Rename it (in config.json too, if it comes from there)."
                 )
             if key.startswith(prefixes):
                 warnings.warn(
-                    f"FusedLlavaConfig got an unknown keyword {key!r}, which no fuser reads. Fuser fields: "
+                    f"{type(self).__name__} got an unknown keyword {key!r}, which no fuser reads. Fuser fields: "
                     f"{', '.join(own)}.",
                     stacklevel=2,
                 )

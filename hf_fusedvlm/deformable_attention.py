@@ -160,16 +160,14 @@ class MultiScaleDeformableAttention(nn.Module):
         return self.output_proj(output.to(self.output_proj.weight.dtype))
 
 
-def init_deformable_attention(module: MultiScaleDeformableAttention) -> None:
+def init_deformable_attention(module: MultiScaleDeformableAttention, first_radius: int = 1) -> None:
     """Deformable-DETR's initialisation: zero offset weights, offset biases on a ring of growing radius per head,
-    uniform attention over levels and points, Xavier value and output projections."""
+    uniform attention over levels and points, Xavier value and output projections.
+
+    Point p of every head starts `p + first_radius` pixels of its level from the reference, in the head's direction
+    (Deformable DETR: `first_radius=1`, so no point starts on the reference; 0 puts every head's first point on it)."""
     init.constant_(module.sampling_offsets.weight, 0.0)
-    thetas = torch.arange(module.num_heads, dtype=torch.float32) * (2.0 * math.pi / module.num_heads)
-    ring = torch.stack([thetas.cos(), thetas.sin()], -1)
-    ring = (ring / ring.abs().max(-1, keepdim=True)[0]).view(module.num_heads, 1, 1, 2)
-    ring = ring.repeat(1, module.num_levels, module.num_points, 1)
-    ring = ring * torch.arange(1, module.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
-    init.copy_(module.sampling_offsets.bias, ring.view(-1))
+    init_sampling_offsets(module, first_radius)
     init.constant_(module.attention_weights.weight, 0.0)
     init.constant_(module.attention_weights.bias, 0.0)
     init.xavier_uniform_(module.value_proj.weight)
@@ -178,4 +176,21 @@ def init_deformable_attention(module: MultiScaleDeformableAttention) -> None:
     init.constant_(module.output_proj.bias, 0.0)
 
 
-__all__ = ["MultiScaleDeformableAttention", "init_deformable_attention", "multi_scale_deformable_sampling"]
+def init_sampling_offsets(module: MultiScaleDeformableAttention, first_radius: int = 1) -> None:
+    """The offset biases of [`init_deformable_attention`]: point p of head h at `p + first_radius` pixels in the
+    direction `2 pi h / num_heads` (scaled so that its larger coordinate is whole)."""
+    thetas = torch.arange(module.num_heads, dtype=torch.float32) * (2.0 * math.pi / module.num_heads)
+    ring = torch.stack([thetas.cos(), thetas.sin()], -1)
+    ring = (ring / ring.abs().max(-1, keepdim=True)[0]).view(module.num_heads, 1, 1, 2)
+    ring = ring.repeat(1, module.num_levels, module.num_points, 1)
+    radii = torch.arange(first_radius, module.num_points + first_radius, dtype=torch.float32)
+    ring = ring * radii.view(1, 1, -1, 1)
+    init.copy_(module.sampling_offsets.bias, ring.view(-1))
+
+
+__all__ = [
+    "MultiScaleDeformableAttention",
+    "init_deformable_attention",
+    "init_sampling_offsets",
+    "multi_scale_deformable_sampling",
+]

@@ -277,6 +277,10 @@ class IGVAFuserSpec(AverageFuserSpec):
             )
 
 
+# Where MMFuser's sampling points start, as the ring radius of each head's first point (see `fuser_offset_init`).
+MMFUSER_OFFSET_INITS = {"deformable_detr": 1, "from_query": 0}
+
+
 @register_fuser("mmfuser")
 class MMFuserSpec(FuserSpec):
     """`mmfuser`: the deepest selected layer queries the shallower ones through deformable cross-attention, then
@@ -289,6 +293,13 @@ class MMFuserSpec(FuserSpec):
         ),
         "fuser_num_points": FuserField(4, int, "Sampling points per head and level of MMFuser's deformable attention."),
         "fuser_layer_norm_eps": FuserField(1e-6, float, "Epsilon of MMFuser's layer norms."),
+        "fuser_offset_init": FuserField(
+            "deformable_detr",
+            str,
+            "Where MMFuser's sampling points start: `deformable_detr` (the official initialisation: point p of a head "
+            "p + 1 patches from its query, never on it) or `from_query` (point p at p patches, so every head's first "
+            "point samples the query's own patch).",
+        ),
     }
     title = "MMFuser (Cao et al., arXiv 2410.11829)"
     description = (
@@ -315,6 +326,10 @@ class MMFuserSpec(FuserSpec):
             raise ValueError(f"fuser_num_points must be at least 1, got {config.fuser_num_points}.")
         if not config.fuser_layer_norm_eps > 0:
             raise ValueError(f"fuser_layer_norm_eps must be > 0, got {config.fuser_layer_norm_eps}.")
+        if config.fuser_offset_init not in MMFUSER_OFFSET_INITS:
+            raise ValueError(
+                f"fuser_offset_init={config.fuser_offset_init!r}: choose one of {', '.join(MMFUSER_OFFSET_INITS)}."
+            )
 
     @classmethod
     def layers_read(cls, config):

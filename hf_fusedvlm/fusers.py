@@ -22,9 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .deformable_attention import MultiScaleDeformableAttention, init_deformable_attention, reference_points
+from .deformable_attention import (
+    MultiScaleDeformableAttention,
+    init_deformable_attention,
+    init_sampling_offsets,
+    reference_points,
+)
 from .fuser_registry import (
     FUSERS,
+    MMFUSER_OFFSET_INITS,
     AverageFuserSpec,
     ConcatFuserSpec,
     DenseConnectorSpec,
@@ -246,11 +252,17 @@ class MMFuser(MMFuserSpec, Fuser):
         self.norm1 = nn.LayerNorm(hidden_size, eps=eps)
         self.self_attn = MultiScaleDeformableAttention(hidden_size, config.fuser_num_heads, 1, config.fuser_num_points)
         self.gamma2 = nn.Parameter(torch.zeros(hidden_size))
+        self.offset_init = config.fuser_offset_init
 
     def init_weights(self) -> None:
         # Layer scales at 0: a fresh MMFuser returns its query layer unchanged.
         init.zeros_(self.gamma1)
         init.zeros_(self.gamma2)
+        # Runs after the deformable attentions' own (Deformable DETR's) initialisation: moves their starting points.
+        first_radius = MMFUSER_OFFSET_INITS[self.offset_init]
+        if first_radius != MMFUSER_OFFSET_INITS["deformable_detr"]:
+            init_sampling_offsets(self.cross_attn, first_radius)
+            init_sampling_offsets(self.self_attn, first_radius)
 
     def forward(self, vision_hidden_states, instruction_embeds=None) -> FuserOutput:
         *level_layers, query_layer = self.layers

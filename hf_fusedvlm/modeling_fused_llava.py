@@ -1,15 +1,8 @@
 """PyTorch FusedLlava: LLaVA whose visual tokens fuse several vision-encoder layers."""
 
-import copy
-import importlib.metadata
-import importlib.util
-import json
-import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoModel,
@@ -17,42 +10,22 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaModel,
     LlavaPreTrainedModel,
-    PreTrainedConfig,
 )
-from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaModelOutputWithPast
-from transformers.quantizers.base import get_keys_to_not_convert
-from transformers.utils import is_bitsandbytes_available, output_capturing
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_fused_llava import FusedLlavaConfig
-from .fusers import FUSERS, build_fuser, init_fuser_weights
+from .modeling_fusion import (
+    FusedLlavaImageFeaturesOutput,
+    FusedPreTrainedMixin,
+    FusedVisionMixin,
+    add_balance_loss,
+)
 
 
 # The start of LlavaModel.get_placeholder_mask's error, which code and tests written for LLaVA match.
 IMAGE_MISMATCH_PHRASE = "Image features and image tokens do not match"
-
-# transformers >= 5.23 (which added `select_hidden_states`) records exactly the hidden-state indices listed in
-# `output_hidden_states`; older releases shift such a list by one, so they record every layer and the fuser's are kept.
-RECORDS_LISTED_HIDDEN_STATES = hasattr(output_capturing, "select_hidden_states")
-
-
-@dataclass
-class FusedLlavaImageFeaturesOutput(BaseModelOutputWithPooling):
-    r"""
-    pooler_output (`list[torch.Tensor]`):
-        One `(num_patches, text_hidden_size)` tensor per image: the projected fused features.
-    fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
-        Per-image weights over the layer groups (`igva`, `average`).
-    balance_loss (`torch.Tensor` of shape `()`, *optional*):
-        IGVA's weighted balance loss for these images.
-    """
-
-    fusion_weights: torch.Tensor | None = None
-    balance_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -78,348 +51,20 @@ class FusedLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     balance_loss: torch.Tensor | None = None
 
 
-class FusedLlavaMultiModalProjector(nn.Module):
-    """LLaVA's two-layer MLP projector, reading the fuser's `output_size` channels (same parameter names)."""
-
-    def __init__(self, config: FusedLlavaConfig, input_size: int):
-        super().__init__()
-        text_size = config.text_config.hidden_size
-        self.linear_1 = nn.Linear(input_size, text_size, bias=config.multimodal_projector_bias)
-        self.act = ACT2FN[config.projector_hidden_act]
-        self.linear_2 = nn.Linear(text_size, text_size, bias=config.multimodal_projector_bias)
-
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(image_features)))
-
-
-# Oldest bitsandbytes that runs 4-bit on CPU; the `quantization` extra of pyproject.toml requires the same.
-BITSANDBYTES_MIN_VERSION = "0.48.0"
-
-
-def check_bitsandbytes(quantization_config) -> None:
-    """Raise a clear `ImportError` when `quantization_config` asks for bitsandbytes and it is missing or too old."""
-    if isinstance(quantization_config, dict):
-        quant_method = quantization_config.get("quant_method")
-    else:
-        quant_method = getattr(quantization_config, "quant_method", None)
-    if quant_method != "bitsandbytes" or is_bitsandbytes_available(min_version=BITSANDBYTES_MIN_VERSION):
-        return
-    if importlib.util.find_spec("bitsandbytes") is None:
-        found = "bitsandbytes is not installed"
-    else:
-        found = f"bitsandbytes {importlib.metadata.version('bitsandbytes')} is installed"
-    raise ImportError(
-        f"Loading a fused LLaVA in 4-bit or 8-bit needs bitsandbytes>={BITSANDBYTES_MIN_VERSION}, but {found}: "
-        'run `pip install "hf-fusedvlm[quantization]"` (or `pip install -U "bitsandbytes>='
-        f'{BITSANDBYTES_MIN_VERSION}"` where hf-fusedvlm is used through trust_remote_code).'
-    )
-
-
-def corrupt_safetensors_files(folder) -> str | None:
-    """The safetensors files of a local `folder` that cannot be opened, as a sentence, or None."""
-    if not os.path.isdir(folder):
-        return None
-    corrupt = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(os.path.join(folder, name), framework="pt"):
-                    pass
-            except (SafetensorError, OSError):
-                corrupt.append(name)
-    return f"{', '.join(corrupt)} cannot be read; download or save it again" if corrupt else None
-
-
-def missing_weight_files(folder) -> str | None:
-    """The shards that the safetensors index of a local `folder` names but the folder lacks, as a sentence, or None
-    (a deleted or never-copied shard would otherwise surface as a FileNotFoundError deep inside loading)."""
-    index_file = os.path.join(folder, "model.safetensors.index.json") if os.path.isdir(folder) else None
-    if index_file is None or not os.path.isfile(index_file):
-        return None
-    try:
-        with open(index_file, encoding="utf-8") as handle:
-            shards = sorted(set(json.load(handle)["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return f"{index_file} is not a valid safetensors index; download or save the checkpoint again"
-    missing = [name for name in shards if not os.path.isfile(os.path.join(folder, name))]
-    if not missing:
-        return None
-    return (
-        f"{folder} is incomplete: its model.safetensors.index.json names {', '.join(missing)}, which "
-        f"{'is' if len(missing) == 1 else 'are'} missing; download or copy the whole checkpoint again"
-    )
-
-
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-
-
-def _hub_kwargs(kwargs: dict) -> dict:
-    return {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-
-
-def check_fused_checkpoint(pretrained_model_name_or_path, kwargs: dict) -> None:
-    """Raise a clear `ValueError` when the checkpoint's `config.json` is not a fused LLaVA's (a llava-hf or original
-    LLaVA checkpoint): its weights would leave the language model randomly initialised."""
-    if pretrained_model_name_or_path is None or kwargs.get("gguf_file") is not None:
-        return
-    try:
-        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
-    except (OSError, ValueError):
-        return  # no readable config.json: from_pretrained reports that itself
-    model_type = config_dict.get("model_type")
-    if model_type == FusedLlavaConfig.model_type:
-        return
-    raise ValueError(
-        f"{pretrained_model_name_or_path} is not a fused LLaVA checkpoint (its config.json has model_type="
-        f"{model_type!r}); loading it would leave the fused model's language model randomly initialised. Convert it "
-        f"first, e.g. `fusedvlm-convert --input {pretrained_model_name_or_path} --output <folder> --fuser mmfuser` "
-        f"(fuser: {', '.join(FUSERS)}; those that read the instruction also need --instruction-encoder), then load "
-        "the output folder."
-    )
-
-
-def pool_sentence_embeddings(
-    last_hidden_state: torch.Tensor, attention_mask: torch.Tensor, config: FusedLlavaConfig
-) -> torch.Tensor:
-    """Sentence embeddings `(num_instructions, encoder_hidden)` pooled from the instruction encoder's
-    `last_hidden_state` `(num_instructions, length, encoder_hidden)` as sentence-transformers does
-    (`config.instruction_pooling`: masked mean, first token or masked channel-wise max), then L2-normalised if
-    `config.instruction_embedding_normalize`."""
-    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
-    if config.instruction_pooling == "cls":
-        embeds = last_hidden_state[:, 0]
-    elif config.instruction_pooling == "max":
-        # Padding must never win the maximum; sentence-transformers fills it with -1e9 the same way.
-        embeds = last_hidden_state.masked_fill(mask == 0, -1e9).max(1).values
-    else:
-        embeds = (last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-    if config.instruction_embedding_normalize:
-        embeds = F.normalize(embeds, p=2, dim=-1)
-    return embeds
-
-
-class FusedLlavaPreTrainedModel(LlavaPreTrainedModel):
+class FusedLlavaPreTrainedModel(FusedPreTrainedMixin, LlavaPreTrainedModel):
     config: FusedLlavaConfig
 
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        init_fuser_weights(module)
 
-    @classmethod
-    def is_custom_code(cls) -> bool:
-        """`False`: initialise as transformers' own models are initialised.
-
-        For custom code, transformers' `initialize_weights` marks a module initialised, without calling its
-        `_init_weights`, when all the module's *own* parameters are; it passes that choice down to the sub-models, so
-        CLIP's attention and MLP blocks and the deformable attention (whose linears are children) would keep the
-        generic `Linear` init when weights are missing from a checkpoint, unlike a model built with `__init__`. That
-        shortcut protects remote code whose `_init_weights` overwrites loaded tensors; this model and its sub-models
-        initialise only through `transformers.initialization`, which leaves loaded tensors untouched."""
-        return False
-
-    def _fusion_module_prefixes(self) -> tuple[list[str], list[str]]:
-        """`(fp32_modules, strict_fp32_modules)` of this model, from its config: the instruction encoder (`igva`)
-        stays fp32 under fp16 and the fuser, when it has weights, under fp16 and bf16 (deformable sampling and the
-        group softmax need fp32). Patterns match module names from the start, so they carry this model's prefix."""
-        prefix = "" if isinstance(self, FusedLlavaModel) else f"{self.base_model_prefix}."
-        has_fuser_weights = any(True for _ in self.base_model.fuser.parameters())
-        has_encoder = self.base_model.instruction_encoder is not None
-        return [f"{prefix}instruction_encoder"] if has_encoder else [], [f"{prefix}fuser"] if has_fuser_weights else []
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, first refusing a file path and checkpoints that are not fused LLaVAs
-        (they would load with a randomly initialised language model), checking that a bitsandbytes
-        `quantization_config` (passed, or in the `config` that the Auto classes pass) can be honoured, and keeping the
-        fuser and the instruction encoder out of bitsandbytes quantisation; then refusing weights that belong to
-        another fuser than the config's `fuser_type`, and naming a corrupt shard."""
-        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(
-            pretrained_model_name_or_path
-        ):
-            raise ValueError(
-                f"{pretrained_model_name_or_path} is a file: pass the checkpoint's folder (the one holding config.json "
-                "and the weights) or its Hub id."
-            )
-        check_fused_checkpoint(pretrained_model_name_or_path, kwargs)
-        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-            subfolder = kwargs.get("subfolder") or ""
-            missing = missing_weight_files(
-                os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
-            )
-            if missing:
-                raise OSError(missing + ".")
-        quantization_config = kwargs.get("quantization_config") or getattr(
-            kwargs.get("config"), "quantization_config", None
-        )
-        check_bitsandbytes(quantization_config)
-        if kwargs.get("quantization_config") is not None:
-            kwargs["quantization_config"] = cls._skip_fusion_in_quantization(
-                pretrained_model_name_or_path, kwargs["quantization_config"], kwargs
-            )
-        wants_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
-        except SafetensorError as error:
-            raise OSError(
-                f"A weights file of {pretrained_model_name_or_path} is corrupt or truncated ({error}): "
-                f"{corrupt_safetensors_files(pretrained_model_name_or_path) or 'download it again'}."
-            ) from error
-        except RuntimeError as error:
-            if "ignore_mismatched_sizes" not in str(error):
-                raise
-            raise ValueError(
-                f"The weights of {pretrained_model_name_or_path} do not have the shapes its config describes (see the "
-                "report above): was config.json edited (fuser_type, fuser_layers, ...) after saving? A fused "
-                "checkpoint's fuser can only be changed by converting its plain source again."
-            ) from error
-        foreign = [key for key in info["unexpected_keys"] if key.startswith(("model.fuser.", "fuser."))]
-        if foreign:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds fuser weights that fuser_type={model.config.fuser_type!r} does "
-                f"not have ({', '.join(sorted(foreign)[:4])}, ...): its config.json names another fuser than the one "
-                "its weights were saved with. Restore the saved fuser_type, or convert the plain source again."
-            )
-        return (model, info) if wants_info else model
-
-    @classmethod
-    def _skip_fusion_in_quantization(cls, pretrained_model_name_or_path, quantization_config, kwargs):
-        """A copy of a bitsandbytes `quantization_config` whose `llm_int8_skip_modules` also names the fuser.
-
-        transformers' quantizers leave `_keep_in_fp32_modules` unquantised but not `_keep_in_fp32_modules_strict`,
-        where the fuser is. When the user gives no skip list, transformers' automatic skips (`lm_head`, ...) are kept
-        by computing them on a weightless copy of the model."""
-        method = (
-            quantization_config.get("quant_method")
-            if isinstance(quantization_config, dict)
-            else getattr(quantization_config, "quant_method", None)
-        )
-        if method != "bitsandbytes" or isinstance(quantization_config, dict):
-            return quantization_config
-        config = kwargs.get("config")
-        if not isinstance(config, PreTrainedConfig):
-            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
-        with torch.device("meta"), init.no_init_weights():
-            skeleton = cls(copy.deepcopy(config))
-        skip = quantization_config.llm_int8_skip_modules
-        skip = list(get_keys_to_not_convert(skeleton) if skip is None else skip)
-        fp32_modules, strict_fp32_modules = skeleton._fusion_module_prefixes()
-        quantization_config = copy.deepcopy(quantization_config)
-        quantization_config.llm_int8_skip_modules = skip + [
-            m for m in fp32_modules + strict_fp32_modules if m not in skip
-        ]
-        return quantization_config
-
-    def fuser_memory_footprint(self, return_buffers: bool = True) -> dict[str, int | float]:
-        """How much of [`~PreTrainedModel.get_memory_footprint`] (same counting rule, so quantised weights count at
-        their storage size) the fusion adds: returns `total`, `fuser` and `instruction_encoder` in bytes, and
-        `share`, the fraction of `total` taken by the fuser and the instruction encoder together."""
-
-        def footprint(module: nn.Module | None) -> int:
-            if module is None:
-                return 0
-            tensors = [*module.parameters(), *(module.buffers() if return_buffers else ())]
-            return sum(tensor.nelement() * tensor.element_size() for tensor in tensors)
-
-        total = self.get_memory_footprint(return_buffers=return_buffers)
-        fuser, encoder = footprint(self.base_model.fuser), footprint(self.base_model.instruction_encoder)
-        return {"total": total, "fuser": fuser, "instruction_encoder": encoder, "share": (fuser + encoder) / total}
-
-
-class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
+class FusedLlavaModel(FusedVisionMixin, FusedLlavaPreTrainedModel, LlavaModel):
     """LLaVA model whose image features come from `fuser` over several vision layers (no LM head)."""
 
     def __init__(self, config: FusedLlavaConfig):
         super(LlavaModel, self).__init__(config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.fuser = build_fuser(config)
-        # The fuser reads all its layers at once: a device map must keep it on one device. `post_init` merges this
-        # per-instance list into the model's.
-        self._no_split_modules = [type(self.fuser).__name__]
-        self.multi_modal_projector = FusedLlavaMultiModalProjector(config, self.fuser.output_size)
+        self.build_fusion(config)
         self.language_model = AutoModel.from_config(config.text_config)
-        if self.fuser.reads_instruction:
-            self.instruction_encoder = AutoModel.from_config(config.instruction_encoder_config)
-            self.instruction_encoder.requires_grad_(False)
-        else:
-            self.instruction_encoder = None
-        self._built_feature_selection = (
-            config.normalised_feature_layer(config.vision_feature_layer),
-            config.vision_feature_select_strategy,
-        )
         # Depend on the fuser type: only modules that exist are named (see `_fusion_module_prefixes`).
         self._keep_in_fp32_modules, self._keep_in_fp32_modules_strict = self._fusion_module_prefixes()
         self.post_init()
-
-    @torch.no_grad()
-    def embed_instructions(
-        self, instruction_input_ids: torch.LongTensor, instruction_attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Sentence embeddings of the instructions, pooled from the frozen encoder's last hidden state as
-        sentence-transformers does (`config.instruction_pooling`: masked mean, first token or masked channel-wise
-        max), then L2-normalised if `config.instruction_embedding_normalize`. Returns
-        `(num_instructions, encoder_hidden)`."""
-        if instruction_attention_mask is None:
-            instruction_attention_mask = torch.ones_like(instruction_input_ids)
-        hidden = self.instruction_encoder(
-            input_ids=instruction_input_ids, attention_mask=instruction_attention_mask
-        ).last_hidden_state
-        return pool_sentence_embeddings(hidden, instruction_attention_mask, self.config)
-
-    def _instruction_embeds_per_image(
-        self, num_images: int, instruction_input_ids, instruction_attention_mask, image_sample_index
-    ) -> torch.Tensor | None:
-        if self.instruction_encoder is None:
-            return None
-        if instruction_input_ids is None:
-            raise ValueError(
-                f"fuser_type={self.config.fuser_type!r} reads the user's instruction: pass instruction_input_ids and "
-                "instruction_attention_mask (FusedLlavaProcessor returns them when it has an instruction_tokenizer: "
-                "load the processor saved with the checkpoint via AutoProcessor.from_pretrained, or build one with "
-                "FusedLlavaProcessor.from_llava_processor(llava_processor, instruction_tokenizer=...))."
-            )
-        embeds = self.embed_instructions(instruction_input_ids, instruction_attention_mask)
-        if image_sample_index is None:
-            if embeds.shape[0] != num_images:
-                raise ValueError(
-                    f"Got {embeds.shape[0]} instructions for {num_images} images: pass image_sample_index (the "
-                    "instruction row of each image) when a sample has several images or none."
-                )
-            return embeds
-        if image_sample_index.shape != (num_images,):
-            raise ValueError(
-                f"image_sample_index must have shape ({num_images},), one entry per image, got "
-                f"{tuple(image_sample_index.shape)}."
-            )
-        if num_images and not 0 <= int(image_sample_index.min()) <= int(image_sample_index.max()) < embeds.shape[0]:
-            raise ValueError(
-                f"image_sample_index {image_sample_index.tolist()} points outside the {embeds.shape[0]} instructions: "
-                "each entry is the row of its image's sample in instruction_input_ids (0 to "
-                f"{embeds.shape[0] - 1})."
-            )
-        return embeds[image_sample_index.to(embeds.device)]
-
-    def check_feature_selection(self, vision_feature_layer=None, vision_feature_select_strategy=None) -> None:
-        """Raise a clear `ValueError` when the config's or the call's vision feature selection differs from the one
-        the fuser was built for: its layers and its token selection are fixed at construction."""
-        built_layer, select_strategy = self._built_feature_selection
-        for source, layer, strategy in (
-            ("config", self.config.vision_feature_layer, self.config.vision_feature_select_strategy),
-            ("call", vision_feature_layer, vision_feature_select_strategy),
-        ):
-            if layer is not None and self.config.normalised_feature_layer(layer) != built_layer:
-                raise ValueError(
-                    f"vision_feature_layer={layer!r} (from the {source}) differs from {built_layer}, the layer(s) this "
-                    "model's fuser was built for; the fused layers cannot change after construction: build a new "
-                    "model from a config with the layers you want (vision_feature_layer, fuser_layers, "
-                    "fuser_layer_groups)."
-                )
-            if strategy is not None and strategy != select_strategy:
-                raise ValueError(
-                    f"vision_feature_select_strategy={strategy!r} (from the {source}) differs from "
-                    f"{select_strategy!r}, the one this model's fuser was built for: build a new model instead."
-                )
 
     @can_return_tuple
     def get_image_features(
@@ -456,35 +101,12 @@ class FusedLlavaModel(FusedLlavaPreTrainedModel, LlavaModel):
             per image.
         """
         self.check_feature_selection(vision_feature_layer, vision_feature_select_strategy)
-        layers_needed = self.config.vision_layers_needed
-        all_requested = bool(kwargs.get("output_hidden_states"))
-        if not all_requested:
-            # As `select_hidden_states` does for LLaVA: record only the layers the fuser reads unless all are asked for.
-            kwargs["output_hidden_states"] = layers_needed if RECORDS_LISTED_HIDDEN_STATES else True
-        image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        # What a plain LLaVA's projector would receive: the tower's activations, whatever dtype pixel_values had.
-        vision_dtype = image_outputs.last_hidden_state.dtype
-        fuser_dtype = next(self.fuser.parameters(), image_outputs.last_hidden_state).dtype
-        recorded = image_outputs.hidden_states
-        if not all_requested:
-            recorded = tuple(state if index in layers_needed else None for index, state in enumerate(recorded))
-        hidden_states = tuple(None if state is None else state.to(fuser_dtype) for state in recorded)
         instruction_embeds = self._instruction_embeds_per_image(
             pixel_values.shape[0], instruction_input_ids, instruction_attention_mask, image_sample_index
         )
-        fused = self.fuser(hidden_states, instruction_embeds)
-        projector_dtype = self.multi_modal_projector.linear_2.weight.dtype
-        if projector_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            projector_dtype = vision_dtype  # quantised projector (uint8/int8 storage): feed it the tower's dtype
-        image_features = self.multi_modal_projector(fused.features.to(projector_dtype))
-        return FusedLlavaImageFeaturesOutput(
-            last_hidden_state=image_outputs.last_hidden_state,
-            pooler_output=list(image_features),
-            hidden_states=recorded,
-            attentions=image_outputs.attentions,
-            fusion_weights=fused.fusion_weights,
-            balance_loss=fused.balance_loss,
-        )
+        outputs = self.fused_image_features(pixel_values, instruction_embeds, **kwargs)
+        outputs.pooler_output = list(outputs.pooler_output)
+        return outputs
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
@@ -602,17 +224,6 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
     def fuser(self):
         return self.model.fuser
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, with `auto_map` naming this class for both `AutoModel` and
-        `AutoModelForImageTextToText`, so that remote-code users can load and `generate()` with either."""
-        class_path = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
-        self.config.auto_map = {
-            **(getattr(self.config, "auto_map", None) or {}),
-            "AutoModel": class_path,
-            "AutoModelForImageTextToText": class_path,
-        }
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
@@ -683,14 +294,7 @@ class FusedLlavaForConditionalGeneration(FusedLlavaPreTrainedModel, LlavaForCond
             **kwargs,
         )
         image_outputs = mm_encoder_outputs.get("image")
-        balance_loss = getattr(image_outputs, "balance_loss", None)
-        if labels is not None and balance_loss is not None:
-            outputs.loss = outputs.loss + balance_loss.to(outputs.loss.device)
-        return FusedLlavaCausalLMOutputWithPast(
-            **outputs,
-            fusion_weights=getattr(image_outputs, "fusion_weights", None),
-            balance_loss=balance_loss,
-        )
+        return FusedLlavaCausalLMOutputWithPast(**add_balance_loss(outputs, image_outputs, labels))
 
 
 __all__ = ["FusedLlavaPreTrainedModel", "FusedLlavaModel", "FusedLlavaForConditionalGeneration"]

@@ -13,8 +13,10 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedConfig, PreTrainedModel
 
 from .configuration_fused_llava import FusedLlavaConfig
+from .configuration_fused_llava_next import FusedLlavaNextConfig
 from .fusers import build_fuser, fuser_class
 from .modeling_fused_llava import FusedLlavaForConditionalGeneration
+from .modeling_fused_llava_next import FusedLlavaNextForConditionalGeneration
 
 
 PROJECTOR_INPUT_KEY = "model.multi_modal_projector.linear_1.weight"
@@ -30,7 +32,29 @@ LEGACY_LLAVA_KEY_RENAMES = (
     (re.compile(r"^(model\.)?vision_tower\.vision_model\."), "model.vision_tower."),
     (re.compile(r"^vision_tower\."), "model.vision_tower."),
     (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+    (re.compile(r"^image_newline$"), "model.image_newline"),
 )
+
+
+# The fused config and model class of each plain LLaVA family, by the source config's `model_type`.
+FUSED_FAMILIES = {
+    "llava": (FusedLlavaConfig, FusedLlavaForConditionalGeneration),
+    "llava_next": (FusedLlavaNextConfig, FusedLlavaNextForConditionalGeneration),
+}
+
+
+FUSED_MODEL_CLASSES = {config_class: model_class for config_class, model_class in FUSED_FAMILIES.values()}
+
+
+def fused_family(llava_config: PreTrainedConfig) -> tuple[type, type]:
+    """(fused config class, fused model class) of a plain LLaVA config (LLaVA-1.5 or LLaVA-NeXT)."""
+    family = FUSED_FAMILIES.get(llava_config.model_type)
+    if family is None:
+        raise ValueError(
+            f"A {llava_config.model_type!r} model cannot be fused: the supported sources are "
+            f"{', '.join(FUSED_FAMILIES)} (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)."
+        )
+    return family
 
 
 def llava_checkpoint_key(name: str) -> str:
@@ -47,15 +71,16 @@ def fused_config_from_llava(
     instruction_encoder_config: PreTrainedConfig | None = None,
     **fuser_kwargs,
 ) -> FusedLlavaConfig:
-    """The fused config of a plain LLaVA config: all LLaVA fields kept, fuser fields from the arguments (a source
-    whose `vision_feature_layer` lists several layers gives `concat` over them, see `FusedLlavaConfig`)."""
+    """The fused config of a plain LLaVA (or LLaVA-NeXT) config: all its fields kept, fuser fields from the arguments
+    (a source whose `vision_feature_layer` lists several layers gives `concat` over them, see `FusedLlavaConfig`)."""
+    config_class, model_class = fused_family(llava_config)
     fields = llava_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
         fields.pop(key, None)
     if fuser_class(fuser_type).reads_instruction:
         fields["instruction_encoder_config"] = instruction_encoder_config
-    config = FusedLlavaConfig(**fields, fuser_type=fuser_type, **fuser_kwargs)
-    config.architectures = [FusedLlavaForConditionalGeneration.__name__]
+    config = config_class(**fields, fuser_type=fuser_type, **fuser_kwargs)
+    config.architectures = [model_class.__name__]
     return config
 
 
@@ -114,8 +139,10 @@ def fused_from_llava(
     fuser_type: str,
     instruction_encoder: PreTrainedModel | None = None,
     **fuser_kwargs,
-) -> FusedLlavaForConditionalGeneration:
-    """A `FusedLlavaForConditionalGeneration` that computes exactly what `llava` computes (until trained).
+) -> PreTrainedModel:
+    """A fused model that computes exactly what `llava` computes (until trained): a
+    `FusedLlavaForConditionalGeneration` for a `LlavaForConditionalGeneration`, a
+    `FusedLlavaNextForConditionalGeneration` for a `LlavaNextForConditionalGeneration`.
 
     Args:
         llava: the plain source model; its tensors are copied unchanged.
@@ -123,9 +150,9 @@ def fused_from_llava(
         instruction_encoder: the sentence encoder for `igva` (its weights are copied in and frozen).
         fuser_kwargs: further `FusedLlavaConfig` fuser fields (`fuser_layers`, `fuser_layer_groups`, ...).
     """
-    if isinstance(llava, FusedLlavaForConditionalGeneration) or isinstance(llava.config, FusedLlavaConfig):
+    if isinstance(llava.config, FusedLlavaConfig):
         raise TypeError(
-            f"fused_from_llava converts a plain LlavaForConditionalGeneration; got a fused model (fuser_type="
+            f"fused_from_llava converts a plain LLaVA or LLaVA-NeXT model; got a fused model (fuser_type="
             f"{llava.config.fuser_type!r}): convert its plain source instead, or load it with from_pretrained."
         )
     reads_instruction = fuser_class(fuser_type).reads_instruction
@@ -144,7 +171,7 @@ def fused_from_llava(
         state_dict.update(
             {INSTRUCTION_ENCODER_PREFIX + name: tensor for name, tensor in instruction_encoder.state_dict().items()}
         )
-    fused = FusedLlavaForConditionalGeneration(config)
+    fused = fused_family(llava.config)[1](config)
     fused.load_state_dict(state_dict, strict=True)
     fused.generation_config = llava.generation_config
     return fused.to(llava.dtype).eval()

@@ -151,59 +151,9 @@ class _HeldSubProcessors:
         return get_attributes
 
 
-class FusedLlavaProcessor(LlavaProcessor):
-    r"""
-    Constructs a FusedLlava processor: a [`LlavaProcessor`] (image processor, LLM tokenizer, chat template) plus, for
-    fusers that read the user's instruction (`igva`), the instruction encoder's own tokenizer, as InstructBLIP's
-    processor feeds its Q-Former tokenizer. One call returns everything [`FusedLlavaForConditionalGeneration`] takes:
-
-    - `input_ids`, `attention_mask` `(batch_size, sequence_length)`: the LLM prompt, each image token expanded to the
-      image's number of patches as LLaVA does. Pass `padding=True, padding_side="left"` for batched generation.
-    - `pixel_values` `(num_images, num_channels, height, width)`; image-processor options such as LLaVA-1.5's
-      pad-to-square `do_pad` pass through.
-    - With an instruction tokenizer: `instruction_input_ids`, `instruction_attention_mask`
-      `(batch_size, instruction_length)`, one row per sample, padded on the right (the encoder mean-pools under the
-      mask and uses absolute positions); and, when the images are not exactly one per sample,
-      `image_sample_index` `(num_images,)`: the sample (instruction row) of each image, in the order the images are
-      given. Without an instruction tokenizer (`mmfuser`, `concat`, `average`, `none`) none of these is produced.
-
-    Where each sample's instruction comes from, in this order:
-
-    1. `instructions=` (one string per sample) given to `__call__` or `apply_chat_template`, used as is.
-    2. `apply_chat_template(..., tokenize=True)`: the text blocks of the last user message, see
-       [`instruction_from_conversation`] (images and the other roles removed).
-    3. A raw prompt string: its last user turn, see [`~FusedLlavaProcessor.get_instruction`]: the text after the chat
-       template's last user marker (e.g. `USER:`), up to the assistant marker (`ASSISTANT:`), with the image token and
-       the LLM tokenizer's special tokens removed. The markers are found by rendering a probe conversation with the
-       chat template; without one the whole prompt is the instruction. A system prefix is dropped with everything
-       before the last user marker.
-
-    2 and 3 collapse whitespace, so the same question gives the same instruction whether it comes from a
-    conversation, the prompt rendered from it, or a hand-written prompt in the template's format.
-
-    Instructions longer than the instruction tokenizer's `model_max_length` are truncated to it with a warning that
-    names the samples, as sentence-transformers truncates at its encoder's limit, so long prompts keep working in
-    pipelines.
-
-    Args:
-        image_processor ([`BaseImageProcessor`], *optional*):
-            The source LLaVA's image processor (LLaVA-1.5's pad-to-square is [`LlavaImageProcessor`]'s `do_pad`).
-        tokenizer ([`PreTrainedTokenizerBase`], *optional*):
-            The LLM tokenizer.
-        instruction_tokenizer ([`PreTrainedTokenizerBase`], *optional*):
-            The tokenizer of the model's instruction encoder (e.g. all-mpnet-base-v2's for `igva`). Saved to and loaded
-            from the subfolder `instruction_tokenizer/`. Leave it out for fusers that read no instruction.
-        patch_size (`int`, *optional*):
-            Patch size of the vision tower.
-        vision_feature_select_strategy (`str`, *optional*):
-            `"default"` (drop the CLS token) or `"full"`, as in the model's config.
-        chat_template (`str`, *optional*):
-            A Jinja template that renders a conversation into a prompt.
-        image_token (`str`, *optional*, defaults to `"<image>"`):
-            The image placeholder in prompts (the tokenizer's `image_token` wins when it has one).
-        num_additional_image_tokens (`int`, *optional*, defaults to 0):
-            Tokens the vision tower adds to the patches (1 for a CLS token).
-    """
+class FusedProcessorMixin:
+    """What a fused model's processor adds to its LLaVA processor (`LlavaProcessor`, `LlavaNextProcessor`): the
+    instruction tokenizer and the routing of each sample's instruction to it; see [`FusedLlavaProcessor`]."""
 
     get_attributes = _HeldSubProcessors()
 
@@ -235,10 +185,11 @@ class FusedLlavaProcessor(LlavaProcessor):
         self._role_markers = {}  # chat template -> (user marker, assistant marker)
 
     @classmethod
-    def from_llava_processor(cls, llava_processor: LlavaProcessor, instruction_tokenizer=None) -> "FusedLlavaProcessor":
-        """A `FusedLlavaProcessor` with copies of `llava_processor`'s image processor, tokenizer, chat template and
-        LLaVA settings (patch size, feature strategy, image token, additional image tokens), plus
-        `instruction_tokenizer` (for `igva`)."""
+    def from_llava_processor(cls, llava_processor, instruction_tokenizer=None):
+        """This processor with copies of `llava_processor`'s image processor, tokenizer, chat template and LLaVA
+        settings (patch size, feature strategy, image token, additional image tokens), plus `instruction_tokenizer`
+        (for `igva`); `llava_processor` is the plain processor this class extends (`LlavaProcessor` for
+        `FusedLlavaProcessor`, `LlavaNextProcessor` for `FusedLlavaNextProcessor`)."""
         return cls(
             image_processor=copy.deepcopy(llava_processor.image_processor),
             tokenizer=copy.deepcopy(llava_processor.tokenizer),
@@ -451,8 +402,64 @@ class FusedLlavaProcessor(LlavaProcessor):
         return list(dict.fromkeys(names))
 
 
+class FusedLlavaProcessor(FusedProcessorMixin, LlavaProcessor):
+    r"""
+    Constructs a FusedLlava processor: a [`LlavaProcessor`] (image processor, LLM tokenizer, chat template) plus, for
+    fusers that read the user's instruction (`igva`), the instruction encoder's own tokenizer, as InstructBLIP's
+    processor feeds its Q-Former tokenizer. One call returns everything [`FusedLlavaForConditionalGeneration`] takes:
+
+    - `input_ids`, `attention_mask` `(batch_size, sequence_length)`: the LLM prompt, each image token expanded to the
+      image's number of patches as LLaVA does. Pass `padding=True, padding_side="left"` for batched generation.
+    - `pixel_values` `(num_images, num_channels, height, width)`; image-processor options such as LLaVA-1.5's
+      pad-to-square `do_pad` pass through.
+    - With an instruction tokenizer: `instruction_input_ids`, `instruction_attention_mask`
+      `(batch_size, instruction_length)`, one row per sample, padded on the right (the encoder mean-pools under the
+      mask and uses absolute positions); and, when the images are not exactly one per sample,
+      `image_sample_index` `(num_images,)`: the sample (instruction row) of each image, in the order the images are
+      given. Without an instruction tokenizer (`mmfuser`, `concat`, `average`, `none`) none of these is produced.
+
+    Where each sample's instruction comes from, in this order:
+
+    1. `instructions=` (one string per sample) given to `__call__` or `apply_chat_template`, used as is.
+    2. `apply_chat_template(..., tokenize=True)`: the text blocks of the last user message, see
+       [`instruction_from_conversation`] (images and the other roles removed).
+    3. A raw prompt string: its last user turn, see [`~FusedLlavaProcessor.get_instruction`]: the text after the chat
+       template's last user marker (e.g. `USER:`), up to the assistant marker (`ASSISTANT:`), with the image token and
+       the LLM tokenizer's special tokens removed. The markers are found by rendering a probe conversation with the
+       chat template; without one the whole prompt is the instruction. A system prefix is dropped with everything
+       before the last user marker.
+
+    2 and 3 collapse whitespace, so the same question gives the same instruction whether it comes from a
+    conversation, the prompt rendered from it, or a hand-written prompt in the template's format.
+
+    Instructions longer than the instruction tokenizer's `model_max_length` are truncated to it with a warning that
+    names the samples, as sentence-transformers truncates at its encoder's limit, so long prompts keep working in
+    pipelines.
+
+    Args:
+        image_processor ([`BaseImageProcessor`], *optional*):
+            The source LLaVA's image processor (LLaVA-1.5's pad-to-square is [`LlavaImageProcessor`]'s `do_pad`).
+        tokenizer ([`PreTrainedTokenizerBase`], *optional*):
+            The LLM tokenizer.
+        instruction_tokenizer ([`PreTrainedTokenizerBase`], *optional*):
+            The tokenizer of the model's instruction encoder (e.g. all-mpnet-base-v2's for `igva`). Saved to and loaded
+            from the subfolder `instruction_tokenizer/`. Leave it out for fusers that read no instruction.
+        patch_size (`int`, *optional*):
+            Patch size of the vision tower.
+        vision_feature_select_strategy (`str`, *optional*):
+            `"default"` (drop the CLS token) or `"full"`, as in the model's config.
+        chat_template (`str`, *optional*):
+            A Jinja template that renders a conversation into a prompt.
+        image_token (`str`, *optional*, defaults to `"<image>"`):
+            The image placeholder in prompts (the tokenizer's `image_token` wins when it has one).
+        num_additional_image_tokens (`int`, *optional*, defaults to 0):
+            Tokens the vision tower adds to the patches (1 for a CLS token).
+    """
+
+
 __all__ = [
     "FusedLlavaProcessor",
+    "FusedProcessorMixin",
     "instruction_from_conversation",
     "instruction_from_prompt",
     "missing_chat_template_message",

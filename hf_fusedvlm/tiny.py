@@ -14,6 +14,10 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaImageProcessorPil,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
@@ -21,6 +25,7 @@ from transformers import (
 from .fusers import IGVAFuser, fuser_class
 from .parity import fused_from_llava
 from .processing_fused_llava import FusedLlavaProcessor
+from .processing_fused_llava_next import FusedLlavaNextProcessor
 
 
 IMAGE_TOKEN = "<image>"
@@ -225,6 +230,44 @@ def build_tiny_llava(
     return model, processor
 
 
+def tiny_image_grid_pinpoints(image_size: int = 32) -> list[list[int]]:
+    """LLaVA-NeXT's crop layouts (1x2, 2x1, 2x2 tiles of the tower's image size) for the tiny towers."""
+    return [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+
+
+def build_tiny_llava_next(
+    seed: int = 0, num_vision_layers: int = 6, *, num_text_heads: int = 4, image_size: int = 32
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A plain tiny `LlavaNextForConditionalGeneration` (the CLIP tower and Llama of [`tiny_llava_config`], with
+    `num_text_heads` heads, crops of `image_size` pixels tiled up to 2x2) and its `LlavaNextProcessor`, identical for
+    the same seed."""
+    tokenizer = build_tiny_llm_tokenizer()
+    fields = tiny_llava_config(
+        tokenizer, num_vision_layers, num_text_heads=num_text_heads, image_size=image_size
+    ).to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        fields.pop(key, None)
+    pinpoints = tiny_image_grid_pinpoints(image_size)
+    model = LlavaNextForConditionalGeneration(LlavaNextConfig(**fields, image_grid_pinpoints=pinpoints)).eval()
+    _seeded_init(model, seed)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+        do_convert_rgb=True,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
 def build_tiny_instruction_encoder(seed: int = 0):
     """A 1-layer BERT sentence encoder (64-d) and its WordPiece tokenizer."""
     tokenizer = build_tiny_instruction_tokenizer()
@@ -250,17 +293,31 @@ def build_tiny_fused(
     num_text_heads: int = 4,
     vision_model_type: str = "clip_vision_model",
     trained: bool = False,
+    family: str = "llava",
 ):
     """A tiny fused LLaVA of `fuser_type` converted from [`build_tiny_llava`] (with `num_text_heads` and
     `vision_model_type`; fusers that read the instruction with [`build_tiny_instruction_encoder`]), and its
-    `FusedLlavaProcessor`.
+    `FusedLlavaProcessor`. With `family="llava_next"`, a fused LLaVA-NeXT converted from [`build_tiny_llava_next`]
+    (CLIP tower only) and its `FusedLlavaNextProcessor`.
 
     With `trained=True` the model is moved away from its source as training would: seeded noise (std 0.05) is added
     to every fuser weight, MMFuser's gammas (zero at conversion) are drawn with std 0.2, IGVA's projection of the
     group features is shrunk 50 times, and the projector's first linear is drawn anew (std 0.2), new columns included.
     The fusion then shows in the logits, which is what checks of other engines need.
     """
-    llava, llava_processor = build_tiny_llava(seed, num_text_heads=num_text_heads, vision_model_type=vision_model_type)
+    if family == "llava":
+        llava, llava_processor = build_tiny_llava(
+            seed, num_text_heads=num_text_heads, vision_model_type=vision_model_type
+        )
+        processor_class = FusedLlavaProcessor
+    elif family == "llava_next" and vision_model_type == "clip_vision_model":
+        llava, llava_processor = build_tiny_llava_next(seed, num_text_heads=num_text_heads)
+        processor_class = FusedLlavaNextProcessor
+    else:
+        raise ValueError(
+            f"build_tiny_fused builds family='llava' (CLIP or SigLIP tower) or family='llava_next' (CLIP tower), not "
+            f"family={family!r} with vision_model_type={vision_model_type!r}."
+        )
     encoder = instruction_tokenizer = None
     if fuser_class(fuser_type).reads_instruction:
         encoder, instruction_tokenizer = build_tiny_instruction_encoder(seed)
@@ -285,5 +342,5 @@ def build_tiny_fused(
                 # The group features reach the aggregator far larger than the unit-norm sentence embedding, so its
                 # attention saturates and the instruction barely moves the weights; shrunk, the instruction counts.
                 model.model.fuser.cls_proj.weight.mul_(0.02)
-    processor = FusedLlavaProcessor.from_llava_processor(llava_processor, instruction_tokenizer=instruction_tokenizer)
+    processor = processor_class.from_llava_processor(llava_processor, instruction_tokenizer=instruction_tokenizer)
     return model, processor

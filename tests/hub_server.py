@@ -2,7 +2,8 @@
 
 It implements the endpoints `huggingface_hub` (2.x) calls for `create_repo`, `create_commit` (`/api/validate-yaml`
 for README.md, `preupload`, `commit`), `list_repo_files` / `list_repo_tree`, `repo_info` / `model_info`,
-`snapshot_download` and `hf_hub_download` (`HEAD` / `GET .../resolve/...`), with the headers the client reads
+`snapshot_download` and `hf_hub_download` (`HEAD` / `GET .../resolve/...`, the bytes sent counted per file), with the
+headers the client reads
 (`X-Repo-Commit`, `ETag`, `X-Error-Code`), plus the (empty) agent-harness registry the client fetches for its
 user agent. Every file is declared a "regular" upload in `preupload`, so commits carry
 the contents inline (no LFS / Xet transfer). Repos live in memory; commits, requests and authorization headers are
@@ -57,6 +58,7 @@ class FakeHub:
         self.unhandled: list[tuple[str, str]] = []
         self.authorizations: list[str | None] = []
         self.created: list[dict] = []  # create_repo payloads
+        self.served: dict[tuple[str, str], int] = {}  # (repo id, path) -> bytes of file contents sent
         self._lock = threading.Lock()
         self._server = None
         self._thread = None
@@ -268,6 +270,10 @@ class _Handler(BaseHTTPRequestHandler):
                     "EntryNotFound", f"{match['file']} not found", body=not head, headers={"X-Repo-Commit": repo.sha}
                 )
             etag = f'"{git_blob_sha1(data)}"'
+            if not head:
+                with hub._lock:
+                    key = (repo.repo_id, match["file"])
+                    hub.served[key] = hub.served.get(key, 0) + len(data)
             return self._send(200, raw=data, headers={"X-Repo-Commit": repo.sha, "ETag": etag}, body=not head)
 
         with hub._lock:

@@ -25,6 +25,11 @@ CASES = {
         {"fuser", "results", "full_depth_footprint_bytes"},
         lambda tmp: [],
     ),
+    "bench_llava_next.py": (
+        ["| variant | median s | ratio to plain | peak RSS rise (MiB) | ratio to plain |", "| mmfuser |"],
+        {"seconds", "time_ratio", "peak_rss_rise_bytes", "image_tokens"},
+        lambda tmp: [],
+    ),
     "bench_conversion.py": (
         ["| step    | median wall (s) | ratio to copy |", "goal wall <= 1.5 x copy"],
         {"checkpoint", "summary", "wall_ratio", "goals"},
@@ -62,5 +67,8 @@ def test_benchmark_quick_mode_prints_ratios_and_writes_json(script, tmp_path):
         assert all(entry["decode_ratio"] > 0 and entry["first_token_ratio"] > 0 for entry in precisions.values())
         full = results["full_depth_footprint_bytes"]
         assert full["4bit"]["fused"] > full["4bit"]["plain"] and full["fp32"]["plain"] > 6 * full["4bit"]["plain"]
+    elif script == "bench_llava_next.py":
+        assert set(results["time_ratio"]) == {"plain", *FUSER_TYPES} and results["time_ratio"]["plain"] == 1
+        assert all(rise > 0 for rise in results["peak_rss_rise_bytes"].values())
     else:
         assert results["wall_ratio"] > 0 and results["summary"]["convert"]["max_peak_rss_bytes"] > 0

@@ -5,7 +5,7 @@ import warnings
 import pytest
 from transformers import AutoConfig
 
-from hf_fusedvlm import FusedLlavaConfig
+from hf_fusedvlm import FusedLlavaConfig, FusedLlavaNextConfig
 from hf_fusedvlm.configuration_fused_llava import default_fuser_layer_groups, default_fuser_layers
 
 
@@ -196,6 +196,31 @@ def test_a_misspelt_key_in_config_json_is_refused_on_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="'vision_feature_layers'.*did you mean 'vision_feature_layer'.*config.json"):
         AutoConfig.from_pretrained(tmp_path)
+
+
+NEXT_TINY_VISION = {**TINY_VISION, "image_size": 32}
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"fuser_type": "average", "fuser_layer_groups": [[2, 2, 2], [5]]}, "group 1 [2, 2, 2] repeats hidden state"),
+        ({"fusertype": "concat"}, "FusedLlavaNextConfig got an unknown keyword 'fusertype'.*'fuser_type'"),
+        ({"vision_feature_layers": [-2, -3]}, "unknown keyword 'vision_feature_layers'.*'vision_feature_layer'"),
+        ({"image_grid_pinpoint": NEXT_PINPOINTS}, "unknown keyword 'image_grid_pinpoint'.*'image_grid_pinpoints'"),
+    ],
+)
+def test_llava_next_config_refuses_the_same_mistakes(kwargs, message):
+    """FusedLlavaNextConfig inherits FusedLlavaConfig's checks, and its own field is among the near misses."""
+    fields = {"vision_config": NEXT_TINY_VISION, "fuser_num_heads": 4, "image_grid_pinpoints": NEXT_PINPOINTS}
+    with pytest.raises(ValueError) as error:
+        FusedLlavaNextConfig(**{**fields, **kwargs})
+    assert re.search(message, str(error.value)) or message in str(error.value), str(error.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = FusedLlavaNextConfig(**fields, my_note="kept")  # a key of the user's own: kept, no warning
+    assert config.my_note == "kept" and config.image_grid_pinpoints == NEXT_PINPOINTS
 
 
 @pytest.mark.parametrize(

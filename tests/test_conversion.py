@@ -20,7 +20,7 @@ from hf_fusedvlm import FusedLlavaConfig, fuser_class
 from hf_fusedvlm.conversion import (
     VERIFY_TOLERANCES,
     ConversionError,
-    convert_llava_checkpoint,
+    convert_checkpoint,
     folder_files,
     llava_checkpoint_key,
     main,
@@ -141,7 +141,7 @@ def encoder_dir(workdir, tiny_instruction_encoder) -> Path:
 def converted(workdir, source, encoder_dir) -> dict:
     """Every fuser converted from the sharded source with --verify."""
     return {
-        fuser: convert_llava_checkpoint(
+        fuser: convert_checkpoint(
             source,
             workdir / f"fused-{fuser}",
             fuser,
@@ -208,6 +208,7 @@ def test_every_fuser_converts_verifies_and_keeps_source_tensors(converted, sourc
         code = {
             "configuration_fused_llava.py",
             "modeling_fused_llava.py",
+            "modeling_fusion.py",
             "fusers.py",
             "fuser_registry.py",
             "deformable_attention.py",
@@ -320,9 +321,7 @@ def test_bfloat16_single_file_current_layout_source(tiny_llava, tmp_path):
         folder / "model.safetensors",
         metadata={"format": "pt"},
     )
-    result = convert_llava_checkpoint(
-        folder, tmp_path / "out", "average", dtype="bfloat16", verify=True, progress=False
-    )
+    result = convert_checkpoint(folder, tmp_path / "out", "average", dtype="bfloat16", verify=True, progress=False)
     assert result.verify_tolerance == VERIFY_TOLERANCES[torch.bfloat16]
     tensors = read_checkpoint(result.output)
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
@@ -341,7 +340,7 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(source, encoder_dir, tmp_
 
     def fails(match, input=source, fuser="mmfuser", **kwargs):
         with pytest.raises(ConversionError, match=match):
-            convert_llava_checkpoint(input, out, fuser, progress=False, **kwargs)
+            convert_checkpoint(input, out, fuser, progress=False, **kwargs)
         assert not out.exists() and staging_leftovers(tmp_path) == []
 
     not_llava = tmp_path / "not-llava"
@@ -373,7 +372,7 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(source, encoder_dir, tmp_
     # --overwrite replaces only an earlier fused output: a folder of other files is refused with or without it.
     for overwrite in (False, True):
         with pytest.raises(ConversionError, match="is not empty and is not a fused LLaVA checkpoint"):
-            convert_llava_checkpoint(source, out, "none", overwrite=overwrite, progress=False)
+            convert_checkpoint(source, out, "none", overwrite=overwrite, progress=False)
     assert (out / "keep.txt").read_text() == "user data"
 
     # The command line reports the same errors without a traceback.
@@ -396,7 +395,7 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(source, encoder_dir, tmp_
 
 def test_interrupted_conversion_leaves_no_partial_output(source, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    convert_llava_checkpoint(source, out, "none", progress=False)  # an earlier conversion, which --overwrite replaces
+    convert_checkpoint(source, out, "none", progress=False)  # an earlier conversion, which --overwrite replaces
     (out / "model-00009-of-00009.safetensors").write_text("a stale shard of a previous conversion")
     before = sorted(p.name for p in out.iterdir())
     real_write_shard, calls = writing_module.write_shard, []
@@ -415,7 +414,7 @@ def test_interrupted_conversion_leaves_no_partial_output(source, tmp_path, monke
     # Ctrl-C in the middle: the staging folder goes, the existing output (even with --overwrite) stays as it was.
     monkeypatch.setattr(writing_module, "write_shard", write_then_interrupt("keyboard"))
     with pytest.raises(KeyboardInterrupt):
-        convert_llava_checkpoint(source, out, "mmfuser", overwrite=True, progress=False)
+        convert_checkpoint(source, out, "mmfuser", overwrite=True, progress=False)
     assert calls[0].parent.name.startswith(".out.converting-") and not calls[0].exists()
     assert sorted(p.name for p in out.iterdir()) == before and staging_leftovers(tmp_path) == []
 
@@ -428,7 +427,7 @@ def test_interrupted_conversion_leaves_no_partial_output(source, tmp_path, monke
 
     # A completed conversion with --overwrite replaces the old content.
     monkeypatch.setattr(writing_module, "write_shard", real_write_shard)
-    convert_llava_checkpoint(source, out, "none", overwrite=True, progress=False)
+    convert_checkpoint(source, out, "none", overwrite=True, progress=False)
     assert not (out / "model-00009-of-00009.safetensors").exists() and (out / "config.json").is_file()
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import hf_fusedvlm.conversion.staging as staging_module
 import hf_fusedvlm.conversion.writing as writing_module
-from hf_fusedvlm.conversion import convert_llava_checkpoint, main
+from hf_fusedvlm.conversion import convert_checkpoint, main
 from hf_fusedvlm.tiny import build_tiny_instruction_encoder
 
 
@@ -124,7 +124,7 @@ def _empty_groups(tmp, source, monkeypatch):
 
 
 def _fused_checkpoint_as_input(tmp, source, monkeypatch):
-    convert_llava_checkpoint(source, tmp / "fused", "none", progress=False)
+    convert_checkpoint(source, tmp / "fused", "none", progress=False)
     return ["--input", str(tmp / "fused"), "--output", "OUT", "--fuser", "mmfuser"]
 
 
@@ -157,11 +157,36 @@ def _instruction_encoder_without_pooling(tmp, source, monkeypatch):
 
 
 def _overwrite_an_output_holding_user_files(tmp, source, monkeypatch):
-    convert_llava_checkpoint(source, tmp / "out", "none", progress=False)
+    convert_checkpoint(source, tmp / "out", "none", progress=False)
     (tmp / "out" / "notes.txt").write_text("my notes")
     (tmp / "out" / "checkpoint-500").mkdir()
     (tmp / "out" / "checkpoint-500" / "optimizer.pt").write_bytes(b"state")
     return ["--input", str(source), "--output", "OUT", "--fuser", "average", "--overwrite"]
+
+
+def _original_llava_1_6(**changes):
+    """An original-format LLaVA-1.6 folder whose config.json has `changes` (None removes a key); it holds no weights:
+    these mistakes are refused from the config alone."""
+
+    def setup(tmp, source, monkeypatch):
+        config = {
+            **json.loads((source / "config.json").read_text())["text_config"],
+            "model_type": "llava",
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+            "mm_vision_select_layer": -2,
+            "mm_projector_type": "mlp2x_gelu",
+            "image_aspect_ratio": "anyres",
+            "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672]],
+            "mm_patch_merge_type": "spatial_unpad",
+            **changes,
+        }
+        folder = tmp / "llava-v1.6"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+        return ["--input", str(folder), "--output", "OUT", "--vision-tower", str(source)]
+
+    return setup
 
 
 BAD_INPUTS = {
@@ -190,6 +215,35 @@ BAD_INPUTS = {
     "overwrite-an-output-holding-user-files": (
         _overwrite_an_output_holding_user_files,
         "is an earlier fused LLaVA output but also holds checkpoint-500/, notes.txt, which .*Move them elsewhere",
+    ),
+    "original-1.6-without-pinpoints": (
+        _original_llava_1_6(image_grid_pinpoints=None),
+        "'anyres' but no image_grid_pinpoints.*add them to config.json",
+    ),
+    "original-1.6-pinpoints-as-grids": (
+        _original_llava_1_6(image_grid_pinpoints="(1x1),...,(3x3)"),
+        r"image_grid_pinpoints '\(1x1\),...,\(3x3\)' is not a list of \(width, height\) pairs",
+    ),
+    "original-1.6-spatial-without-unpad": (
+        _original_llava_1_6(mm_patch_merge_type="spatial"),
+        "mm_patch_merge_type 'spatial': fused LLaVA imports .*'spatial_unpad' with 'anyres'",
+    ),
+    "original-anyres-with-flat-merge": (
+        _original_llava_1_6(mm_patch_merge_type=None),
+        "image_aspect_ratio 'anyres' with mm_patch_merge_type 'flat'",
+    ),
+    "original-unpad-without-anyres": (
+        _original_llava_1_6(image_aspect_ratio="pad"),
+        "image_aspect_ratio 'pad' with mm_patch_merge_type 'spatial_unpad'",
+    ),
+    "original-1.6-with-class-token": (
+        _original_llava_1_6(mm_vision_select_feature="cls_patch"),
+        "LLaVA-1.6 packs each crop's patches as a square grid .*must be 'patch', not 'cls_patch'",
+    ),
+    "original-anyres-max": (_original_llava_1_6(image_aspect_ratio="anyres_max_9"), "'anyres_max_9' with"),
+    "original-1.6-trained-mmfuser": (
+        _original_llava_1_6(mm_vision_select_layer="list-6/-2"),
+        "trained mmfuser model .*only plain LLaVA-1.6 checkpoints import as LLaVA-NeXT",
     ),
 }
 
@@ -233,7 +287,7 @@ def test_negative_layers_need_no_equals_sign(source, tmp_path):
 
 def test_overwrite_replaces_an_earlier_fused_output(source, tmp_path):
     out = tmp_path / "out"
-    convert_llava_checkpoint(source, out, "none", progress=False)
+    convert_checkpoint(source, out, "none", progress=False)
     assert (
         main(["--input", str(source), "--output", str(out), "--fuser", "average", "--overwrite", "--no-progress"]) == 0
     )
@@ -276,7 +330,7 @@ def test_an_interrupted_replacement_is_recovered_by_the_next_run(source, tmp_pat
     # Killed between the two renames: the earlier output set aside, no output, the finished staging folder (its
     # owner gone) beside it.
     aside = tmp_path / ".out.replaced-0dead000"
-    convert_llava_checkpoint(source, aside, "average", progress=False)
+    convert_checkpoint(source, aside, "average", progress=False)
     staging = tmp_path / ".out.converting-0dead000"
     shutil.copytree(aside, staging)
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -39,7 +39,7 @@ from transformers.image_transforms import convert_to_rgb, normalize, rescale, re
 from transformers.image_utils import ChannelDimension, PILImageResampling
 
 from hf_fusedvlm import FusedLlavaConfig, FusedLlavaForConditionalGeneration, build_fuser
-from hf_fusedvlm.conversion import ConversionError, convert_original_checkpoint, fused_from_llava, main
+from hf_fusedvlm.conversion import ConversionError, convert_checkpoint, fused_from_llava, main
 from hf_fusedvlm.conversion.cli import parse_fuser_options
 from hf_fusedvlm.tiny import build_tiny_llava, tiny_llava_config
 
@@ -287,7 +287,7 @@ def dense_checkpoint(tmp_path_factory):
         mm_vision_select_layer=-2,
     )
     write_original(root / "dense-connector", config, state)
-    result = convert_original_checkpoint(
+    result = convert_checkpoint(
         root / "dense-connector", root / "fused", vision_tower=root / "siglip", verify=True, progress=False
     )
     return SimpleNamespace(root=root, llava=llava, tower_state=tower_state, state=state, config=config, result=result)
@@ -370,7 +370,7 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(dense_checkpoint, changes
     tower_folder = tmp_path / "clip" if tower == "clip" else dense_checkpoint.root / "siglip"
     before = {path.name: path.stat().st_size for path in source.iterdir()}
     with pytest.raises(ConversionError, match=message):
-        convert_original_checkpoint(source, tmp_path / "out", vision_tower=tower_folder, progress=False)
+        convert_checkpoint(source, tmp_path / "out", vision_tower=tower_folder, progress=False)
     assert not (tmp_path / "out").exists()
     assert {path.name: path.stat().st_size for path in source.iterdir()} == before
 
@@ -393,7 +393,7 @@ def llama_3_tokenizer() -> PreTrainedTokenizerFast:
 def test_llama_3_checkpoint_gets_the_official_llama_3_conversation(dense_checkpoint, tmp_path):
     source = rewrite(dense_checkpoint, tmp_path / "source", bos_token_id=0, eos_token_id=1)
     llama_3_tokenizer().save_pretrained(source)
-    convert_original_checkpoint(source, tmp_path / "out", vision_tower=dense_checkpoint.root / "siglip", progress=False)
+    convert_checkpoint(source, tmp_path / "out", vision_tower=dense_checkpoint.root / "siglip", progress=False)
     processor = AutoProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
     conversation = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},

@@ -115,7 +115,7 @@ def config_key_misspelt(fused_models, tiny_llava, tiny_instruction_encoder, imag
     [
         (image_sample_index_out_of_range, ValueError, r"image_sample_index \[3\] points outside the 1 instructions"),
         (more_image_tokens_than_images, ValueError, r"32 image tokens \(2 images' worth\), but 1 images were given"),
-        (convert_a_fused_model, TypeError, "converts a plain LlavaForConditionalGeneration; got a fused model"),
+        (convert_a_fused_model, TypeError, "converts a plain LLaVA or LLaVA-NeXT model; got a fused model"),
         (igva_processor_without_instruction_tokenizer, OSError, "no instruction_tokenizer/ folder"),
         (config_json_as_model_path, ValueError, "config.json is a file: pass the checkpoint's folder"),
         (truncated_weights, OSError, "model.safetensors cannot be read; download or save it again"),

@@ -84,6 +84,12 @@ def test_quick_run_writes_the_committed_shape(quick_results):
         assert len(weights) == 4 and all(weight > 0 for weight in weights)
         assert sum(weights) == pytest.approx(1.0, abs=1e-4)
     assert 0.0 <= results["mmfuser_sampling_on_details"]["per_seed"][0] <= 1.0
+    # the defaults are the mmfuser settings chosen on validation (docs/evidence.md, Diagnosis)
+    assert results["fuser_options"]["mmfuser"]["fuser_offset_init"] == "from_query"
+    assert results["lr_scales"] == {"mmfuser": {"sampling_offsets": 0.1}}
+    (diagnostics,) = [run["mmfuser_validation"] for run in results["runs"] if run["fuser"] == "mmfuser"]
+    assert 0.0 <= diagnostics["inside_image"] <= 1.0 and list(diagnostics["level_share"]) == ["0", "1", "2", "3"]
+    assert sum(diagnostics["level_share"].values()) == pytest.approx(1.0, abs=1e-4)
     assert results["chance"] == {"colour": 0.25, "position": 0.25, "digit": 0.1, "shape": 0.25}
     assert results["tower"]["base_hidden_state"] == BASE_HIDDEN_STATE and results["tower"]["layers"] == 6
     for curve in [*results["probe"].values(), *results["probe_random_tower"].values()]:

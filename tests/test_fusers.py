@@ -55,6 +55,23 @@ def test_mmfuser_matches_float64_reference_with_nonzero_gammas():
     assert not torch.allclose(output, states[5][:, 1:], atol=1e-3)
 
 
+@pytest.mark.parametrize("offset_init", ["deformable_detr", "from_query"])
+def test_mmfuser_offset_init_sets_where_the_sampling_points_start(offset_init):
+    """Deformable DETR's ring starts point p of each head p + 1 patches from its query (never on it, so a detail
+    one patch wide is not sampled by its own token at the start); `from_query` starts the first point on the query."""
+    fuser, config = make_fuser("mmfuser", fuser_offset_init=offset_init)
+    first_radius = {"deformable_detr": 1, "from_query": 0}[offset_init]
+    states = random_hidden_states(0)
+    assert torch.equal(fuser(states).features, states[config.base_layer][:, 1:])  # parity either way
+    for attention in (fuser.cross_attn, fuser.self_attn):
+        offsets = attention.sampling_offsets.bias.view(attention.num_heads, attention.num_levels, -1, 2)
+        radii = offsets.abs().amax(-1)  # the ring is a square: the larger coordinate is the radius
+        expected = torch.arange(first_radius, first_radius + config.fuser_num_points, dtype=torch.float32)
+        assert torch.equal(radii, expected.expand_as(radii))
+    with pytest.raises(ValueError, match="fuser_offset_init='centre': choose one of deformable_detr, from_query"):
+        make_fuser("mmfuser", fuser_offset_init="centre")
+
+
 @pytest.mark.parametrize("shapes", [[(4, 4)] * 3, [(4, 4), (2, 3), (5, 2)]])
 def test_deformable_sampling_matches_float64_bilinear_reference(shapes):
     generator = torch.Generator().manual_seed(3)

@@ -9,7 +9,11 @@ from conftest import REPO_ROOT
 
 PACKAGE = "hf_fusedvlm"
 # The files `save_pretrained` copies into a checkpoint for `trust_remote_code=True`.
-REMOTE_CODE = {"configuration_fused_llava", "modeling_fused_llava", "processing_fused_llava"}
+REMOTE_CODE = {
+    f"{kind}_fused_{family}"
+    for kind in ("configuration", "modeling", "processing")
+    for family in ("llava", "llava_next")
+}
 # Third-party packages remote code may import: transformers and the packages transformers itself requires.
 REMOTE_CODE_DEPENDENCIES = {"torch", "transformers", "huggingface_hub", "safetensors"}
 
@@ -125,7 +129,7 @@ def remote_code_closure(start: set[str]) -> set[str]:
 
 def test_remote_code_is_flat_and_imports_only_torch_transformers_and_itself():
     remote = remote_code_closure(REMOTE_CODE)
-    assert remote == REMOTE_CODE | {"fusers", "fuser_registry", "deformable_attention"}
+    assert remote == REMOTE_CODE | {"modeling_fusion", "fusers", "fuser_registry", "deformable_attention"}
     modules = package_modules()
     for module in remote:
         name = f"{PACKAGE}.{module}"

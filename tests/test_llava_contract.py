@@ -9,7 +9,7 @@ import torch
 from transformers import GenerationMixin, LlavaForConditionalGeneration, PreTrainedModel, set_seed
 
 from hf_fusedvlm import FusedLlavaForConditionalGeneration, FusedLlavaPreTrainedModel
-from hf_fusedvlm.conversion import convert_llava_checkpoint, fused_from_llava
+from hf_fusedvlm.conversion import convert_checkpoint, fused_from_llava
 
 from conftest import FUSER_TYPES, instruction_inputs, randomise
 
@@ -61,7 +61,7 @@ def test_a_list_valued_llava_hf_checkpoint_converts_and_verifies(list_llava, tin
     """The command-line path: a saved llava-hf checkpoint with a list converts, `verify` compares the logits."""
     list_llava.save_pretrained(tmp_path / "source")
     tiny_llava[1].save_pretrained(tmp_path / "source")
-    result = convert_llava_checkpoint(tmp_path / "source", tmp_path / "out", "none", verify=True, progress=False)
+    result = convert_checkpoint(tmp_path / "source", tmp_path / "out", "none", verify=True, progress=False)
     fused = FusedLlavaForConditionalGeneration.from_pretrained(result.output).eval()
     assert fused.config.fuser_type == "concat"
     with torch.no_grad():

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from hf_fusedvlm.configuration_fused_llava import FusedLlavaConfig
-from hf_fusedvlm.conversion import ConversionError, checkpoint_format, convert_original_checkpoint, main, main_original
+from hf_fusedvlm.conversion import ConversionError, checkpoint_format, convert_checkpoint, main, main_original
 from hf_fusedvlm.conversion.original_layout import parse_select_layer
 from hf_fusedvlm.conversion.original_processor import LLAVA_V1_SYSTEM
 from hf_fusedvlm.tiny import build_tiny_instruction_encoder, tiny_llava_config
@@ -387,7 +387,7 @@ def converted(checkpoints):
     }.items():
         outputs[name] = root / f"{name}-fused"
         tower = root / ("other-tower" if name == "llava-tower-inside" else "tower")
-        convert_original_checkpoint(root / name, outputs[name], vision_tower=tower, progress=False, **options)
+        convert_checkpoint(root / name, outputs[name], vision_tower=tower, progress=False, **options)
     return outputs
 
 
@@ -621,7 +621,7 @@ def test_unknown_and_missing_keys_are_listed(checkpoints, tmp_path):
         },
     )
     with pytest.raises(ConversionError) as error:
-        convert_original_checkpoint(folder, tmp_path / "out", vision_tower=checkpoints.root / "tower", progress=False)
+        convert_checkpoint(folder, tmp_path / "out", vision_tower=checkpoints.root / "tower", progress=False)
     message = str(error.value)
     assert "'mmfuser' layout" in message
     assert "2 unexpected keys: model.image_newline, model.mm_projector.0.extra_gate" in message
@@ -638,17 +638,17 @@ def test_wrong_shapes_are_named(checkpoints, tmp_path):
         match=r"wrong shape: model\.mm_projector\.0\.weight \[64, 64\] \(expected "
         r"\[64, 128\]\)",
     ):
-        convert_original_checkpoint(folder, tmp_path / "out", vision_tower=checkpoints.root / "tower", progress=False)
+        convert_checkpoint(folder, tmp_path / "out", vision_tower=checkpoints.root / "tower", progress=False)
 
 
 def test_missing_vision_tower_names_the_config_entry(checkpoints, tmp_path):
     with pytest.raises(ConversionError, match=f"holds no vision tower.*mm_vision_tower '{TOWER_NAME}'.*--vision-tower"):
-        convert_original_checkpoint(checkpoints.root / "mmfuser", tmp_path / "out", progress=False)
+        convert_checkpoint(checkpoints.root / "mmfuser", tmp_path / "out", progress=False)
 
 
 def test_igva_needs_the_instruction_encoder(checkpoints, tmp_path):
     with pytest.raises(ConversionError, match="--instruction-encoder.*all-mpnet-base-v2"):
-        convert_original_checkpoint(
+        convert_checkpoint(
             checkpoints.root / "igva", tmp_path / "out", vision_tower=checkpoints.root / "tower", progress=False
         )
 
@@ -659,7 +659,7 @@ def test_unsupported_pooling_is_refused(checkpoints, tmp_path):
         encoder_folder, checkpoints.encoder, checkpoints.encoder_tokenizer, pooling="weightedmean_tokens"
     )
     with pytest.raises(ConversionError, match="pooling modes \\['weightedmean_tokens'\\]"):
-        convert_original_checkpoint(
+        convert_checkpoint(
             checkpoints.root / "igva",
             tmp_path / "out",
             vision_tower=checkpoints.root / "tower",
@@ -686,10 +686,12 @@ def test_trained_fusion_keeps_its_fuser_and_cli_reports_errors(checkpoints, tmp_
     assert "trained mmfuser model" in capsys.readouterr().err
 
 
-def test_llava_hf_input_points_to_the_other_converter(tiny_llava, tmp_path):
+def test_arguments_of_the_other_format_are_refused(checkpoints, tiny_llava, tmp_path):
     tiny_llava[0].config.save_pretrained(tmp_path / "hf")
-    with pytest.raises(ConversionError, match="llava-hf checkpoint.*use fusedvlm-convert"):
-        convert_original_checkpoint(tmp_path / "hf", tmp_path / "out", progress=False)
+    with pytest.raises(ConversionError, match="llava-hf checkpoint.*choose the fuser to add with --fuser"):
+        convert_checkpoint(tmp_path / "hf", tmp_path / "out", progress=False)
+    with pytest.raises(ConversionError, match="llava-hf checkpoint, which holds its vision tower: drop --vision-tower"):
+        convert_checkpoint(tmp_path / "hf", tmp_path / "out", "none", vision_tower=checkpoints.root / "tower")
 
 
 def test_cli_converts_and_verifies(checkpoints, tmp_path, capsys):

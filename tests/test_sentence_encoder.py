@@ -10,7 +10,7 @@ import torch
 from sentence_transformers import SentenceTransformer, models
 
 from hf_fusedvlm import FusedLlavaForConditionalGeneration
-from hf_fusedvlm.conversion import ConversionError, convert_llava_checkpoint, load_sentence_encoder
+from hf_fusedvlm.conversion import ConversionError, convert_checkpoint, load_sentence_encoder
 
 
 SENTENCES = ["What colour is the square?", "How many dots are there in the image on the left side?", "Describe it."]
@@ -99,7 +99,7 @@ def write_old_format(folder, encoder, tokenizer, pooling: str, normalize: bool):
 
 def fused_embeddings(llava_dir, encoder_dir, output):
     """Convert to igva with `encoder_dir`, load the result and embed SENTENCES as the processor tokenises them."""
-    convert_llava_checkpoint(
+    convert_checkpoint(
         llava_dir, output, "igva", instruction_encoder=encoder_dir, fuser_options=SMALL_IGVA, progress=False
     )
     model = FusedLlavaForConditionalGeneration.from_pretrained(output).eval()

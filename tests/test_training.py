@@ -252,6 +252,40 @@ def test_balance_loss_weight_flag_overrides_the_checkpoint(workspace):
     assert model.model.fuser.balance_loss_weight == 0.5
 
 
+def test_parameter_learning_rates_give_named_parameters_their_own_rate(workspace):
+    """`--parameter_learning_rates` (MMFuser's official recipe trains its block at a tenth of the projector's rate):
+    a rate of 0 for the fuser leaves it as it was while the projector trains; the optimizer holds both rates."""
+    from hf_fusedvlm.training import FusedLlavaTrainer
+
+    rates = []
+    original = FusedLlavaTrainer.create_optimizer
+
+    def recording(self, model=None):
+        optimizer = original(self, model)
+        rates.append(sorted({group["lr"] for group in optimizer.param_groups if group["params"]}))
+        return optimizer
+
+    FusedLlavaTrainer.create_optimizer = recording
+    try:
+        output = train(
+            workspace,
+            workspace / "out-rates",
+            "stage1",
+            "--max_steps",
+            "2",
+            "--parameter_learning_rates",
+            "model.fuser.=0,projector.linear_2=1e-4",
+        )
+    finally:
+        FusedLlavaTrainer.create_optimizer = original
+    assert rates[0] == [0.0, 1e-4, 2e-3]
+    before, after = read_weights(workspace / "igva"), read_weights(output)
+    assert changed_parts(before, after) == {"projector"}
+    assert not torch.equal(
+        before["model.multi_modal_projector.linear_2.weight"], after["model.multi_modal_projector.linear_2.weight"]
+    )
+
+
 def test_lora_checkpoint_is_the_merged_model(workspace, processor):
     """stage2-lora saves LoRA merged into the LLM: the reloaded plain checkpoint computes what the PEFT model did."""
     from transformers import TrainingArguments

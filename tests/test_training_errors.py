@@ -120,6 +120,20 @@ BAD_INPUTS = [
         r"llava-hf-fused --fuser igva`",
     ),
     (
+        "learning rate not a number",
+        "fused",
+        None,
+        ["--parameter_learning_rates", "model.fuser.=fast"],
+        r"--parameter_learning_rates: 'model.fuser.=fast' is not NAME=LR",
+    ),
+    (
+        "learning rate names no trainable parameter",
+        "fused",
+        None,
+        ["--parameter_learning_rates", "vision_tower=1e-4"],
+        r"--parameter_learning_rates: no trainable parameter's name contains 'vision_tower'",
+    ),
+    (
         "output is the source",
         "fused",
         None,

@@ -14,7 +14,14 @@ import pytest
 import torch
 from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from hf_fusedvlm import FusedLlavaConfig, FusedLlavaForConditionalGeneration, FusedLlavaModel
+from hf_fusedvlm import (
+    FusedLlavaConfig,
+    FusedLlavaForConditionalGeneration,
+    FusedLlavaModel,
+    FusedLlavaNextConfig,
+    FusedLlavaNextForConditionalGeneration,
+    FusedLlavaNextModel,
+)
 
 from conftest import FUSER_TYPES, reads_instruction
 from transformers_sdist import load_test_modeling_common
@@ -333,3 +340,60 @@ def test_not_applicable_names_existing_common_tests():
     """Every skip names a test the mixin defines, so the list cannot go stale silently."""
     names = set(NOT_APPLICABLE) | {name for reasons in NOT_APPLICABLE_FOR.values() for name in reasons}
     assert names and all(hasattr(common.ModelTesterMixin, name) for name in names), names
+
+
+# ------------------------------------------------------------------------------------------------------ LLaVA-NeXT
+
+common.MODEL_MAPPING_NAMES["fused_llava_next"] = "FusedLlavaNextModel"
+common.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES["fused_llava_next"] = "FusedLlavaNextForConditionalGeneration"
+
+
+class FusedLlavaNextModelTester(FusedLlavaModelTester):
+    """Shaped like transformers' LLaVA-NeXT tester: 16 px crops of 2 px patches, one `[32, 32]` pinpoint, so a 16 px
+    image gives its base view and a 2 x 2 grid of tiles (5 crops)."""
+
+    def __init__(self, parent, fuser_type: str):
+        super().__init__(parent, fuser_type)
+        self.image_size = self.vision_config["image_size"] = 16
+        self.image_grid_pinpoints = [[32, 32]]
+        side = self.image_size // self.patch_size
+        # The base view, then the 2 x 2 tiles as one (2 side) x (2 side) grid with a newline token after each row
+        # (a square image needs no unpadding).
+        self.num_image_tokens = side * side + 2 * side * (2 * side + 1)
+        self.seq_length = 7 + self.num_image_tokens
+        self.encoder_seq_length = self.seq_length
+        self.text_config["max_position_embeddings"] = 1024
+
+    def get_config(self) -> FusedLlavaNextConfig:
+        fields = super().get_config().to_dict()
+        fields.pop("model_type")
+        return FusedLlavaNextConfig(**fields, image_grid_pinpoints=self.image_grid_pinpoints)
+
+    def prepare_config_and_inputs_for_common(self):
+        config, inputs = super().prepare_config_and_inputs_for_common()
+        inputs["pixel_values"] = common.floats_tensor([self.batch_size, 5, 3, self.image_size, self.image_size])
+        inputs["image_sizes"] = torch.tensor([[self.image_size, self.image_size]] * self.batch_size)
+        return config, inputs
+
+
+class FusedLlavaNextCommonTest(FusedLlavaCommonTest):
+    all_model_classes = (FusedLlavaNextModel, FusedLlavaNextForConditionalGeneration)
+    # The tower runs on the crops, so `last_hidden_state` has one row per crop (15 for 3 images), as LLaVA-NeXT's does;
+    # the mixin's check wants one per image. The packed features per image are checked in tests/test_llava_next.py.
+    skip_test_image_features_output_shape = True
+
+    def setUp(self):
+        super().setUp()
+        self.model_tester = FusedLlavaNextModelTester(self, self.fuser_type)
+
+    def _image_features_prepare_config_and_inputs(self):
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        return config, {
+            key: value for key, value in inputs.items() if key.startswith(("pixel", "image", "instruction"))
+        }
+
+
+for _fuser_type in FUSER_TYPES:
+    _name = f"FusedLlavaNext{_fuser_type.title()}CommonTest"
+    globals()[_name] = type(_name, (FusedLlavaNextCommonTest, unittest.TestCase), {"fuser_type": _fuser_type})
+del _fuser_type, _name

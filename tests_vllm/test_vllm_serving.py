@@ -23,6 +23,8 @@ import hf_fusedvlm
 from hf_fusedvlm.synthetic_vqa import make_sample, question_prompt
 from hf_fusedvlm.tiny import build_tiny_fused
 
+from vllm_generate import request_image
+
 
 HERE = Path(__file__).resolve().parent
 MAX_TOKENS = 6
@@ -90,9 +92,7 @@ def transformers_reference(folder: Path, requests: list[dict]) -> list[dict]:
     results = []
     for request in requests:
         options = {"instructions": [request["instructions"]]} if "instructions" in request else {}
-        inputs = processor(
-            images=make_sample(0, request["image_index"]).image, text=request["prompt"], return_tensors="pt", **options
-        )
+        inputs = processor(images=request_image(request), text=request["prompt"], return_tensors="pt", **options)
         with torch.no_grad():
             logprobs = model(**inputs).logits[0, -1].log_softmax(-1)
             generated = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)

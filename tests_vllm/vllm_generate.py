@@ -3,7 +3,8 @@
     python tests_vllm/vllm_generate.py REQUESTS.json OUTPUT.json --tensor-parallel-size N
 
 REQUESTS.json: `{"checkpoint": folder, "max_tokens": n, "requests": [{"prompt": str, "image_index": int,
-"instructions": str (optional, sent as mm_processor_kwargs)}]}`; images are `synthetic_vqa.make_sample(0, index)`;
+"instructions": str (optional, sent as mm_processor_kwargs), "image_shape": [height, width] (optional)}]}`; images are
+`synthetic_vqa.make_sample(0, index)`, resized to `image_shape` when given (see `request_image`);
 with `"image_embeds": [1, num_tokens, hidden]` instead of `image_index`, zero image embeddings are sent (and vLLM's
 `enable_mm_embeds` is on).
 OUTPUT.json: one `{"token_ids": [...], "first_logprobs": {token_id: logprob}}` per request, in order.
@@ -12,6 +13,17 @@ OUTPUT.json: one `{"token_ids": [...], "first_logprobs": {token_id: logprob}}` p
 import argparse
 import json
 import os
+
+
+def request_image(request: dict):
+    """The image of a request: `make_sample(0, image_index)`'s, resized to `image_shape` (height, width) if given."""
+    from hf_fusedvlm.synthetic_vqa import make_sample
+
+    image = make_sample(0, request["image_index"]).image
+    if "image_shape" in request:
+        height, width = request["image_shape"]
+        image = image.resize((width, height))
+    return image
 
 
 def main() -> None:
@@ -26,8 +38,6 @@ def main() -> None:
 
     import torch
     from vllm import LLM, SamplingParams
-
-    from hf_fusedvlm.synthetic_vqa import make_sample
 
     llm = LLM(
         model=spec["checkpoint"],
@@ -45,7 +55,7 @@ def main() -> None:
         if "image_embeds" in request:
             image = torch.zeros(request["image_embeds"])
         else:
-            image = make_sample(0, request["image_index"]).image
+            image = request_image(request)
         prompt = {"prompt": request["prompt"], "multi_modal_data": {"image": image}}
         if "instructions" in request:
             prompt["mm_processor_kwargs"] = {"instructions": request["instructions"]}

@@ -1,63 +1,56 @@
 """Converting LLaVA checkpoints into fused LLaVA checkpoints (not remote code: never copied into a checkpoint).
 
-The parity rule itself (`fused_from_llava`, projector widening) is `hf_fusedvlm.parity`, shared with `tiny` and
-training; its names are re-exported here.
+One pipeline (`pipeline.convert_checkpoint`, the `fusedvlm-convert` command) for every source format:
+- `checkpoint`, `shards`: resolving a folder or Hub id (its JSON files first), config.json and the format, shard
+  headers (bytes left on disk) and `.bin` shards (memory-mapped); `sentence_encoder`: the instruction encoder.
+- `request`: what passes between the steps; `options`: the fuser settings the command accepts (torch-free).
+- the formats, each contributing its `check` and `plan`: `llava_hf`; `original` (with `original_layout`, its variants
+  and config mapping, and `original_processor`, its tokenizer, image processor and chat templates).
+- `writing`: planned tensors, the shard writer, remote code; `staging`: the output folder policy and the move into
+  place; `verify`: `--verify`; `model_card`; `hub`: publishing.
+- `cli`: the command; `demo`: `--demo`.
 
-Modules, in pipeline order:
-- `checkpoint`: resolving a folder or Hub id, reading config.json, telling llava-hf from original-format checkpoints.
-- `shards`: safetensors headers and shards (bytes left on disk), `.bin` shards (memory-mapped).
-- `sentence_encoder`: the instruction encoder from a sentence-transformers folder (both Pooling formats).
-- `llava_hf`, `original` (with `original_layout`, `original_processor`): plan each format's tensors and companions.
-- `writing`: planned tensors and shards, the shard writer, remote code; `staging`: the output folder policy, the
-  staging folder and the move into place; `verify`: `--verify`; `model_card`; `hub`: publishing.
-- `convert`: one entry point for both formats; `cli`: the `fusedvlm-convert` command; `demo`: `--demo`.
+The parity rule itself (`fused_from_llava`, projector widening) is `hf_fusedvlm.parity`, shared with `tiny` and
+training; its names are re-exported here. Names are imported on first use, so that the command's `--help` does not
+import torch.
 """
 
-from ..parity import (
-    expand_projector_input,
-    fused_config_from_llava,
-    fused_from_llava,
-    llava_checkpoint_key,
-    new_fuser_tensors,
-)
-from .checkpoint import checkpoint_format, resolve_checkpoint
-from .cli import main, main_original
-from .convert import convert_checkpoint
-from .errors import ConversionError, VerificationError
-from .hub import folder_files, push_folder_to_hub
-from .llava_hf import convert_llava_checkpoint
-from .model_card import render_model_card
-from .original import convert_original_checkpoint
-from .sentence_encoder import SentenceEncoder, load_sentence_encoder
-from .verify import VERIFY_TOLERANCES
-from .writing import ConversionResult, OutputTensor, PlannedShard, shard_name, write_shard, write_shards
+import importlib
 
 
-__all__ = [
-    "ConversionError",
-    "ConversionResult",
-    "OutputTensor",
-    "PlannedShard",
-    "SentenceEncoder",
-    "VERIFY_TOLERANCES",
-    "VerificationError",
-    "checkpoint_format",
-    "convert_checkpoint",
-    "convert_llava_checkpoint",
-    "convert_original_checkpoint",
-    "expand_projector_input",
-    "folder_files",
-    "fused_config_from_llava",
-    "fused_from_llava",
-    "llava_checkpoint_key",
-    "load_sentence_encoder",
-    "main",
-    "main_original",
-    "new_fuser_tensors",
-    "push_folder_to_hub",
-    "render_model_card",
-    "resolve_checkpoint",
-    "shard_name",
-    "write_shard",
-    "write_shards",
-]
+_EXPORTS = {
+    "ConversionError": ".errors",
+    "VerificationError": ".errors",
+    "ConversionResult": ".writing",
+    "OutputTensor": ".writing",
+    "PlannedShard": ".writing",
+    "shard_name": ".writing",
+    "write_shard": ".writing",
+    "write_shards": ".writing",
+    "SentenceEncoder": ".sentence_encoder",
+    "load_sentence_encoder": ".sentence_encoder",
+    "VERIFY_TOLERANCES": ".verify",
+    "checkpoint_format": ".checkpoint",
+    "resolve_checkpoint": ".checkpoint",
+    "convert_checkpoint": ".pipeline",
+    "folder_files": ".hub",
+    "push_folder_to_hub": ".hub",
+    "render_model_card": ".model_card",
+    "main": ".cli",
+    "main_original": ".cli",
+    "expand_projector_input": "..parity",
+    "fused_config_from_llava": "..parity",
+    "fused_from_llava": "..parity",
+    "llava_checkpoint_key": "..parity",
+    "new_fuser_tensors": "..parity",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

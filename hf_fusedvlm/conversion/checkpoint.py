@@ -15,9 +15,17 @@ from .errors import ConversionError
 
 # Files a conversion needs from a Hub repository (weights, configs, tokenizer and processor files, card).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "README.md"]
+# What is fetched first, to check every argument before the weights are downloaded: configs, shard indexes,
+# sentence-transformers module lists, processor settings (not the tokenizer vocabularies, which can be megabytes).
+METADATA_PATTERNS = ["*.json"]
+METADATA_IGNORED = ["*tokenizer.json", "*vocab.json"]
+# Everything but the weights: what a tokenizer is read from, to check it before the weights are downloaded.
+WITHOUT_WEIGHTS_PATTERNS = [pattern for pattern in HUB_PATTERNS if pattern != "*.safetensors"]
 LLAVA_HF = "llava-hf"
 ORIGINAL = "original"
-FUSED_MODEL_TYPE = "fused_llava"
+# The model types of the checkpoints this package writes, and of the plain llava-hf families it converts.
+FUSED_MODEL_TYPES = ("fused_llava", "fused_llava_next")
+LLAVA_HF_MODEL_TYPES = ("llava", "llava_next")
 # Seconds to wait for a TCP connection to the Hub before calling it unreachable. huggingface_hub retries a refused or
 # timed-out connection with back-off for about 40 s per file before it gives up; a user should learn in seconds.
 HUB_CONNECT_TIMEOUT = 5.0
@@ -52,13 +60,19 @@ def unreachable_hub_message(what: str, repo_id: str, reason: str) -> str:
 
 
 def resolve_checkpoint(
-    path_or_repo_id: str | os.PathLike, what: str = "--input", allow_pickles: bool = False
+    path_or_repo_id: str | os.PathLike,
+    what: str = "--input",
+    allow_pickles: bool = False,
+    metadata_only: bool = False,
+    without_weights: bool = False,
 ) -> tuple[Path, str | None]:
     """A local folder for `path_or_repo_id` and the Hub repo id it came from (None for a folder outside the cache).
 
     A local folder is used as is; anything else is taken as a Hub repo id and its weights, configs, tokenizer and
     processor files are downloaded (to the Hugging Face cache). With `allow_pickles`, `.bin` weights are downloaded
-    too when the repo has no safetensors (original LLaVA checkpoints and CLIP towers are often `.bin` only)."""
+    too when the repo has no safetensors (original LLaVA checkpoints and CLIP towers are often `.bin` only). With
+    `metadata_only`, only the JSON files are (`METADATA_PATTERNS`); with `without_weights`, everything but the weights
+    (configs and tokenizer files): a later call fills the same snapshot folder."""
     path = Path(path_or_repo_id).expanduser()
     text = str(path_or_repo_id)
     if path.is_dir():
@@ -71,11 +85,15 @@ def resolve_checkpoint(
     unreachable = hub_connection_error()
     if unreachable:
         raise ConversionError(unreachable_hub_message(what, text, unreachable))
-    patterns = list(HUB_PATTERNS)
-    if allow_pickles and not _repo_has_safetensors(text):
+    patterns, ignored = list(HUB_PATTERNS), None
+    if metadata_only:
+        patterns, ignored = METADATA_PATTERNS, METADATA_IGNORED
+    elif without_weights:
+        patterns = WITHOUT_WEIGHTS_PATTERNS
+    elif allow_pickles and not _repo_has_safetensors(text):
         patterns.append("*.bin")
     try:
-        folder = snapshot_download(text, allow_patterns=patterns)
+        folder = snapshot_download(text, allow_patterns=patterns, ignore_patterns=ignored)
     except Exception as error:  # huggingface_hub raises many kinds; all mean the same to the user
         raise ConversionError(
             f"{what} {text} is neither a local folder nor a Hub repo that could be downloaded "
@@ -122,21 +140,26 @@ def checkpoint_format(raw: dict, folder: Path) -> str:
     `llava` for llava-v1.5 / v1.6, `llava_llama` or `llava_mistral` for code trained later). Anything else, a fused
     checkpoint included, is refused with what it is."""
     model_type = raw.get("model_type")
-    if model_type == FUSED_MODEL_TYPE:
+    if model_type in FUSED_MODEL_TYPES:
         raise ConversionError(
-            f"{folder} is already a fused LLaVA checkpoint (model_type {FUSED_MODEL_TYPE!r}, fuser_type "
+            f"{folder} is already a fused LLaVA checkpoint (model_type {model_type!r}, fuser_type "
             f"{raw.get('fuser_type')!r}): load it with AutoModel.from_pretrained(..., trust_remote_code=True), or "
             "convert its plain source."
         )
     nested = isinstance(raw.get("text_config"), dict) and isinstance(raw.get("vision_config"), dict)
-    if nested and model_type == "llava":
+    if nested and model_type in LLAVA_HF_MODEL_TYPES:
         return LLAVA_HF
     if not nested and raw.get("mm_vision_tower"):
         return ORIGINAL
     raise ConversionError(
         f"{folder} is not a LLaVA checkpoint: its config.json has model_type {model_type!r} (architectures "
         f"{raw.get('architectures')}), "
-        + ("nested text_config / vision_config but not model_type 'llava'" if nested else "no mm_vision_tower entry")
-        + ". Expected a llava-hf checkpoint (LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-7b-hf) or an "
+        + (
+            f"nested text_config / vision_config but not model_type {' or '.join(map(repr, LLAVA_HF_MODEL_TYPES))}"
+            if nested
+            else "no mm_vision_tower entry"
+        )
+        + ". Expected a llava-hf checkpoint (LlavaForConditionalGeneration or LlavaNextForConditionalGeneration, e.g. "
+        "llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf) or an "
         "original-format one (a flat config with mm_* keys, e.g. liuhaotian/llava-v1.5-7b)."
     )

@@ -1,5 +1,7 @@
 """`fusedvlm-convert` (alias `fusedvlm-convert-original`): one command for llava-hf and original-format checkpoints,
-one parser, the report, and the exit statuses (1 verification failed, 2 bad input, 130 interrupted)."""
+one parser, the report, and the exit statuses (1 verification failed, 2 bad input, 130 interrupted).
+
+The parser imports neither torch nor transformers (`--help` answers at once); the pipeline is imported to run."""
 
 import argparse
 import json
@@ -7,10 +9,8 @@ import signal
 import sys
 
 from ..fuser_registry import FUSERS, fuser_fields, instruction_fusers
-from .convert import convert_checkpoint
 from .errors import DTYPES, ConversionError, VerificationError
-from .pipeline import INSTRUCTION_ENCODER_EXAMPLE, known_fuser_options
-from .writing import ConversionResult
+from .options import INSTRUCTION_ENCODER_EXAMPLE, known_fuser_options
 
 
 # Flags whose value may start with '-' (negative layer indices): argparse would take `-5,-3,-2` for an option.
@@ -132,7 +132,7 @@ def build_parser(prog: str = "fusedvlm-convert") -> argparse.ArgumentParser:
         help="original format: the CLIP model named by mm_vision_tower (Dense Connector's released models: SigLIP, "
         "google/siglip-so400m-patch14-384)",
     )
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating weights (default: keep the source's)")
+    parser.add_argument("--dtype", choices=DTYPES, help="cast floating weights (default: keep the source's)")
     parser.add_argument("--verify", action="store_true", help="check the result computes what the source does")
     parser.add_argument(
         "--overwrite",
@@ -177,7 +177,7 @@ def run_conversion_command(convert) -> int:
     previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     try:
         result = convert()
-        if isinstance(result, ConversionResult):
+        if result is not None:
             print(result.summary())
         return 0
     except VerificationError as error:
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None, prog: str = "fusedvlm-convert") -> int:
     missing = [flag for flag, value in (("--input", args.input), ("--output", args.output)) if value is None]
     if missing:
         parser.error(f"{', '.join(missing)} required (or --demo for the built-in example)")
+    from .pipeline import convert_checkpoint
+
     return run_conversion_command(
         lambda: convert_checkpoint(
             args.input,

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from ..fuser_registry import fuser_class
-from .convert import convert_checkpoint
 from .errors import ConversionError
-from .pipeline import INSTRUCTION_ENCODER_EXAMPLE
+from .pipeline import convert_checkpoint
+from .request import INSTRUCTION_ENCODER_EXAMPLE
 from .staging import check_output
 from .verify import build_prompt, verification_image
 

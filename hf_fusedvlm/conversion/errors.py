@@ -1,6 +1,5 @@
-"""The errors the converters raise: each message names the problem and the fix."""
-
-import torch
+"""The errors the converters raise: each message names the problem and the fix. Torch-free, like `options`, so that
+the command's parser loads in a moment."""
 
 
 class ConversionError(ValueError):
@@ -11,24 +10,26 @@ class VerificationError(ConversionError):
     """`--verify` found the converted model computing something else than the source."""
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The dtypes `--dtype` casts to (torch's names).
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def parse_dtype(dtype):
     """`"bfloat16"` -> `torch.bfloat16`; a `torch.dtype` or None is returned as is."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConversionError(f"Unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
-        return DTYPES[dtype]
+        import torch
+
+        return getattr(torch, dtype)
     return dtype
 
 
-def as_torch_dtype(value) -> torch.dtype | None:
+def as_torch_dtype(value):
     """A config's `dtype` (a `torch.dtype`, a name such as "bfloat16" or "torch.bfloat16", or None) as a torch dtype
     among `DTYPES`, else None."""
-    if isinstance(value, torch.dtype):
-        return value if value in DTYPES.values() else None
-    return DTYPES.get(str(value).removeprefix("torch.")) if value is not None else None
+    name = str(value).removeprefix("torch.") if value is not None else None
+    return parse_dtype(name) if name in DTYPES else None
 
 
 def listed(items, limit: int = 12) -> str:

@@ -6,6 +6,9 @@ predate the `llava_llama` rename), `llava_llama` / `llava_mistral` for code trai
 the config and the keys (`VARIANTS`):
 
 - `llava`: plain LLaVA-1.5 (`mm_projector_type` `mlp2x_gelu`, projector `model.mm_projector.0/.2`).
+- `llava-next`: plain LLaVA-1.6 (`image_aspect_ratio` `anyres`, `image_grid_pinpoints`, `mm_patch_merge_type`
+  `spatial_unpad`, the learned `model.image_newline`), a `FusedLlavaNextConfig`; the pinpoints, `(width, height)` pairs
+  for the original code, are written `(height, width)` as transformers reads them, in the same order.
 - `mmfuser`: MMFuser (`mm_vision_select_layer` such as `"list-22/-17/-12/-7/-2"`); the deformable block
   `model.mm_projector.0.*` becomes `model.fuser.*`, the MLP linears `model.mm_projector.1/.3` the projector.
 - `igva`: IGVA (`vit_aggregate_groups`, `vit_base_layer`, `aggregate_by_average: false`, `aggregator_*`,
@@ -21,20 +24,22 @@ import ast
 import re
 from pathlib import Path
 
-from transformers import CLIPVisionConfig, LlavaConfig
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..configuration_fused_llava import FusedLlavaConfig
 from ..parity import FUSER_PREFIX, INSTRUCTION_ENCODER_PREFIX, fused_config_from_llava
-from .checkpoint import ORIGINAL, checkpoint_format, read_config_json
 from .errors import ConversionError
 from .sentence_encoder import SentenceEncoder
 
 
-VARIANTS = ("llava", "mmfuser", "igva", "igva-average", "dense-connector")
+VARIANTS = ("llava", "llava-next", "mmfuser", "igva", "igva-average", "dense-connector")
+# The plain LLaVA variants: the fuser is the user's choice (default none) and starts as an exact no-op.
+PLAIN_VARIANTS = ("llava", "llava-next")
 VARIANT_FUSERS = {"mmfuser": "mmfuser", "igva": "igva", "igva-average": "average", "dense-connector": "dense_connector"}
 VARIANT_ORIGINS = {
     "llava": "haotian-liu/LLaVA",
+    "llava-next": "haotian-liu/LLaVA, LLaVA-1.6 any resolution",
     "mmfuser": "the official MMFuser code (yuecao0119/MMFuser)",
     "igva": "the official IGVA code (YiZheng-zy/IGVA)",
     "igva-average": "the official IGVA code (YiZheng-zy/IGVA), pre-training mode",
@@ -44,6 +49,11 @@ VARIANT_ORIGINS = {
 DENSE_CONNECTOR_TYPES = ("sti", "sci", "dci")
 # The original model types and the LLM config each one extends.
 ORIGINAL_MODEL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
+# LLaVA-1.6's image settings: the only any-resolution packing transformers' LLaVA-NeXT computes (tiles unpadded,
+# each row of features ended by `image_newline`, the base view first).
+ANY_RESOLUTION = "anyres"
+NEXT_MERGE_TYPE = "spatial_unpad"
+LLAVA_1_6_PINPOINTS = "[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]"
 # MSCrossAttnBlock of the official MMFuser code hard-codes these (and LayerNorm eps 1e-6).
 MMFUSER_NUM_HEADS = 16
 MMFUSER_NUM_POINTS = 4
@@ -78,6 +88,7 @@ KEY_RENAMES = {
         ("model.sentence_embedder.0.auto_model.", INSTRUCTION_ENCODER_PREFIX),
     ),
     "igva-average": _LLM_RENAMES + _MLP_PROJECTOR,
+    "llava-next": _LLM_RENAMES + _MLP_PROJECTOR + (("model.image_newline", "model.image_newline"),),
     "dense-connector": _LLM_RENAMES + _MLP_PROJECTOR,
 }
 TOWER_PREFIX = "model.vision_tower."
@@ -86,16 +97,8 @@ CLIP_TEXT_PARTS = ("text_model", "text_projection", "visual_projection", "logit_
 EMBEDDING_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
 
 
-def read_original_config(folder: Path) -> dict:
-    """The raw config.json of an original-format checkpoint, or a `ConversionError` saying what it is instead."""
-    raw = read_config_json(
-        folder, "an original-format LLaVA checkpoint folder (or Hub repo) such as liuhaotian/llava-v1.5-7b"
-    )
-    if checkpoint_format(raw, folder) != ORIGINAL:
-        raise ConversionError(
-            f"{folder} is a llava-hf checkpoint (nested text_config / vision_config), not an original-format one: "
-            "use fusedvlm-convert, which reads both formats (or convert_llava_checkpoint)."
-        )
+def check_original_config(raw: dict, folder: Path) -> None:
+    """Refuse, by name, the original-format configs fused LLaVA cannot import."""
     model_type = raw.get("model_type")
     if model_type not in ORIGINAL_MODEL_TYPES:
         raise ConversionError(
@@ -105,13 +108,82 @@ def read_original_config(folder: Path) -> dict:
     unsupported = []
     if raw.get("mm_use_im_start_end") or raw.get("mm_use_im_patch_token"):
         unsupported.append("image start/end or patch tokens (mm_use_im_start_end / mm_use_im_patch_token)")
-    if raw.get("mm_patch_merge_type", "flat") != "flat" or raw.get("image_aspect_ratio") == "anyres":
-        unsupported.append("LLaVA-NeXT any-resolution inputs (mm_patch_merge_type / image_aspect_ratio anyres)")
     if raw.get("mm_projector_type", "linear") != "mlp2x_gelu":
         unsupported.append(f"mm_projector_type {raw.get('mm_projector_type', 'linear')!r} (only mlp2x_gelu)")
     if unsupported:
         raise ConversionError(f"{folder} uses {'; '.join(unsupported)}, which fused LLaVA does not support.")
-    return raw
+    if is_any_resolution(raw):
+        check_any_resolution(raw, folder)
+
+
+def is_any_resolution(raw: dict) -> bool:
+    """Whether the config asks for LLaVA-NeXT style inputs: several crops per image or a spatial packing."""
+    aspect = raw.get("image_aspect_ratio")
+    several_crops = isinstance(aspect, str) and aspect.startswith(ANY_RESOLUTION)
+    return several_crops or raw.get("mm_patch_merge_type", "flat") != "flat"
+
+
+def check_any_resolution(raw: dict, folder: Path) -> None:
+    """Refuse, by name, any-resolution settings other than LLaVA-1.6's (`anyres`, `spatial_unpad`, pinpoints)."""
+    aspect, merge = raw.get("image_aspect_ratio"), raw.get("mm_patch_merge_type", "flat")
+    if aspect != ANY_RESOLUTION or merge != NEXT_MERGE_TYPE:
+        raise ConversionError(
+            f"{folder} has image_aspect_ratio {aspect!r} with mm_patch_merge_type {merge!r}: fused LLaVA imports "
+            f"LLaVA-1.5 ('flat', image_aspect_ratio 'pad' or none) and LLaVA-1.6 ({NEXT_MERGE_TYPE!r} with "
+            f"{ANY_RESOLUTION!r}: tiles unpadded, each row ended by image_newline, as transformers' LLaVA-NeXT packs "
+            "them); other packings ('spatial', crops flattened with 'flat', 'maxpool2x2', 'anyres_max_N') cannot be "
+            "imported."
+        )
+    select_feature = raw.get("mm_vision_select_feature", "patch")
+    if select_feature != "patch":
+        raise ConversionError(
+            "LLaVA-1.6 packs each crop's patches as a square grid (the original code asserts it): "
+            f"mm_vision_select_feature must be 'patch', not {select_feature!r}."
+        )
+    original_pinpoints(raw)
+
+
+def original_pinpoints(raw: dict) -> list[list[int]]:
+    """`image_grid_pinpoints` as the original code reads it: a list (or its Python literal) of (width, height)."""
+    value = raw.get("image_grid_pinpoints")
+    if value is None:
+        raise ConversionError(
+            "The config has image_aspect_ratio 'anyres' but no image_grid_pinpoints, the tile layouts the model was "
+            f"trained with: add them to config.json (liuhaotian/llava-v1.6-* list {LLAVA_1_6_PINPOINTS})."
+        )
+    try:
+        pinpoints = ast.literal_eval(value) if isinstance(value, str) else value
+    except (ValueError, SyntaxError):
+        pinpoints = None
+    if (
+        not isinstance(pinpoints, (list, tuple))
+        or not pinpoints
+        or not all(
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in pair)
+            for pair in pinpoints
+        )
+    ):
+        raise ConversionError(
+            f"image_grid_pinpoints {value!r} is not a list of (width, height) pairs in pixels such as "
+            f"{LLAVA_1_6_PINPOINTS} (the LLaVA-NeXT repository's '(1x1),...,(6x6)' grids are not LLaVA-1.6's)."
+        )
+    return [list(pair) for pair in pinpoints]
+
+
+def next_pinpoints(raw: dict, image_size: int) -> list[list[int]]:
+    """The pinpoints as transformers reads them, (height, width), from the original (width, height) pairs, in the
+    same order (the first of two equally good layouts wins in both codes)."""
+    pinpoints = original_pinpoints(raw)
+    misfits = [pair for pair in pinpoints if pair[0] % image_size or pair[1] % image_size]
+    if misfits:
+        raise ConversionError(
+            f"image_grid_pinpoints {misfits} are not multiples of the vision tower's image size ({image_size}): each "
+            f"tile is one {image_size} px crop of the tower; give the tower the checkpoint was trained with "
+            f"({raw.get('mm_vision_tower')})."
+        )
+    return [[height, width] for width, height in pinpoints]
 
 
 def parse_select_layer(value) -> int | list[int]:
@@ -148,8 +220,8 @@ def parse_groups_literal(value) -> list[list[int]]:
     return [list(group) for group in groups]
 
 
-def detect_variant(raw: dict, keys: set[str]) -> str:
-    """Which of `VARIANTS` an original checkpoint is, from its config and keys."""
+def detect_fusion_variant(raw: dict, keys: set[str]) -> str:
+    """Which fusion code (or plain LLaVA) an original checkpoint comes from, from its config and keys."""
     # The IGVA code writes vit_aggregate_groups (None when unused) into every config it saves.
     if raw.get("vit_aggregate_groups") is not None or any(key.startswith("model.vision_aggregator.") for key in keys):
         return "igva-average" if raw.get("aggregate_by_average") else "igva"
@@ -160,6 +232,20 @@ def detect_variant(raw: dict, keys: set[str]) -> str:
     if isinstance(layers, list) or any(key.startswith("model.mm_projector.0.cross_attn.") for key in keys):
         return "mmfuser"
     return "llava"
+
+
+def detect_variant(raw: dict, keys: set[str]) -> str:
+    """Which of `VARIANTS` an original checkpoint is, from its config and keys."""
+    variant = detect_fusion_variant(raw, keys)
+    if not is_any_resolution(raw):
+        return variant
+    if variant != "llava":
+        raise ConversionError(
+            f"The checkpoint is a trained {variant} model ({VARIANT_ORIGINS[variant]}) with any-resolution inputs "
+            f"(image_aspect_ratio {raw.get('image_aspect_ratio')!r}): only plain LLaVA-1.6 checkpoints import as "
+            f"LLaVA-NeXT; {variant} checkpoints import in the LLaVA-1.5 layout (image_aspect_ratio 'pad')."
+        )
+    return "llava-next"
 
 
 def map_original_key(key: str, variant: str) -> str | None:
@@ -210,7 +296,7 @@ def fused_config_from_original(
     strategy = "default" if select_feature == "patch" else "full"
     fuser_kwargs = dict(fuser_kwargs)
     layers = parse_select_layer(raw.get("mm_vision_select_layer", -2))
-    if variant == "llava":
+    if variant in PLAIN_VARIANTS:
         if isinstance(layers, list):
             raise ConversionError(f"A plain LLaVA reads one vision layer, mm_vision_select_layer is {layers}.")
         base_layer = layers
@@ -253,17 +339,17 @@ def fused_config_from_original(
                     raise ConversionError(f"The IGVA config lacks {name}: the aggregator's size cannot be known.")
                 fuser_kwargs[option] = raw[name]
             embed_dim = raw.get("sentence_embed_dim")
-            if embed_dim is not None and embed_dim != encoder.model.config.hidden_size:
+            if embed_dim is not None and embed_dim != encoder.config.hidden_size:
                 raise ConversionError(
                     f"The checkpoint was trained with {embed_dim}-d sentence embeddings (sentence_embed_dim) but "
-                    f"--instruction-encoder gives {encoder.model.config.hidden_size}-d ones: give the sentence "
+                    f"--instruction-encoder gives {encoder.config.hidden_size}-d ones: give the sentence "
                     f"encoder it was trained with ({raw.get('sentence_embedder')})."
                 )
     if encoder is not None:
         fuser_kwargs = {**encoder.config_fields, **fuser_kwargs}
     num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     has_class_token = not is_siglip_config(vision_config)
-    llava_config = LlavaConfig(
+    fields = dict(
         text_config=text_config,
         vision_config=vision_config,
         image_token_index=image_token_index,
@@ -273,11 +359,16 @@ def fused_config_from_original(
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
     )
+    if variant == "llava-next":
+        pinpoints = next_pinpoints(raw, vision_config.image_size)
+        llava_config = LlavaNextConfig(**fields, image_grid_pinpoints=pinpoints)
+    else:
+        llava_config = LlavaConfig(**fields)
     try:
         config = fused_config_from_llava(
             llava_config,
             fuser_type,
-            instruction_encoder_config=encoder.model.config if encoder else None,
+            instruction_encoder_config=encoder.config if encoder else None,
             **fuser_kwargs,
         )
     except ValueError as error:
@@ -324,7 +415,7 @@ def dense_connector_feature_selection(raw: dict, layers, strategy: str, vision_c
 
 def fuser_for_variant(variant: str, fuser_type: str | None) -> str:
     """The fuser of the result: fixed by a trained fusion checkpoint, the user's choice (default none) for LLaVA."""
-    if variant == "llava":
+    if variant in PLAIN_VARIANTS:
         return fuser_type or "none"
     fixed = VARIANT_FUSERS[variant]
     if fuser_type not in (None, fixed):

@@ -1,7 +1,9 @@
-"""The processor of an imported original-format checkpoint, made as llava-hf made LLaVA-1.5's: the LLM tokenizer with
-`<image>` (the original code's -200 placeholder) and `<pad>` added, the CLIP image processor of `--vision-tower`
-padding to a square (`image_aspect_ratio: pad`), and the `llava_v1` conversation the models were trained with as chat
-template; and the files written beside the weights."""
+"""The processor of an imported original-format checkpoint, made as llava-hf made LLaVA-1.5's and LLaVA-1.6's: the LLM
+tokenizer with `<image>` (the original code's -200 placeholder) and `<pad>` added, the CLIP image processor of
+`--vision-tower` padding to a square (`image_aspect_ratio: pad`) or, for LLaVA-1.6 (`anyres`), LLaVA-NeXT's image
+processor with the same CLIP settings for every tile, and the conversation the models were trained with as chat
+template (`llava_v1`; for LLaVA-1.6 also `mistral_instruct` and `chatml_direct`); and the files written beside the
+weights."""
 
 import math
 from pathlib import Path
@@ -13,16 +15,18 @@ from transformers import (
     CLIPVisionConfig,
     GenerationConfig,
     LlavaImageProcessorPil,
+    LlavaNextImageProcessorPil,
     SiglipVisionConfig,
 )
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.image_utils import PILImageResampling
 
 from ..configuration_fused_llava import FusedLlavaConfig
+from ..configuration_fused_llava_next import FusedLlavaNextConfig
 from ..processing_fused_llava import FusedLlavaProcessor
+from ..processing_fused_llava_next import FusedLlavaNextProcessor
 from .errors import ConversionError
 from .sentence_encoder import SentenceEncoder
-from .writing import write_remote_code
 
 
 IMAGE_TOKEN = "<image>"
@@ -51,25 +55,38 @@ def _jinja_string(text: str) -> str:
 
 
 def conversation_chat_template(
-    system: str, system_prefix: str, system_end: str, user: str, user_end: str, assistant: str, assistant_end: str
+    system: str,
+    system_prefix: str,
+    system_end: str,
+    user: str,
+    user_end: str,
+    assistant: str,
+    assistant_end: str,
+    system_in_first_turn: bool = False,
 ) -> str:
     """A chat template writing a conversation as the original code's `Conversation.get_prompt` does: the system
     prompt (a leading system message replaces it), then each turn as its role's prefix, the message and its end; the
     generation prompt is the assistant prefix without its trailing whitespace when the prefix ends in a space
     (`ASSISTANT:`), as written. Image placeholders come first in their turn, each on its own line, as in the
-    original training data."""
+    original training data. With `system_in_first_turn` (separator style LLAMA_2), a non-empty system prompt opens
+    the first turn's message instead of the conversation."""
     generation = assistant.rstrip(" ")
+    system_block = "{{ " + _jinja_string(system_prefix) + " + ns.system + " + _jinja_string(system_end) + " }}"
+    first_turn = "{% if loop.first and ns.system %}" + system_block + "{% endif %}" if system_in_first_turn else ""
     return (
         "{% set ns = namespace(system=" + _jinja_string(system) + ", start=0) %}"
         "{% if messages and messages[0]['role'] == 'system' %}{% set ns.start = 1 %}"
         "{% if messages[0]['content'] is string %}{% set ns.system = messages[0]['content'] %}"
         "{% else %}{% set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text') "
         "| map(attribute='text') | join(' ') %}{% endif %}{% endif %}"
-        "{{ " + _jinja_string(system_prefix) + " + ns.system + " + _jinja_string(system_end) + " }}"
-        "{% for message in messages[ns.start:] %}"
+        + ("" if system_in_first_turn else system_block)
+        + "{% for message in messages[ns.start:] %}"
         "{% if message['role'] == 'assistant' %}{{ " + _jinja_string(assistant) + " }}"
-        "{% else %}{{ " + _jinja_string(user) + " }}{% endif %}"
-        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% else %}{{ "
+        + _jinja_string(user)
+        + " }}{% endif %}"
+        + first_turn
+        + "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
         "{% for block in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
         "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
         "{% endif %}"
@@ -92,6 +109,22 @@ VICUNA_V1_CHAT_TEMPLATE = vicuna_chat_template(VICUNA_V1_SYSTEM)
 # Dense Connector's `llama_3` conversation, as its code writes it: every turn ends with <|eot_id|>, and the assistant's
 # turns carry the header of the role named `system` there.
 LLAMA_3_HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
+# LLaVA-1.6's conversations besides `llava_v1` (Vicuna): `mistral_instruct` (separator style LLAMA_2: "[INST] ...
+# [/INST]", an empty system prompt by default) for Mistral, `chatml_direct` (style MPT) for the 34B (Nous-Hermes-2-Yi).
+MISTRAL_INSTRUCT_CHAT_TEMPLATE = conversation_chat_template(
+    "", "<<SYS>>\n", "\n<</SYS>>\n\n", "[INST] ", " [/INST]", " ", " </s>", system_in_first_turn=True
+)
+CHATML_SYSTEM = "Answer the questions."
+CHATML_END = "<|im_end|>"
+CHATML_DIRECT_CHAT_TEMPLATE = conversation_chat_template(
+    CHATML_SYSTEM,
+    "<|im_start|>system\n",
+    CHATML_END,
+    "<|im_start|>user\n",
+    CHATML_END,
+    "<|im_start|>assistant\n",
+    CHATML_END,
+)
 LLAMA_3_CHAT_TEMPLATE = conversation_chat_template(
     LLAMA_3_SYSTEM,
     "<|begin_of_text|>" + LLAMA_3_HEADER.format("system"),
@@ -107,6 +140,24 @@ def is_llama_3_tokenizer(tokenizer) -> bool:
     """Llama-3's tokenizer (the header and end-of-turn tokens of its chat format), as opposed to Vicuna's."""
     vocab = tokenizer.get_vocab()
     return "<|eot_id|>" in vocab and "<|start_header_id|>" in vocab
+
+
+def is_chatml_tokenizer(tokenizer) -> bool:
+    """A tokenizer with ChatML's turn tokens (LLaVA-1.6-34B's Nous-Hermes-2-Yi), as opposed to Vicuna's."""
+    vocab = tokenizer.get_vocab()
+    return "<|im_start|>" in vocab and CHATML_END in vocab
+
+
+def any_resolution_image_processor(image_processor: LlavaImageProcessorPil, pinpoints) -> LlavaNextImageProcessorPil:
+    """LLaVA-NeXT's image processor for LLaVA-1.6 (`process_anyres_image`): the base view resized to a square and the
+    tiles of the best pinpoint (the image resized into it and padded with black), each tile with the tower's CLIP
+    settings, as transformers converted liuhaotian/llava-v1.6-*; `pinpoints` are (height, width)."""
+    settings = image_processor.to_dict()
+    known = set(LlavaNextImageProcessorPil().to_dict()) - {"image_processor_type", "image_grid_pinpoints", "do_pad"}
+    return LlavaNextImageProcessorPil(
+        **{key: value for key, value in settings.items() if key in known},
+        image_grid_pinpoints=[list(pair) for pair in pinpoints],
+    )
 
 
 def read_vision_tower(
@@ -181,7 +232,8 @@ def add_llava_tokens(tokenizer, vocab_size: int) -> tuple[int, int, int]:
         tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.unk_token:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    tokenizer.padding_side = "left"  # batched generation
+    # Batched generation needs left padding; init_kwargs is what save_pretrained writes.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     new_size = math.ceil(max(vocab_size, len(tokenizer)) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id, new_size
 
@@ -205,26 +257,27 @@ def write_companions(
     tokenizer,
     image_processor,
     encoder: SentenceEncoder | None,
-    card,
-    chat_template: str = LLAVA_V1_CHAT_TEMPLATE,
+    chat_template: str,
 ) -> None:
-    """Everything beside the weights: config and remote code, generation config, processor (with `chat_template`,
-    the conversation the model was trained with), model card."""
-    write_remote_code(config, staging)
+    """The generation config and the processor (with `chat_template`, the conversation the model was trained
+    with)."""
     generation_config = (
         GenerationConfig.from_pretrained(source)
         if (source / "generation_config.json").is_file()
         else GenerationConfig.from_model_config(text_config)
     )
     generation_config.pad_token_id = text_config.pad_token_id
-    if chat_template == LLAMA_3_CHAT_TEMPLATE:
-        # Llama-3 ends a turn with <|eot_id|>; the official evaluation stops there as well as at the end of text.
+    turn_end = {LLAMA_3_CHAT_TEMPLATE: "<|eot_id|>", CHATML_DIRECT_CHAT_TEMPLATE: CHATML_END}.get(chat_template)
+    if turn_end is not None:
+        # Llama-3 and ChatML end a turn with their own token; the official evaluation stops there (its stop string)
+        # as well as at the end of text.
         eos = generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        end_of_turn = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        end_of_turn = tokenizer.convert_tokens_to_ids(turn_end)
         generation_config.eos_token_id = eos + [end_of_turn] if end_of_turn not in eos else eos
     generation_config.save_pretrained(staging)
-    FusedLlavaProcessor(
+    processor_class = FusedLlavaNextProcessor if isinstance(config, FusedLlavaNextConfig) else FusedLlavaProcessor
+    processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         instruction_tokenizer=encoder.tokenizer if encoder else None,
@@ -234,4 +287,3 @@ def write_companions(
         # LLaVA's processors count the class token the default strategy drops; SigLIP has none.
         num_additional_image_tokens=0 if config.vision_config.model_type.startswith("siglip") else 1,
     ).save_pretrained(staging)
-    card.save(staging / "README.md")

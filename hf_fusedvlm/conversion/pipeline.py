@@ -1,74 +1,46 @@
-"""Steps both formats share around plan -> write -> verify: checking the fuser choice and the output before anything
-is read, the fuser settings, and the description of the finished result."""
+"""The one conversion pipeline, for every source format: check -> read -> plan -> write -> verify.
+
+Every argument is checked before any weights are downloaded: the output folder and the Hub login first, then the
+source's metadata (config.json and shard index; for a Hub repo only its JSON files are fetched), and through it the
+fused config the result will have, which the fuser settings, the vision tower's and the sentence encoder's configs
+must fit. Only then are the weights read (downloaded) and planned, tensor by tensor, and the plan checked against
+the fused model's tensors; the shards, remote code, companions (processor, generation config) and model card are
+written into a staging folder, verified on request, and moved into place; the result is pushed on request.
+
+A source format (`llava_hf`, `original`) contributes only what differs, as a module with
+- `check(source, request) -> FusedLlavaConfig`: from metadata alone, the fused config (its vocabulary may still
+  change once the tokenizer is read), or a `ConversionError`;
+- `plan(source, request) -> Plan`: the tensors, companions and verification, once the weights are here.
+"""
 
 import os
 from pathlib import Path
 
-from ..fuser_registry import FUSERS, fuser_class, instruction_fusers
-from .errors import ConversionError
-from .hub import check_hub_login
-from .staging import check_output, check_writable
-from .writing import ConversionResult, PlannedShard
+import torch
+
+from ..parity import FUSER_PREFIX
+from . import llava_hf, original
+from .checkpoint import LLAVA_HF, ORIGINAL, checkpoint_format, read_config_json, resolve_checkpoint
+from .errors import ConversionError, listed, parse_dtype
+from .hub import check_hub_login, publish_result
+from .model_card import card_command, render_model_card, source_license
+from .request import Plan, Request, Source, fuser_class_or_error, fuser_settings
+from .sentence_encoder import load_sentence_encoder
+from .staging import check_output, check_writable, staged_output
+from .writing import ConversionResult, count_parameters, plan_mismatches, write_remote_code, write_shards
 
 
-# FusedLlavaConfig fields of no single fuser that `--fuser-option NAME=VALUE` may set, with their help (layers and
-# groups have their own flags; the instruction encoder's pooling comes from its sentence-transformers folder).
-GENERAL_FUSER_OPTIONS = {
-    "instruction_embedding_normalize": "whether the instruction embedding is L2-normalised (fusers that read the "
-    "instruction; default: as the sentence encoder does)",
-}
-INSTRUCTION_ENCODER_EXAMPLE = "sentence-transformers/all-mpnet-base-v2"
+FORMATS = {LLAVA_HF: llava_hf, ORIGINAL: original}
+EXPECTED_INPUT = (
+    "a LLaVA checkpoint folder (or Hub repo): llava-hf (e.g. llava-hf/llava-1.5-7b-hf) or original (e.g. "
+    "liuhaotian/llava-v1.5-7b)"
+)
 
 
-def known_fuser_options() -> dict[str, str]:
-    """The names `--fuser-option` accepts, with their help: every registered fuser's `config_fields`, then
-    [`GENERAL_FUSER_OPTIONS`]."""
-    options = {}
-    for fuser_type, fuser in FUSERS.items():
-        for name, field in fuser.config_fields.items():
-            options.setdefault(name, f"{fuser_type}: {field.help}")
-    return {**options, **GENERAL_FUSER_OPTIONS}
+# ------------------------------------------------------------------------------------------------------- steps
 
 
-def check_fuser_choice(fuser_type: str, instruction_encoder, hint: str = "") -> None:
-    """A registered fuser, with an instruction encoder exactly when it reads the instruction."""
-    reads_instruction = fuser_class_or_error(fuser_type).reads_instruction
-    if reads_instruction and instruction_encoder is None:
-        raise ConversionError(
-            f"--fuser {fuser_type} embeds the user's instruction: pass --instruction-encoder with a sentence encoder "
-            f"folder or Hub repo id{hint} (IGVA uses {INSTRUCTION_ENCODER_EXAMPLE})."
-        )
-    if not reads_instruction and instruction_encoder is not None:
-        raise ConversionError(
-            f"--instruction-encoder is only used by --fuser {', '.join(instruction_fusers())}, not {fuser_type}: "
-            "drop it."
-        )
-
-
-def fuser_class_or_error(fuser_type: str):
-    try:
-        return fuser_class(fuser_type)
-    except ValueError as error:
-        raise ConversionError(f"--fuser: {error}") from error
-
-
-def fuser_settings(fuser_layers=None, fuser_layer_groups=None, fuser_options=None) -> dict:
-    """The `FusedLlavaConfig` fuser fields of the layer, group and option arguments."""
-    known = known_fuser_options()
-    unknown = sorted(set(fuser_options or {}) - set(known))
-    if unknown:
-        raise ConversionError(f"Unknown fuser options {unknown}: choose among {', '.join(known)}.")
-    settings = dict(fuser_options or {})
-    if fuser_layers is not None:
-        settings["fuser_layers"] = list(fuser_layers)
-    if fuser_layer_groups is not None:
-        settings["fuser_layer_groups"] = [list(group) for group in fuser_layer_groups]
-    return settings
-
-
-def prepare_output(
-    input: str | os.PathLike, output: str | os.PathLike, overwrite: bool, push_to_hub: str | None
-) -> Path:
+def prepare_output(input, output, overwrite: bool, push_to_hub: str | None) -> Path:
     """The absolute `output`, checked before anything is read or downloaded: not the input nor inside it, a folder
     `--overwrite` may replace, a writable parent, and a reachable Hub when pushing."""
     output = Path(output).expanduser().resolve()
@@ -80,22 +52,128 @@ def prepare_output(
     return output
 
 
-def describe_result(
-    output: Path,
-    config,
-    planned: list[PlannedShard],
-    num_copied: int,
-    num_new: int,
-    new_parameters: int,
-    total_bytes: int,
-) -> ConversionResult:
-    return ConversionResult(
-        output=output,
-        fuser_type=config.fuser_type,
-        num_shards=len(planned),
-        num_tensors_copied=num_copied,
-        num_new_tensors=num_new,
-        new_parameters=new_parameters,
-        total_bytes=total_bytes,
-        dtype=str(config.dtype).removeprefix("torch.") if config.dtype is not None else None,
+def open_source(input) -> Source:
+    """The source's folder and config.json (a Hub repo's JSON files only)."""
+    folder, repo_id = resolve_checkpoint(input, "--input", metadata_only=True)
+    return Source(str(input), folder, repo_id, read_config_json(folder, EXPECTED_INPUT), Path(input).exists())
+
+
+def check_plan(plan: Plan) -> None:
+    """Refuse, before anything is written, a plan that is not exactly the fused model's tensors: the error names the
+    unexpected and the missing tensors (under their source names) and those of the wrong shape."""
+    unexpected, missing, wrong = plan_mismatches(plan.config, plan.shards)
+    details = []
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected keys: {listed(plan.source_name(n) for n in unexpected)}")
+    if missing:
+        details.append(f"{len(missing)} missing keys: {listed(plan.source_name(n) for n in missing)}")
+    if wrong:
+        shapes = [f"{plan.source_name(name)} {shape} (expected {expected})" for name, shape, expected in wrong]
+        details.append(f"{len(wrong)} tensors of the wrong shape: {listed(shapes)}")
+    if details:
+        raise ConversionError(f"The checkpoint does not match {plan.layout}: " + "; ".join(details) + f". {plan.fix}")
+
+
+def model_card(plan: Plan, source: Source, request: Request, model_id: str, origin: str | None):
+    license, license_link = source_license(source.folder)
+    encoder = request.encoder.name if request.encoder else None
+    command = card_command(
+        origin or source.folder.name,
+        vision_tower=plan.card_vision_tower,
+        fuser_type=plan.card_fuser,
+        fuser_layers=request.fuser_layers,
+        fuser_layer_groups=request.fuser_layer_groups,
+        fuser_options=request.fuser_options,
+        instruction_encoder=encoder,
+        dtype=request.dtype,
     )
+    return render_model_card(
+        plan.config,
+        model_id=model_id,
+        base_model=origin,
+        license=license,
+        license_link=license_link,
+        instruction_encoder=encoder,
+        new_parameters=count_parameters(plan.shards, FUSER_PREFIX),
+        convert_command=command,
+        imported_from=plan.imported_from,
+    )
+
+
+def convert_checkpoint(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    fuser_type: str | None = None,
+    *,
+    vision_tower: str | os.PathLike | None = None,
+    instruction_encoder: str | os.PathLike | None = None,
+    fuser_layers: list[int] | None = None,
+    fuser_layer_groups: list[list[int]] | None = None,
+    fuser_options: dict | None = None,
+    dtype: str | torch.dtype | None = None,
+    verify: bool = False,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    base_model: str | None = None,
+    progress: bool = True,
+) -> ConversionResult:
+    """Convert a LLaVA checkpoint, llava-hf or original format (told from its config.json), into a fused one.
+
+    Args:
+        input: checkpoint folder or Hub repo id.
+        output: folder to create: new, empty, or with `overwrite` an earlier fused LLaVA output.
+        fuser_type: a registered fuser (`hf_fusedvlm.FUSERS`): required for llava-hf checkpoints; for original ones
+            `none` by default, and fixed by a trained fusion (MMFuser, IGVA, Dense Connector) checkpoint.
+        vision_tower: original format only: folder or Hub id of the CLIP (Dense Connector: SigLIP) model named by
+            the checkpoint's `mm_vision_tower`.
+        instruction_encoder: sentence-transformers folder or Hub repo id, for the fusers that read the instruction
+            (igva); its pooling and normalisation are carried into the config.
+        fuser_layers, fuser_layer_groups: `FusedLlavaConfig` fields (defaults scale the papers' layouts to the tower;
+            fixed by a trained fusion checkpoint).
+        fuser_options: further `FusedLlavaConfig` fuser fields (`known_fuser_options()`), e.g. `{"fuser_num_heads": 8}`.
+        dtype: `"float32"`, `"bfloat16"` or `"float16"` to cast floating tensors; default keeps the source's bytes.
+        verify: check that the result computes what the source does before moving it into place.
+        push_to_hub: repo id to upload the result to in one commit (token from `HF_TOKEN` or `hf auth login`).
+        private: create the Hub repo private.
+        base_model: Hub id of the source for the model card, when `input` is a local folder.
+        progress: show a progress bar of shards and bytes.
+    """
+    dtype = parse_dtype(dtype)
+    if fuser_type is not None:
+        fuser_class_or_error(fuser_type)
+    fuser_settings(fuser_layers, fuser_layer_groups, fuser_options)
+    output = prepare_output(input, output, overwrite, push_to_hub)
+    encoder = load_sentence_encoder(instruction_encoder, weights=False) if instruction_encoder is not None else None
+    request = Request(fuser_type, fuser_layers, fuser_layer_groups, fuser_options, vision_tower, encoder, dtype)
+    source = open_source(input)
+    source_format = FORMATS[checkpoint_format(source.raw, source.folder)]
+    source_format.check(source, request)
+
+    if instruction_encoder is not None:  # its tokenizer is checked before any weights are downloaded
+        request.encoder = load_sentence_encoder(instruction_encoder, dtype)
+    source.download()
+    plan = source_format.plan(source, request)
+    check_plan(plan)
+
+    origin = base_model or source.repo_id
+    card = model_card(plan, source, request, push_to_hub or output.name, origin)
+    with staged_output(output, overwrite) as staging:
+        total_bytes = write_shards(staging, plan.shards, progress)
+        write_remote_code(plan.config, staging)
+        plan.write_companions(staging)
+        card.save(staging / "README.md")
+        config = plan.config
+        result = ConversionResult(
+            output=output,
+            fuser_type=config.fuser_type,
+            num_shards=len(plan.shards),
+            num_tensors_copied=plan.num_source_tensors,
+            num_new_tensors=plan.num_new_tensors,
+            new_parameters=count_parameters(plan.shards, FUSER_PREFIX),
+            total_bytes=total_bytes,
+            dtype=str(config.dtype).removeprefix("torch.") if config.dtype is not None else None,
+        )
+        if verify:
+            result.verify_max_abs_diff, result.verify_tolerance = plan.verify(staging)
+    return publish_result(result, push_to_hub, private, f"{plan.commit_message} from {origin or source.folder.name}")

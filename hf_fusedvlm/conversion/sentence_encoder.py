@@ -39,14 +39,15 @@ EXAMPLE = "sentence-transformers/all-mpnet-base-v2"
 
 @dataclass
 class SentenceEncoder:
-    """A sentence encoder: its transformer, tokenizer, pooling (`instruction_pooling`) and L2 normalisation, and
-    the name the model card gives it (a Hub id or a folder name)."""
+    """A sentence encoder: its transformer's config, pooling (`instruction_pooling`) and L2 normalisation, the name
+    the model card gives it (a Hub id or a folder name), and once loaded its transformer and tokenizer."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    config: object
     pooling: str
     normalize: bool
     name: str
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
 
     @property
     def config_fields(self) -> dict:
@@ -140,8 +141,9 @@ def _check_prompts(folder: Path) -> None:
             )
 
 
-def _check_text_encoder(transformer_path: Path, folder: Path) -> None:
-    """Refuse, by name, folders that are not a text encoder (a LLaVA, a causal LM, an encoder-decoder)."""
+def _check_text_encoder(transformer_path: Path, folder: Path):
+    """The transformer's config; folders that are not a text encoder (a LLaVA, a causal LM, an encoder-decoder) are
+    refused by name."""
     if not (transformer_path / "config.json").is_file():
         raise ConversionError(
             f"--instruction-encoder {folder} has no config.json: give a sentence-transformers folder or Hub id "
@@ -165,6 +167,7 @@ def _check_text_encoder(transformer_path: Path, folder: Path) -> None:
             f"--instruction-encoder {folder} is a {config.model_type!r} model ({kind}), not a text encoder: give a "
             f"sentence encoder such as {EXAMPLE}."
         )
+    return config
 
 
 def _load(auto_class, transformer_path: Path, folder: Path, **kwargs):
@@ -178,18 +181,19 @@ def _load(auto_class, transformer_path: Path, folder: Path, **kwargs):
         ) from error
 
 
-def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None) -> SentenceEncoder:
-    """The sentence encoder of a sentence-transformers folder or Hub id (see the module docstring)."""
-    folder, repo_id = resolve_checkpoint(path_or_repo_id, "--instruction-encoder")
+def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None, weights: bool = True) -> SentenceEncoder:
+    """The sentence encoder of a sentence-transformers folder or Hub id (see the module docstring). Without
+    `weights`, only its JSON files are read (a Hub repo's weights and tokenizer are not downloaded; a local folder's
+    tokenizer is checked too): its settings are checked and its config read, but `model` and `tokenizer` stay None.
+    With `weights`, a Hub repo's tokenizer is downloaded and checked before its weights."""
+    what = "--instruction-encoder"
+    folder, repo_id = resolve_checkpoint(path_or_repo_id, what, metadata_only=True)
     if (folder / "modules.json").is_file():
         transformer_path, pooling, normalize = _read_modules(folder)
         _check_prompts(folder)
     else:
         transformer_path, pooling, normalize = folder, "mean", False
-    _check_text_encoder(transformer_path, folder)
-    tokenizer = _load(AutoTokenizer, transformer_path, folder)
-    _check_tokenizer(tokenizer, transformer_path, folder)  # before the weights load
-    model = _load(AutoModel, transformer_path, folder, dtype=dtype or "auto").eval()
+    config = _check_text_encoder(transformer_path, folder)
     settings_file = transformer_path / "sentence_bert_config.json"
     settings = _read_json(settings_file, "sentence-transformers settings") if settings_file.is_file() else {}
     if settings.get("do_lower_case"):
@@ -197,6 +201,19 @@ def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None) -> 
             f"--instruction-encoder {folder} lower-cases sentences before tokenising (do_lower_case in "
             "sentence_bert_config.json), which the fused model's processor does not do: choose another encoder."
         )
+    name = repo_id or folder.name
+    local = Path(path_or_repo_id).expanduser().is_dir()
+    if not weights:
+        if local:  # its tokenizer files are here already: no download
+            _check_tokenizer(_load(AutoTokenizer, transformer_path, folder), transformer_path, folder)
+        return SentenceEncoder(config, pooling, normalize, name)
+    if not local:  # the same snapshot folder, filled in two steps: the tokenizer, checked, then the weights
+        resolve_checkpoint(path_or_repo_id, what, without_weights=True)
+    tokenizer = _load(AutoTokenizer, transformer_path, folder)
+    _check_tokenizer(tokenizer, transformer_path, folder)  # before the weights load
+    if not local:
+        resolve_checkpoint(path_or_repo_id, what)
+    model = _load(AutoModel, transformer_path, folder, dtype=dtype or "auto").eval()
     if settings.get("max_seq_length"):  # sentence-transformers truncates there, below the model's own limit
         tokenizer.model_max_length = settings["max_seq_length"]
     if not (folder / "modules.json").is_file():
@@ -206,4 +223,4 @@ def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None) -> 
             "encoder was trained with another pooling, give its sentence-transformers folder instead.",
             stacklevel=2,
         )
-    return SentenceEncoder(model, tokenizer, pooling, normalize, repo_id or folder.name)
+    return SentenceEncoder(model.config, pooling, normalize, name, model, tokenizer)

@@ -119,14 +119,18 @@ def _check_spans(path: Path, header: dict, data_size: int) -> None:
         )
 
 
-def _index_shard_names(folder: Path, index_name: str) -> tuple[dict, list[str]]:
-    """(weight map, sorted shard names) of an index file, every listed shard present."""
-    index_file = folder / index_name
+def _read_index(index_file: Path) -> tuple[dict, list[str]]:
+    """(weight map, sorted shard names) of an index file."""
     try:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
+        return weight_map, sorted(set(weight_map.values()))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
         raise ConversionError(f"{index_file} is corrupt ({error}): re-download the checkpoint.") from error
+
+
+def _index_shard_names(folder: Path, index_name: str) -> tuple[dict, list[str]]:
+    """(weight map, sorted shard names) of an index file, every listed shard present."""
+    weight_map, names = _read_index(folder / index_name)
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise ConversionError(
@@ -211,3 +215,20 @@ def read_shards(folder: Path, what: str, allow_pickles: bool = False) -> list[St
         tensors = [StoredTensor(key, value.dtype, list(value.shape), tensor=value) for key, value in state.items()]
         shards.append(StoredShard(folder / name, None, tensors))
     return shards
+
+
+def known_keys(folder: Path, allow_pickles: bool = False) -> dict[str, list[int] | None]:
+    """The tensor names of `folder`'s weights, as far as is known before they are downloaded, with their shapes where
+    known: from the shards' headers when they are here, else from the shard index alone (shapes None), else none."""
+    indexes = (SAFETENSORS_INDEX, PICKLE_INDEX) if allow_pickles else (SAFETENSORS_INDEX,)
+    singles = (SAFETENSORS_SINGLE, PICKLE_SINGLE) if allow_pickles else (SAFETENSORS_SINGLE,)
+    index = next((folder / name for name in indexes if (folder / name).is_file()), None)
+    if index is not None:
+        weight_map, names = _read_index(index)
+        if not all((folder / name).is_file() for name in names):
+            return dict.fromkeys(weight_map)
+    elif not any((folder / name).is_file() for name in singles):
+        return {}
+    return {
+        tensor.key: tensor.shape for shard in read_shards(folder, "--input", allow_pickles) for tensor in shard.tensors
+    }

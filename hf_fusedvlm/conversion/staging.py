@@ -21,7 +21,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import FUSED_MODEL_TYPE
+from .checkpoint import FUSED_MODEL_TYPES
 from .errors import ConversionError, listed
 
 
@@ -38,8 +38,12 @@ FUSED_OUTPUT_FILES = (
     "model-*-of-*.safetensors",
     "model.safetensors.index.json",
     "configuration_fused_llava.py",
+    "configuration_fused_llava_next.py",
     "modeling_fused_llava.py",
+    "modeling_fused_llava_next.py",
+    "modeling_fusion.py",
     "processing_fused_llava.py",
+    "processing_fused_llava_next.py",
     "fusers.py",
     "fuser_registry.py",
     "deformable_attention.py",
@@ -81,13 +85,13 @@ def foreign_files(folder: Path) -> list[str]:
 
 def is_fused_output(folder: Path) -> bool:
     """Whether `folder` is a fused LLaVA checkpoint (what this tool or the trainer writes): its config.json says
-    model_type `fused_llava` and it holds safetensors weights."""
+    model_type `fused_llava` or `fused_llava_next` and it holds safetensors weights."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     has_weights = (folder / "model.safetensors.index.json").is_file() or (folder / "model.safetensors").is_file()
-    return isinstance(config, dict) and config.get("model_type") == FUSED_MODEL_TYPE and has_weights
+    return isinstance(config, dict) and config.get("model_type") in FUSED_MODEL_TYPES and has_weights
 
 
 def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:

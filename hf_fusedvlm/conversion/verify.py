@@ -12,7 +12,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
-    LlavaForConditionalGeneration,
 )
 
 from ..fusers import fuser_class
@@ -67,11 +66,11 @@ def verify_against_llava(source: Path, output: Path, dtype: torch.dtype | None =
     image, prompt = verification_image(), build_prompt(processor, VERIFY_QUESTION)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     llava_inputs = llava_processor(images=image, text=prompt, return_tensors="pt")
-    for name in ("input_ids", "pixel_values"):
+    for name in llava_inputs:
         if not torch.equal(inputs[name], llava_inputs[name]):
             raise VerificationError(f"--verify: the converted processor gives other {name} than the source's.")
     with torch.inference_mode():
-        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype).eval()
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).eval()
         expected = model(**llava_inputs).logits.float()
         del model
         model = AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True, dtype=dtype).eval()

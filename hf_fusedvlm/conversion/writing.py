@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..configuration_fused_llava import FusedLlavaConfig
-from ..modeling_fused_llava import FusedLlavaForConditionalGeneration
+from ..parity import FUSED_MODEL_CLASSES, expand_projector_input
 from .errors import ConversionError
 from .shards import SAFETENSORS_INDEX, TORCH_TO_SAFETENSORS, StoredShard, StoredTensor
 
@@ -115,6 +115,15 @@ def plan_tensor(name: str, stored: StoredTensor, dtype: torch.dtype | None, shap
     return OutputTensor(name, target, shape, source=stored, tensor=stored.tensor, transform=convert)
 
 
+def plan_projector_input(name: str, stored: StoredTensor, config: FusedLlavaConfig, dtype) -> OutputTensor:
+    """The projector's input weight, widened for the slots the fuser gives it (`parity.expand_projector_input`)."""
+    try:
+        shape = expand_projector_input(torch.empty(stored.shape, device="meta"), config).shape
+    except ValueError as error:
+        raise ConversionError(f"Cannot widen the projector for --fuser {config.fuser_type}: {error}") from error
+    return plan_tensor(name, stored, dtype, shape, lambda weight: expand_projector_input(weight, config))
+
+
 def plan_new_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> list[OutputTensor]:
     """Entries for tensors made in memory (fresh fuser weights, the sentence encoder's)."""
     entries = []
@@ -139,7 +148,7 @@ def plan_mismatches(
     """How a plan differs from the fused model's tensors: (unexpected names, missing names, (name, planned shape,
     expected shape) of wrong shapes). A tied parameter may be stored under one of its names only."""
     with torch.device("meta"):
-        model = FusedLlavaForConditionalGeneration(config)
+        model = FUSED_MODEL_CLASSES[type(config)](config)
     state = model.state_dict(keep_vars=True)
     aliases = {}
     for name, tensor in state.items():
@@ -247,11 +256,11 @@ def write_shards(folder: Path, planned: list[PlannedShard], progress: bool) -> i
 def write_remote_code(config: FusedLlavaConfig, folder: Path) -> None:
     """config.json with `auto_map` for AutoConfig, AutoModel and AutoModelForImageTextToText, and the model code
     (the modeling module and every module it imports relatively) for `trust_remote_code=True`."""
-    model_class = FusedLlavaForConditionalGeneration
+    model_class = FUSED_MODEL_CLASSES[type(config)]
     class_path = f"{model_class.__module__.rsplit('.', 1)[-1]}.{model_class.__name__}"
     config.auto_map = {
         **(getattr(config, "auto_map", None) or {}),
-        "AutoConfig": f"{FusedLlavaConfig.__module__.rsplit('.', 1)[-1]}.{FusedLlavaConfig.__name__}",
+        "AutoConfig": f"{type(config).__module__.rsplit('.', 1)[-1]}.{type(config).__name__}",
         "AutoModel": class_path,
         "AutoModelForImageTextToText": class_path,
     }

@@ -41,7 +41,7 @@ from vllm.sequence import IntermediateTensors
 
 from ..configuration_fused_llava import FusedLlavaConfig
 from ..fusers import build_fuser, fuser_class
-from ..modeling_fused_llava import pool_sentence_embeddings
+from ..modeling_fusion import fuse_and_project, pool_sentence_embeddings
 from ..processing_fused_llava import FusedLlavaProcessor
 
 
@@ -52,18 +52,27 @@ PLUGIN_OPTIONS = ("instructions", "instruction_turn")
 INSTRUCTION_TURNS = ("last", "image")
 
 
-class FusedLlavaProcessingInfo(BaseProcessingInfo):
-    def get_hf_config(self) -> FusedLlavaConfig:
-        return self.ctx.get_hf_config(FusedLlavaConfig)
+class FusedProcessingInfoMixin:
+    """What the processing info of every fused family adds to its base: the fused config and processor classes
+    (`config_class`, `processor_class`), the plugin's options kept out of the processor, and whether the fuser reads
+    the instruction."""
 
-    def get_hf_processor(self, **kwargs: object) -> FusedLlavaProcessor:
+    config_class: type = FusedLlavaConfig
+    processor_class: type = FusedLlavaProcessor
+
+    def get_hf_config(self):
+        return self.ctx.get_hf_config(self.config_class)
+
+    def get_hf_processor(self, **kwargs: object):
         for option in PLUGIN_OPTIONS:  # call options, not processor settings
             kwargs.pop(option, None)
-        return self.ctx.get_hf_processor(FusedLlavaProcessor, **kwargs)
+        return self.ctx.get_hf_processor(self.processor_class, **kwargs)
 
     def reads_instruction(self) -> bool:
         return fuser_class(self.get_hf_config().fuser_type).reads_instruction
 
+
+class FusedLlavaProcessingInfo(FusedProcessingInfoMixin, BaseProcessingInfo):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}
 
@@ -96,7 +105,11 @@ class FusedLlavaDummyInputsBuilder(BaseDummyInputsBuilder[FusedLlavaProcessingIn
         return {"image": images}
 
 
-class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessingInfo]):
+class FusedInstructionProcessorMixin:
+    """The instruction handling of every fused family's multimodal processor (placed before vLLM's processor class in
+    the bases): the instruction found in the prompt or given as `instructions`, made a processor option (the image's
+    cache key), one instruction row per image, and the refusal of image embeddings and of unknown options."""
+
     def get_dummy_inputs(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: MultiModalDummyOptions):
         """vLLM's profiling inputs (image tokens only), with an instruction for fusers that read one: `apply` refuses
         images asked about without one."""
@@ -179,7 +192,9 @@ class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessing
 
     def _get_hf_mm_text(self, mm_counts: Mapping[str, int]) -> str | None:
         # The processor only tokenises an instruction for a prompt; one image token per image keeps them paired.
-        return self.dummy_inputs.get_dummy_text(mm_counts) if self.info.reads_instruction() else None
+        if self.info.reads_instruction():
+            return self.dummy_inputs.get_dummy_text(mm_counts)
+        return super()._get_hf_mm_text(mm_counts)
 
     def _postprocess_hf_mm_data(
         self,
@@ -198,13 +213,18 @@ class FusedLlavaMultiModalProcessor(BaseMultiModalProcessor[FusedLlavaProcessing
                 processed_data[field] = processed_data[field][torch.as_tensor(sample_index)]
         return processed_data
 
+    def instruction_fields_config(self) -> Mapping[str, MultiModalFieldConfig]:
+        """The instruction's fields, one row per image, for fusers that read one."""
+        if not self.info.reads_instruction():
+            return {}
+        return {field: MultiModalFieldConfig.batched("image") for field in INSTRUCTION_FIELDS}
+
+
+class FusedLlavaMultiModalProcessor(FusedInstructionProcessorMixin, BaseMultiModalProcessor[FusedLlavaProcessingInfo]):
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
-        fields = {"pixel_values": MultiModalFieldConfig.batched("image")}
-        if self.info.reads_instruction():
-            fields.update({field: MultiModalFieldConfig.batched("image") for field in INSTRUCTION_FIELDS})
-        return fields
+        return {"pixel_values": MultiModalFieldConfig.batched("image"), **self.instruction_fields_config()}
 
     def _get_prompt_updates(
         self,
@@ -343,6 +363,28 @@ class FusedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         hidden = self.instruction_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool_sentence_embeddings(hidden, attention_mask, self.config)
 
+    def instruction_embeds_per_image(self, kwargs: Mapping[str, object]) -> torch.Tensor | None:
+        """The sentence embeddings `(num_images, encoder_hidden)` of the images' instructions in the multimodal
+        `kwargs`, or `None` for fusers that read none."""
+        if self.instruction_encoder is None:
+            return None
+        input_ids, attention_mask = (pad_rows(kwargs[field]) for field in INSTRUCTION_FIELDS)
+        return self.embed_instructions(input_ids, attention_mask)
+
+    def fused_crop_features(self, pixel_values: torch.Tensor, instruction_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The pixel-to-feature step: `(num_crops, channels, height, width)` through the tower (only the layers the
+        fuser reads), the fuser (with one instruction embedding per crop) and the projector. Returns
+        `(num_crops, num_image_tokens, text_hidden_size)`."""
+        layers = sorted(self.config.vision_layers_needed)
+        selected = self.vision_tower(pixel_values.to(self.vision_tower.dtype), select_layers=layers)
+        hidden_states: list[torch.Tensor | None] = [None] * (self.config.vision_config.num_hidden_layers + 1)
+        for layer, state in zip(layers, selected.split(self.config.vision_config.hidden_size, dim=-1)):
+            hidden_states[layer] = state
+        features, _ = fuse_and_project(
+            self.fuser, self.multi_modal_projector, hidden_states, instruction_embeds, selected.dtype
+        )
+        return features
+
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         """One `(num_image_tokens, text_hidden_size)` tensor per image: tower, fuser, projector."""
         pixel_values = kwargs.get("pixel_values")
@@ -350,19 +392,7 @@ class FusedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
             return []
         if not isinstance(pixel_values, torch.Tensor):
             pixel_values = torch.stack(list(pixel_values))
-        layers = sorted(self.config.vision_layers_needed)
-        selected = self.vision_tower(pixel_values.to(self.vision_tower.dtype), select_layers=layers)
-        hidden_states: list[torch.Tensor | None] = [None] * (self.config.vision_config.num_hidden_layers + 1)
-        fuser_dtype = next(self.fuser.parameters(), selected).dtype
-        for layer, state in zip(layers, selected.split(self.config.vision_config.hidden_size, dim=-1)):
-            hidden_states[layer] = state.to(fuser_dtype)
-        instruction_embeds = None
-        if self.instruction_encoder is not None:
-            input_ids, attention_mask = (pad_rows(kwargs[field]) for field in INSTRUCTION_FIELDS)
-            instruction_embeds = self.embed_instructions(input_ids, attention_mask)
-        fused = self.fuser(tuple(hidden_states), instruction_embeds)
-        features = self.multi_modal_projector(fused.features.to(self.multi_modal_projector.linear_2.weight.dtype))
-        return list(features)
+        return list(self.fused_crop_features(pixel_values, self.instruction_embeds_per_image(kwargs)))
 
     def forward(
         self,

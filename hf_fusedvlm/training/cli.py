@@ -13,7 +13,14 @@ from ..conversion.checkpoint import hub_connection_error, unreachable_hub_messag
 from ..conversion.staging import is_fused_output
 from .errors import InvalidTrainingInput
 from .recording import recorded_command
-from .stages import LORA_STAGES, ModelArguments, format_parameter_table, load_model_for_stage, trainable_parameters
+from .stages import (
+    LORA_STAGES,
+    ModelArguments,
+    format_parameter_table,
+    load_model_for_stage,
+    parse_parameter_learning_rates,
+    trainable_parameters,
+)
 
 
 if TYPE_CHECKING:
@@ -77,7 +84,7 @@ def check_source(model_name_or_path: str) -> None:
             "checkpoint folder (made by fusedvlm-convert) or a reachable Hub repo id."
         ) from None
     if config.get("model_type") == FusedLlavaConfig.model_type:
-        from ..modeling_fused_llava import missing_weight_files
+        from ..modeling_fusion import missing_weight_files
 
         missing = missing_weight_files(model_name_or_path)
         if missing:
@@ -175,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--resume_from_checkpoint is not supported with --stage {model_args.stage}: its checkpoints hold merged "
             "weights, not adapters. Start a new run from the checkpoint (--model_name_or_path CHECKPOINT) instead."
         )
+    parameter_learning_rates = parse_parameter_learning_rates(model_args.parameter_learning_rates)
     check_source(model_args.model_name_or_path)
     check_output_dir(
         training_args.output_dir,
@@ -214,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         source=model_args.model_name_or_path,
         command=recorded_command("fusedvlm-train", sys.argv[1:] if argv is None else argv),
         run_arguments={**asdict(model_args), **asdict(data_args)},
+        parameter_learning_rates=parameter_learning_rates,
     )
     check_distributed(trainer, model_args.stage)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

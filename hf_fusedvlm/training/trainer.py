@@ -16,9 +16,10 @@ from transformers.utils.hub import PushInProgress, hf_api
 
 from ..conversion import render_model_card
 from ..conversion.staging import is_fused_output_entry
+from .errors import InvalidTrainingInput
 from .recording import recorded_arguments, shown_path
 from .saving import gathered, save_fused_checkpoint
-from .stages import STAGES, format_parameter_table, trainable_parameters
+from .stages import STAGES, format_parameter_table, parameter_learning_rate, trainable_parameters
 
 
 ARGUMENTS_RECORD_NAME = "training_args.json"
@@ -58,14 +59,55 @@ class FusedLlavaTrainer(Trainer):
         command (`str`): the training command as the card records it (secrets already removed).
         run_arguments (`dict`, *optional*): the model and data arguments, written with the training arguments to
             `training_args.json` (secrets removed) instead of Trainer's pickled `training_args.bin`.
+        parameter_learning_rates (`list[tuple[str, float]]`, *optional*): `(name_part, learning_rate)` pairs: a
+            parameter whose name contains `name_part` trains at that rate (the first pair that matches), the others at
+            `args.learning_rate` (see `stages.parse_parameter_learning_rates`).
     """
 
-    def __init__(self, *args, stage: str, source: str, command: str, run_arguments: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        stage: str,
+        source: str,
+        command: str,
+        run_arguments: dict | None = None,
+        parameter_learning_rates: list[tuple[str, float]] | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.stage, self.source, self.command = stage, source, command
         self.run_arguments = run_arguments or {}
+        self.parameter_learning_rates = list(parameter_learning_rates or [])
         # Counted before training: FSDP and DeepSpeed replace the parameters by shards once the model is prepared.
         self.parameter_counts = trainable_parameters(self.model)
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, its parameter groups split by [`parameter_learning_rate`] when
+        `parameter_learning_rates` are given (the scheduler, made afterwards, scales every group's rate alike)."""
+        if self.optimizer is not None or not self.parameter_learning_rates:
+            return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        names = {id(parameter): name for name, parameter in (self.model if model is None else model).named_parameters()}
+        groups, optimizer.param_groups = optimizer.param_groups, []  # nothing stepped yet: no state to carry over
+        matched = set()
+        for group in groups:
+            by_rate: dict[float | None, list] = {}
+            for parameter in group["params"]:
+                name = names[id(parameter)]
+                rate = parameter_learning_rate(name, self.parameter_learning_rates)
+                matched.update(part for part, _ in self.parameter_learning_rates if part in name)
+                by_rate.setdefault(rate, []).append(parameter)
+            settings = {key: value for key, value in group.items() if key != "params"}
+            for rate, parameters in by_rate.items():
+                optimizer.add_param_group({**settings, "params": parameters, **({} if rate is None else {"lr": rate})})
+        unmatched = [part for part, _ in self.parameter_learning_rates if part not in matched]
+        if unmatched:  # e.g. a wrapper that renames or flattens the parameters
+            raise InvalidTrainingInput(
+                f"--parameter_learning_rates: the optimizer holds no parameter whose name contains {unmatched[0]!r} "
+                "(the model is wrapped so that its parameter names changed): train without --parameter_learning_rates "
+                "under this set-up."
+            )
+        return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Under FSDP and DeepSpeed `state_dict` is the full state dict Trainer gathered from the shards (on every rank;
