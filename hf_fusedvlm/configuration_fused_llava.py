@@ -2,6 +2,7 @@
 
 import dataclasses
 import difflib
+import functools
 import warnings
 
 from huggingface_hub.dataclasses import strict
@@ -35,6 +36,12 @@ _REFERENCE_MMFUSER_LAYERS = (3, 8, 13, 18, 23)
 _REFERENCE_NUM_GROUPS = 4
 # all-mpnet-base-v2, IGVA's sentence encoder: the model type of an instruction encoder config that names none.
 _INSTRUCTION_ENCODER_DEFAULT_TYPE = "mpnet"
+
+
+@functools.cache
+def _keys_every_config_writes() -> frozenset[str]:
+    """The keys transformers writes into every config.json (`_name_or_path`, `dtype`, ...)."""
+    return frozenset(PreTrainedConfig().to_dict())
 
 
 def default_fuser_layers(num_hidden_layers: int) -> list[int]:
@@ -154,6 +161,14 @@ class FusedLlavaConfig(LlavaConfig):
         self.fuser_layer_groups = [
             [self._normalise_layer(layer, "fuser_layer_groups") for layer in group] for group in self.fuser_layer_groups
         ]
+        for number, group in enumerate(self.fuser_layer_groups, start=1):
+            repeated = sorted({layer for layer in group if group.count(layer) > 1})
+            if repeated:
+                raise ValueError(
+                    f"fuser_layer_groups group {number} {group} repeats hidden state(s) {repeated} (after negative "
+                    "indices are counted from the end), which would weigh them more in the group's mean: list each "
+                    "layer of a group once."
+                )
         self._check_select_strategy()
         fuser.check_config(self)
         if fuser.reads_instruction:
@@ -242,16 +257,34 @@ class FusedLlavaConfig(LlavaConfig):
         return own + list(fuser_fields())
 
     def _warn_misspelt_fields(self, kwargs: dict) -> None:
-        fields = self.fuser_field_names()
-        # The first words of the fields' names (`fuser_`, `instruction_`, ...): an unknown keyword starting with one
-        # of them is most likely a misspelt field.
-        prefixes = tuple({name.split("_", 1)[0] + "_" for name in fields})
+        """Refuse an unknown keyword that is a near miss of one of this config's fields (`fusertype`,
+        `vision_feature_layers`): ignored, it would leave the model built with the default. Other unknown keywords
+        are kept, as transformers keeps them (a config may carry keys of its own); one that starts like a fuser field
+        (`fuser_`, `instruction_`, ...) but resembles none gets a warning."""
+        own = FusedLlavaConfig.fuser_field_names()
+        known = set(own) | set(self.__dataclass_fields__) | set(self.attribute_map) | _keys_every_config_writes()
+        # This config's fields beyond those every config has (which transformers writes and reads itself): LLaVA's,
+        # the fuser's and a subclass's own (LLaVA-NeXT's `image_grid_pinpoints`).
+        fields = own + [
+            name
+            for name in self.__dataclass_fields__
+            if name not in PreTrainedConfig.__dataclass_fields__ and name not in own and not name.startswith("_")
+        ]
+        prefixes = tuple({name.split("_", 1)[0] + "_" for name in own})
         for key in kwargs:
-            if key.startswith(prefixes) and key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else f" Fuser fields: {', '.join(fields)}."
+            if key in known:
+                continue
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+            if close:
+                raise ValueError(
+                    f"{type(self).__name__} got an unknown keyword {key!r}, which would be ignored: did you mean "
+                    f"{close[0]!r}? Rename it (in config.json too, if it comes from there)."
+                )
+            if key.startswith(prefixes):
                 warnings.warn(
-                    f"FusedLlavaConfig got an unknown keyword {key!r}, which no fuser reads.{hint}", stacklevel=2
+                    f"{type(self).__name__} got an unknown keyword {key!r}, which no fuser reads. Fuser fields: "
+                    f"{', '.join(own)}.",
+                    stacklevel=2,
                 )
 
     def _normalise_layer(self, layer, field: str) -> int:

@@ -5,6 +5,7 @@ embeddings, and `from_pretrained`'s checks."""
 import copy
 import importlib.metadata
 import importlib.util
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,6 +98,26 @@ def corrupt_safetensors_files(folder) -> str | None:
     return f"{', '.join(corrupt)} cannot be read; download or save it again" if corrupt else None
 
 
+def missing_weight_files(folder) -> str | None:
+    """The shards that the safetensors index of a local `folder` names but the folder lacks, as a sentence, or None
+    (a deleted or never-copied shard would otherwise surface as a FileNotFoundError deep inside loading)."""
+    index_file = os.path.join(folder, "model.safetensors.index.json") if os.path.isdir(folder) else None
+    if index_file is None or not os.path.isfile(index_file):
+        return None
+    try:
+        with open(index_file, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{index_file} is not a valid safetensors index; download or save the checkpoint again"
+    missing = [name for name in shards if not os.path.isfile(os.path.join(folder, name))]
+    if not missing:
+        return None
+    return (
+        f"{folder} is incomplete: its model.safetensors.index.json names {', '.join(missing)}, which "
+        f"{'is' if len(missing) == 1 else 'are'} missing; download or copy the whole checkpoint again"
+    )
+
+
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
@@ -168,7 +189,7 @@ def fuse_and_project(
 class FusedPreTrainedMixin:
     """What every fused model class adds to its transformers base: the fuser's initialisation, fp32 fusion modules,
     and `from_pretrained` guards (not a fused checkpoint, bitsandbytes, quantisation skips, foreign fuser weights,
-    corrupt shards)."""
+    corrupt or missing shards)."""
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -201,7 +222,7 @@ class FusedPreTrainedMixin:
         (they would load with a randomly initialised language model), checking that a bitsandbytes
         `quantization_config` (passed, or in the `config` that the Auto classes pass) can be honoured, and keeping the
         fuser and the instruction encoder out of bitsandbytes quantisation; then refusing weights that belong to
-        another fuser than the config's `fuser_type`, and naming a corrupt shard."""
+        another fuser than the config's `fuser_type`, and naming a corrupt or missing shard."""
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(
             pretrained_model_name_or_path
         ):
@@ -210,6 +231,13 @@ class FusedPreTrainedMixin:
                 "and the weights) or its Hub id."
             )
         check_fused_checkpoint(pretrained_model_name_or_path, kwargs, cls.config_class.model_type)
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            subfolder = kwargs.get("subfolder") or ""
+            missing = missing_weight_files(
+                os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+            )
+            if missing:
+                raise OSError(missing + ".")
         quantization_config = kwargs.get("quantization_config") or getattr(
             kwargs.get("config"), "quantization_config", None
         )

@@ -21,6 +21,49 @@ _PROBE_TURNS = ("FusedLlavaProbeFirstQuestion", "FusedLlavaProbeAnswer", "FusedL
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
 
 
+# PIL modes of 16-bit grayscale images (PNG, TIFF), which PIL's conversion to RGB clips at 255.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _checked_image(image, do_rescale: bool):
+    """`image` as the image processor can read it: 16-bit grayscale scaled to 8 bits (65535 -> 255) instead of
+    clipped; pixel values above 255 refused (they would be clipped or scaled wrong); a float image already in [0, 1]
+    while the image processor rescales by 1/255 is warned about, as transformers' image processors warn."""
+    mode = getattr(image, "mode", None)
+    if mode in _SIXTEEN_BIT_MODES:
+        return image.convert("I").point(lambda value: value / 257).convert("L")
+    if mode in ("I", "F"):
+        high = image.getextrema()[1]
+        if high > 255:
+            raise ValueError(
+                f"An image of PIL mode {mode!r} has pixel values up to {high}, which converting it to RGB would clip "
+                "at 255: the processor expects 8-bit images (or 16-bit grayscale, scaled down); scale it to 0..255 "
+                "first."
+            )
+        return image
+    if hasattr(image, "dtype") and hasattr(image, "max") and getattr(image, "size", 1) != 0:
+        is_float = image.is_floating_point() if hasattr(image, "is_floating_point") else image.dtype.kind == "f"
+        low, high = float(image.min()), float(image.max())
+        if high > 255:
+            raise ValueError(
+                f"An image array has pixel values up to {high:g}: the processor expects 8-bit values (0..255), or "
+                "floats in [0, 1] with do_rescale=False; scale it to 0..255 first (a 16-bit image: divide by 257)."
+            )
+        if is_float and do_rescale and low >= 0 and high <= 1:
+            logger.warning_once(
+                "An image has float pixel values in [0, 1], which the image processor rescales by 1/255 again. If "
+                "the values are already rescaled, pass do_rescale=False; if they are 0..255 values, ignore this."
+            )
+    return image
+
+
+def _checked_images(images, do_rescale: bool):
+    """[`_checked_image`] over flat or nested lists of images."""
+    if isinstance(images, (list, tuple)):
+        return [_checked_images(image, do_rescale) for image in images]
+    return _checked_image(images, do_rescale)
+
+
 def _collapse_whitespace(text: str) -> str:
     return " ".join(text.split())
 
@@ -65,6 +108,24 @@ def instruction_from_prompt(
     for token in special_tokens:
         prompt = prompt.replace(token, " ")
     return _collapse_whitespace(prompt)
+
+
+def missing_chat_template_message(processor, reads_instruction: bool) -> str | None:
+    """What a processor without a chat template costs, for a converter to print as a warning before it writes one
+    (None when `processor` has a template): `apply_chat_template` and training need it, and with `reads_instruction`
+    the fuser's instruction is the whole prompt, role words included."""
+    if getattr(processor, "chat_template", None):
+        return None
+    message = (
+        "the source's processor has no chat template, so apply_chat_template and fusedvlm-train cannot render "
+        "conversations (add chat_template.jinja from the model the checkpoint was fine-tuned from)"
+    )
+    if reads_instruction:
+        message += (
+            "; and the instruction the fuser reads will be the whole prompt, role words such as 'USER:' included, "
+            "unless `instructions=` is passed to the processor"
+        )
+    return message + "."
 
 
 def _common_prefix(first: str, second: str) -> str:
@@ -219,6 +280,11 @@ class FusedProcessorMixin:
         for unused in ("videos", "audios", "audio"):
             if unused in kwargs and kwargs[unused] is not None and len(kwargs[unused]) == 0:
                 kwargs.pop(unused)
+        if images is not None:
+            do_rescale = kwargs.get("do_rescale", (kwargs.get("images_kwargs") or {}).get("do_rescale"))
+            if do_rescale is None:
+                do_rescale = getattr(self.image_processor, "do_rescale", True)
+            images = _checked_images(images, do_rescale)
         if self.instruction_tokenizer is None or text is None:
             return super().__call__(images=images, text=text, **kwargs)
 
@@ -319,6 +385,12 @@ class FusedProcessorMixin:
         """The instruction of a raw prompt: [`instruction_from_prompt`] with the chat template's role markers
         ([`chat_role_markers`]), removing the image token and the LLM tokenizer's special tokens."""
         user_marker, assistant_marker = self.chat_role_markers()
+        if self.chat_template is None:
+            logger.warning_once(
+                "This processor has no chat template, so the instruction the fuser reads is the whole prompt, role "
+                "words such as 'USER:' included: pass `instructions=` (the user's question) or give the processor "
+                "the model's chat template."
+            )
         special_tokens = dict.fromkeys([self.image_token, *self.tokenizer.all_special_tokens])
         return instruction_from_prompt(prompt, user_marker, assistant_marker, special_tokens=tuple(special_tokens))
 
@@ -385,4 +457,10 @@ class FusedLlavaProcessor(FusedProcessorMixin, LlavaProcessor):
     """
 
 
-__all__ = ["FusedLlavaProcessor", "FusedProcessorMixin", "instruction_from_conversation", "instruction_from_prompt"]
+__all__ = [
+    "FusedLlavaProcessor",
+    "FusedProcessorMixin",
+    "instruction_from_conversation",
+    "instruction_from_prompt",
+    "missing_chat_template_message",
+]

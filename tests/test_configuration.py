@@ -1,7 +1,11 @@
+import json
+import re
+import warnings
+
 import pytest
 from transformers import AutoConfig
 
-from hf_fusedvlm import FusedLlavaConfig
+from hf_fusedvlm import FusedLlavaConfig, FusedLlavaNextConfig
 from hf_fusedvlm.configuration_fused_llava import default_fuser_layer_groups, default_fuser_layers
 
 
@@ -131,6 +135,14 @@ def test_round_trip_through_save_and_autoconfig(tmp_path):
         ({"fuser_layer_norm_eps": 0.0}, "fuser_layer_norm_eps must be > 0"),
         ({"fuser_type": "average", "fuser_layer_groups": [[1, 2], [2, 1]]}, "must not repeat a group"),
         (
+            {"fuser_type": "average", "fuser_layer_groups": [[2, 2, 2], [5]]},
+            "group 1 [2, 2, 2] repeats hidden state(s) [2]",
+        ),
+        ({"fuser_type": "igva", "fuser_layer_groups": [[1, -6], [5]]}, "group 1 [1, 1] repeats hidden state(s) [1]"),
+        ({"vision_feature_layers": [-2, -3]}, "unknown keyword 'vision_feature_layers'.*'vision_feature_layer'"),
+        ({"fusertype": "concat"}, "unknown keyword 'fusertype'.*did you mean 'fuser_type'"),
+        ({"fuser_layer": [1, 5]}, "unknown keyword 'fuser_layer'.*did you mean 'fuser_layers'"),
+        (
             {
                 "fuser_type": "igva",
                 "instruction_encoder_config": TINY_ENCODER,
@@ -161,13 +173,54 @@ def test_round_trip_through_save_and_autoconfig(tmp_path):
 def test_invalid_values_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError) as error:
         tiny_config(**kwargs)
-    assert message in str(error.value)
+    assert message in str(error.value) or re.search(message, str(error.value)), str(error.value)
 
 
-def test_a_misspelt_fuser_field_warns_with_the_field_it_resembles():
-    with pytest.warns(UserWarning, match="unknown keyword 'fuser_layer'.*Did you mean 'fuser_layers'"):
-        config = tiny_config(fuser_type="concat", fuser_layer=[1, 5])
-    assert config.fuser_layers == default_fuser_layers(6)  # the misspelt keyword was not applied
+def test_unknown_keywords_that_resemble_no_field_are_kept_or_warned(tmp_path):
+    """A key of the user's own is kept (as transformers keeps it); one starting like a fuser field but resembling
+    none warns; the keys transformers itself writes load without a word."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = tiny_config(fuser_type="concat", my_note="kept")
+        config.save_pretrained(tmp_path)
+        loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.my_note == "kept" and loaded.fuser_layers == config.fuser_layers
+    with pytest.warns(UserWarning, match="unknown keyword 'fuser_colour', which no fuser reads. Fuser fields: "):
+        tiny_config(fuser_colour="red")
+
+
+def test_a_misspelt_key_in_config_json_is_refused_on_load(tmp_path):
+    tiny_config(fuser_type="concat").save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["vision_feature_layers"] = saved.pop("vision_feature_layer")
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="'vision_feature_layers'.*did you mean 'vision_feature_layer'.*config.json"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+NEXT_TINY_VISION = {**TINY_VISION, "image_size": 32}
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"fuser_type": "average", "fuser_layer_groups": [[2, 2, 2], [5]]}, "group 1 [2, 2, 2] repeats hidden state"),
+        ({"fusertype": "concat"}, "FusedLlavaNextConfig got an unknown keyword 'fusertype'.*'fuser_type'"),
+        ({"vision_feature_layers": [-2, -3]}, "unknown keyword 'vision_feature_layers'.*'vision_feature_layer'"),
+        ({"image_grid_pinpoint": NEXT_PINPOINTS}, "unknown keyword 'image_grid_pinpoint'.*'image_grid_pinpoints'"),
+    ],
+)
+def test_llava_next_config_refuses_the_same_mistakes(kwargs, message):
+    """FusedLlavaNextConfig inherits FusedLlavaConfig's checks, and its own field is among the near misses."""
+    fields = {"vision_config": NEXT_TINY_VISION, "fuser_num_heads": 4, "image_grid_pinpoints": NEXT_PINPOINTS}
+    with pytest.raises(ValueError) as error:
+        FusedLlavaNextConfig(**{**fields, **kwargs})
+    assert re.search(message, str(error.value)) or message in str(error.value), str(error.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = FusedLlavaNextConfig(**fields, my_note="kept")  # a key of the user's own: kept, no warning
+    assert config.my_note == "kept" and config.image_grid_pinpoints == NEXT_PINPOINTS
 
 
 @pytest.mark.parametrize(

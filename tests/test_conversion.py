@@ -396,7 +396,7 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(source, encoder_dir, tmp_
 def test_interrupted_conversion_leaves_no_partial_output(source, tmp_path, monkeypatch):
     out = tmp_path / "out"
     convert_checkpoint(source, out, "none", progress=False)  # an earlier conversion, which --overwrite replaces
-    (out / "old.txt").write_text("previous conversion")
+    (out / "model-00009-of-00009.safetensors").write_text("a stale shard of a previous conversion")
     before = sorted(p.name for p in out.iterdir())
     real_write_shard, calls = writing_module.write_shard, []
 
@@ -428,7 +428,7 @@ def test_interrupted_conversion_leaves_no_partial_output(source, tmp_path, monke
     # A completed conversion with --overwrite replaces the old content.
     monkeypatch.setattr(writing_module, "write_shard", real_write_shard)
     convert_checkpoint(source, out, "none", overwrite=True, progress=False)
-    assert not (out / "old.txt").exists() and (out / "config.json").is_file()
+    assert not (out / "model-00009-of-00009.safetensors").exists() and (out / "config.json").is_file()
 
 
 def test_demo_command_and_console_script(hf_home):

@@ -2,7 +2,9 @@
 problem and the fix, and nothing on disk is lost or half-written. Plus the accepted spellings and the clean-up of
 staging folders left by a killed conversion."""
 
+import contextlib
 import errno
+import io
 import json
 import os
 import re
@@ -15,6 +17,7 @@ import pytest
 import hf_fusedvlm.conversion.staging as staging_module
 import hf_fusedvlm.conversion.writing as writing_module
 from hf_fusedvlm.conversion import convert_checkpoint, main
+from hf_fusedvlm.tiny import build_tiny_instruction_encoder
 
 
 TOKEN = "hf_fake_token_never_printed_456"
@@ -133,6 +136,34 @@ def _llava_hf_without_fuser(tmp, source, monkeypatch):
     return ["--input", str(source), "--output", "OUT"]
 
 
+def _save_quietly(model, folder):
+    with contextlib.redirect_stderr(io.StringIO()):  # the progress bar is not the command's output
+        model.save_pretrained(folder)
+
+
+def _instruction_encoder_without_tokenizer(tmp, source, monkeypatch):
+    encoder, _ = build_tiny_instruction_encoder(seed=0)
+    _save_quietly(encoder, tmp / "encoder")  # config and weights, no tokenizer files
+    return ["--input", str(source), "--output", "OUT", "--fuser", "igva", "--instruction-encoder", str(tmp / "encoder")]
+
+
+def _instruction_encoder_without_pooling(tmp, source, monkeypatch):
+    encoder, tokenizer = build_tiny_instruction_encoder(seed=0)
+    _save_quietly(encoder, tmp / "encoder")
+    tokenizer.save_pretrained(tmp / "encoder")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    (tmp / "encoder" / "modules.json").write_text(json.dumps(modules))
+    return ["--input", str(source), "--output", "OUT", "--fuser", "igva", "--instruction-encoder", str(tmp / "encoder")]
+
+
+def _overwrite_an_output_holding_user_files(tmp, source, monkeypatch):
+    convert_checkpoint(source, tmp / "out", "none", progress=False)
+    (tmp / "out" / "notes.txt").write_text("my notes")
+    (tmp / "out" / "checkpoint-500").mkdir()
+    (tmp / "out" / "checkpoint-500" / "optimizer.pt").write_bytes(b"state")
+    return ["--input", str(source), "--output", "OUT", "--fuser", "average", "--overwrite"]
+
+
 def _original_llava_1_6(**changes):
     """An original-format LLaVA-1.6 folder whose config.json has `changes` (None removes a key); it holds no weights:
     these mistakes are refused from the config alone."""
@@ -176,6 +207,15 @@ BAD_INPUTS = {
     "fused-checkpoint-as-input": (_fused_checkpoint_as_input, "already a fused LLaVA checkpoint"),
     "vision-tower-for-llava-hf": (_vision_tower_for_llava_hf, "drop --vision-tower"),
     "llava-hf-without-fuser": (_llava_hf_without_fuser, "choose the fuser to add with --fuser"),
+    "instruction-encoder-without-tokenizer": (
+        _instruction_encoder_without_tokenizer,
+        r"its tokenizer reads every word as '\[UNK\]' .*lacks the tokenizer files",
+    ),
+    "instruction-encoder-without-pooling": (_instruction_encoder_without_pooling, "modules.json lists no Pooling"),
+    "overwrite-an-output-holding-user-files": (
+        _overwrite_an_output_holding_user_files,
+        "is an earlier fused LLaVA output but also holds checkpoint-500/, notes.txt, which .*Move them elsewhere",
+    ),
     "original-1.6-without-pinpoints": (
         _original_llava_1_6(image_grid_pinpoints=None),
         "'anyres' but no image_grid_pinpoints.*add them to config.json",
@@ -221,7 +261,7 @@ def test_bad_input_is_a_clear_error_and_loses_nothing(case, source, tmp_path, mo
     after = snapshot(tmp_path)
     assert {path: data for path, data in after.items() if path in before} == before  # nothing lost or changed
     assert leftovers(tmp_path) == [] and snapshot(source) == source_before
-    if case != "demo-into-non-empty-output":
+    if case not in ("demo-into-non-empty-output", "overwrite-an-output-holding-user-files"):
         assert not (tmp_path / "out").exists()
 
 
@@ -281,3 +321,42 @@ def test_stale_staging_folders_are_removed_or_reported(source, tmp_path, capsys)
     assert unknown.exists() and f"rm -rf {unknown}" in printed
     assert running.exists() and str(running) not in printed  # another conversion still writing it
     assert not (out / staging_module.OWNER_FILE).exists()
+
+
+def test_an_interrupted_replacement_is_recovered_by_the_next_run(source, tmp_path, capsys):
+    """The states a kill -9 inside `move_into_place` leaves, as the next run finds them."""
+    out = tmp_path / "out"
+    argv = ["--input", str(source), "--output", str(out), "--fuser", "none", "--no-progress"]
+    # Killed between the two renames: the earlier output set aside, no output, the finished staging folder (its
+    # owner gone) beside it.
+    aside = tmp_path / ".out.replaced-0dead000"
+    convert_checkpoint(source, aside, "average", progress=False)
+    staging = tmp_path / ".out.converting-0dead000"
+    shutil.copytree(aside, staging)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = {"host": staging_module.socket.gethostname(), "pid": int(finished.stdout)}
+    (staging / staging_module.OWNER_FILE).write_text(json.dumps(owner))
+    assert main(argv) == 2  # the earlier output is back, and --overwrite is needed to replace it
+    captured = capsys.readouterr()
+    assert f"restored {out} from {aside}" in captured.out and "pass --overwrite" in captured.err
+    assert json.loads((out / "config.json").read_text())["fuser_type"] == "average"
+    assert leftovers(tmp_path) == []
+    # Killed while deleting the replaced output: the new output in place, the old one half deleted.
+    half = tmp_path / ".out.replaced-0dead001"
+    half.mkdir()
+    (half / "model-00002-of-00003.safetensors").write_bytes(b"the rest of a shard")
+    assert main([*argv, "--overwrite"]) == 0
+    assert f"removed {half}, an earlier output of {out} whose deletion was interrupted" in capsys.readouterr().out
+    assert leftovers(tmp_path) == [] and json.loads((out / "config.json").read_text())["fuser_type"] == "none"
+    # A whole earlier model beside the new output is named, never deleted unasked.
+    whole = tmp_path / ".out.replaced-0dead002"
+    shutil.copytree(out, whole)
+    assert main([*argv, "--overwrite"]) == 0
+    assert f"If you do not need the earlier one, remove it with: rm -rf {whole}" in capsys.readouterr().out
+    shutil.rmtree(whole)
+    # A part of an output and no output: nothing to restore; named with the command to remove it.
+    shutil.rmtree(out)
+    half.mkdir()
+    (half / "notes.txt").write_text("not a model")
+    assert main(argv) == 0
+    assert f"remove it with: rm -rf {half}" in capsys.readouterr().out and half.exists()

@@ -16,6 +16,7 @@ from hub_server import FakeHub, Repo
 
 LLAVA = "llava-hf/tiny-llava"
 ENCODER = "org/tiny-encoder"
+ENCODER_WITHOUT_TOKENIZER = "org/tiny-encoder-without-tokenizer"
 ORIGINAL_IGVA = "org/tiny-igva-original"
 ORIGINAL_LLAVA = "org/tiny-llava-original"
 ORIGINAL_NEXT = "org/tiny-llava-v1.6-original"
@@ -67,6 +68,11 @@ def hub(tmp_path_factory, tiny_llava, tiny_instruction_encoder):
     with FakeHub() as hub:
         hub.repos[LLAVA] = repo_of(LLAVA, work / "llava")
         hub.repos[ENCODER] = repo_of(ENCODER, work / "encoder")
+        config_only = {
+            "config.json": (work / "encoder" / "config.json").read_bytes(),
+            "model.safetensors": JUNK_WEIGHTS,
+        }
+        hub.repos[ENCODER_WITHOUT_TOKENIZER] = Repo(ENCODER_WITHOUT_TOKENIZER, private=False, files=config_only)
         igva = original_config(llava, vit_aggregate_groups="[[1, 2], [3]]", sentence_embedder="all-mpnet-base-v2")
         hub.repos[ORIGINAL_IGVA] = junk_weight_repo(ORIGINAL_IGVA, igva)
         hub.repos[ORIGINAL_LLAVA] = junk_weight_repo(ORIGINAL_LLAVA, original_config(llava))
@@ -102,6 +108,10 @@ REFUSED = {
     "a LLaVA as the instruction encoder": (
         ["--input", LLAVA, "--fuser", "igva", "--instruction-encoder", LLAVA],
         "not a text encoder",
+    ),
+    "an instruction encoder without tokenizer files": (
+        ["--input", LLAVA, "--fuser", "igva", "--instruction-encoder", ENCODER_WITHOUT_TOKENIZER],
+        "lacks the tokenizer files",
     ),
     "a vision tower for a llava-hf checkpoint": (
         ["--input", LLAVA, "--fuser", "none", "--vision-tower", NOT_A_TOWER],

@@ -13,7 +13,7 @@ from hf_fusedvlm import FusedLlavaForConditionalGeneration
 from hf_fusedvlm.conversion import fused_from_llava
 from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
 
-from conftest import instruction_inputs
+from conftest import instruction_inputs, run_without_package
 
 
 PROMPT = "USER: <image>\nWhat colour is the square? ASSISTANT:"
@@ -92,6 +92,24 @@ def fuser_type_edited_to_none(fused_models, tiny_llava, tiny_instruction_encoder
     AutoModel.from_pretrained(folder)
 
 
+def save_with_a_shard_deleted(fused_models, folder):
+    fused_models["mmfuser"].save_pretrained(folder, max_shard_size="300KB")
+    sorted(folder.glob("model-*.safetensors"))[1].unlink()
+    return folder
+
+
+def shard_deleted(fused_models, tiny_llava, tiny_instruction_encoder, image, saved, tmp_path):
+    AutoModel.from_pretrained(save_with_a_shard_deleted(fused_models, tmp_path / "sharded"))
+
+
+def config_key_misspelt(fused_models, tiny_llava, tiny_instruction_encoder, image, saved, tmp_path):
+    folder = copy_checkpoint(saved, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["fusertype"] = config.pop("fuser_type")
+    (folder / "config.json").write_text(json.dumps(config))
+    AutoModel.from_pretrained(folder)
+
+
 @pytest.mark.parametrize(
     "mistake, error, message",
     [
@@ -103,6 +121,13 @@ def fuser_type_edited_to_none(fused_models, tiny_llava, tiny_instruction_encoder
         (truncated_weights, OSError, "model.safetensors cannot be read; download or save it again"),
         (fuser_type_edited_to_a_wider_fuser, ValueError, "was config.json edited"),
         (fuser_type_edited_to_none, ValueError, "holds fuser weights that fuser_type='none' does not have"),
+        (
+            shard_deleted,
+            OSError,
+            r"sharded is incomplete: its model.safetensors.index.json names model-00002-of-\d+.safetensors, which is "
+            "missing; download or copy the whole checkpoint again",
+        ),
+        (config_key_misspelt, ValueError, "unknown keyword 'fusertype', which would be ignored: did you mean"),
     ],
     ids=lambda value: value.__name__ if callable(value) and not isinstance(value, type) else None,
 )
@@ -111,3 +136,34 @@ def test_mistakes_get_clear_errors(
 ):
     with pytest.raises(error, match=message):
         mistake(fused_models, tiny_llava, tiny_instruction_encoder, image, saved, tmp_path)
+
+
+def test_incomplete_checkpoints_through_remote_code_name_what_is_missing(fused_models, tmp_path):
+    """Without the package: a deleted shard is the model code's one sentence; a deleted remote-code file and an
+    `auto_map` naming a missing module fail inside transformers before any of the checkpoint's code runs, and
+    transformers' own errors name the file."""
+    folder = save_with_a_shard_deleted(fused_models, tmp_path / "sharded")
+    no_code = shutil.copytree(folder, tmp_path / "no-fusers-py")
+    (no_code / "fusers.py").unlink()
+    bad_map = shutil.copytree(folder, tmp_path / "bad-auto-map")
+    edit_config(
+        bad_map,
+        auto_map={
+            "AutoConfig": "configuration_fused_llava.FusedLlavaConfig",
+            "AutoModel": "modeling_fused_lava.FusedLlavaModel",
+        },
+    )
+    code = (
+        "from transformers import AutoModel\n"
+        "for folder in ('sharded', 'no-fusers-py', 'bad-auto-map'):\n"
+        "    try:\n"
+        "        AutoModel.from_pretrained(folder, trust_remote_code=True)\n"
+        "    except Exception as error:\n"
+        "        print(folder, '->', type(error).__name__, error)\n"
+    )
+    completed = run_without_package(code, cwd=tmp_path)
+    lines = completed.stdout.splitlines()
+    assert completed.returncode == 0 and len(lines) == 3, completed.stderr[-3000:]
+    assert lines[0].startswith("sharded -> OSError ") and "which is missing; download or copy the whole" in lines[0]
+    assert lines[1].startswith("no-fusers-py -> FileNotFoundError") and "fusers.py" in lines[1]
+    assert lines[2].startswith("bad-auto-map -> OSError") and "modeling_fused_lava.py" in lines[2]

@@ -170,7 +170,7 @@ def test_a_fuser_defined_in_a_test_reaches_config_cli_processor_and_card(
         FusedLlavaConfig(**fields, fuser_type="weighted_sum", weighted_sum_temperature=0.0)
     with pytest.raises(StrictDataclassFieldValidationError, match="expected float, got str"):
         FusedLlavaConfig(**fields, fuser_type="weighted_sum", weighted_sum_temperature="hot")
-    with pytest.warns(UserWarning, match="unknown keyword 'weighted_sum_temprature'.*'weighted_sum_temperature'"):
+    with pytest.raises(ValueError, match="unknown keyword 'weighted_sum_temprature'.*'weighted_sum_temperature'"):
         FusedLlavaConfig(**fields, fuser_type="weighted_sum", weighted_sum_temprature=2.0)
     with pytest.raises(ValueError, match="fuser_type='guided_sum' needs instruction_encoder_config"):
         FusedLlavaConfig(**fields, fuser_type="guided_sum")

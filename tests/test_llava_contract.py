@@ -124,3 +124,22 @@ def test_generation_mixin_is_a_direct_base():
         pass
 
     assert WithoutExplicitMixin.__mro__[1:] == FusedLlavaForConditionalGeneration.__mro__[1:]
+
+
+def test_llava_class_on_a_fused_checkpoint_is_not_silent(fused_models, tmp_path):
+    """`LlavaForConditionalGeneration.from_pretrained(<fused>)` builds a plain LLaVA: the fuser is dropped. No file of
+    a checkpoint can refuse that class without breaking its own loading (transformers reads config.json into
+    `LlavaConfig` and keeps unknown keys), so the stated behaviour is transformers' own two warnings, which name the
+    model type and every dropped fuser weight."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    fused_models["mmfuser"].save_pretrained(tmp_path)
+    config_logger = logging.get_logger("transformers.configuration_utils")
+    report_logger = logging.get_logger("transformers.modeling_utils")
+    with CaptureLogger(config_logger) as config_log, CaptureLogger(report_logger) as report_log:
+        llava = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert "You are using a model of type `fused_llava` to instantiate a model of type `llava`" in config_log.out
+    fuser_keys = [key for key in fused_models["mmfuser"].state_dict() if key.startswith("model.fuser.")]
+    assert fuser_keys and all(f"{key} " in report_log.out for key in fuser_keys)
+    assert "UNEXPECTED" in report_log.out and not hasattr(llava.model, "fuser")

@@ -2,7 +2,9 @@
 computes on images of several aspect ratios (logits, greedy tokens), loads with remote code without the package, and
 is fed by `FusedLlavaNextProcessor` exactly as `LlavaNextProcessor` feeds LLaVA-NeXT, plus the instruction."""
 
+import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+from transformers.utils import logging as transformers_logging
 
 from hf_fusedvlm import (
     FusedLlavaNextConfig,
@@ -22,6 +25,7 @@ from hf_fusedvlm import (
     FusedLlavaNextProcessor,
 )
 from hf_fusedvlm.conversion import convert_checkpoint
+from hf_fusedvlm.conversion.staging import foreign_files
 from hf_fusedvlm.parity import fused_from_llava
 from hf_fusedvlm.tiny import build_tiny_llava_next, tiny_image_grid_pinpoints
 
@@ -167,6 +171,53 @@ def test_bad_inputs_are_named(fused, batch, llava_next):
         FusedLlavaNextConfig(**fields)
 
 
+def test_the_processor_checks_images_and_the_chat_template_as_for_llava(processor, caplog):
+    """FusedProcessorMixin's checks hold for LLaVA-NeXT's processor too: 16-bit grayscale scaled to 8 bits (not
+    clipped), pixel values above 255 refused, and a processor without chat template warns that the instruction is the
+    whole prompt."""
+    from PIL import Image
+
+    gray = images_of(IMAGE_SHAPES[:1])[0].convert("L")
+    expected = processor(images=gray, text=PROMPTS[0], return_tensors="pt")["pixel_values"]
+    sixteen_bit = Image.frombytes("I;16", gray.size, bytes(byte for value in gray.tobytes() for byte in (value, value)))
+    actual = processor(images=sixteen_bit, text=PROMPTS[0], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"pixel values up to 1000: the processor expects 8-bit values"):
+        processor(images=torch.full((3, 32, 32), 1000.0), text=PROMPTS[0])
+    bare = copy.deepcopy(processor)
+    bare.chat_template = None
+    assert bare.get_instruction(PROMPTS[1]) == "USER: Describe the colours. ASSISTANT:"
+    transformers_logging.get_logger("hf_fusedvlm.processing_fused_llava").warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        bare(images=gray, text=PROMPTS[1])
+    assert "no chat template, so the instruction the fuser reads is the whole prompt" in caplog.text
+
+
+def test_llava_next_class_on_a_fused_checkpoint_is_not_silent(fused, tmp_path):
+    """As for LLaVA: `LlavaNextForConditionalGeneration.from_pretrained(<fused>)` drops the fuser, and transformers'
+    own warnings name the model type and every dropped fuser weight."""
+    from transformers.testing_utils import CaptureLogger
+
+    fused["mmfuser"].save_pretrained(tmp_path)
+    config_logger = transformers_logging.get_logger("transformers.configuration_utils")
+    report_logger = transformers_logging.get_logger("transformers.modeling_utils")
+    with CaptureLogger(config_logger) as config_log, CaptureLogger(report_logger) as report_log:
+        plain = LlavaNextForConditionalGeneration.from_pretrained(tmp_path)
+    assert "model of type `fused_llava_next` to instantiate a model of type `llava_next`" in config_log.out
+    fuser_keys = [key for key in fused["mmfuser"].state_dict() if key.startswith("model.fuser.")]
+    assert fuser_keys and all(f"{key} " in report_log.out for key in fuser_keys)
+    assert "UNEXPECTED" in report_log.out and not hasattr(plain.model, "fuser")
+
+
+def test_a_checkpoint_missing_a_shard_is_one_sentence(fused, tmp_path):
+    fused["mmfuser"].save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+    sorted((tmp_path / "sharded").glob("model-*.safetensors"))[1].unlink()
+    with pytest.raises(
+        OSError, match=r"sharded is incomplete: .*names model-00002-of-\d+.safetensors, which is missing"
+    ):
+        AutoModel.from_pretrained(tmp_path / "sharded")
+
+
 @pytest.mark.parametrize("fuser", ["mmfuser", "igva"])
 def test_llava_hf_checkpoint_converts_with_parity(fuser, llava_next, tiny_instruction_encoder, tmp_path):
     """A saved llava-hf LLaVA-NeXT (sharded, as transformers writes it) converts, `--verify` passes, and the result
@@ -182,6 +233,7 @@ def test_llava_hf_checkpoint_converts_with_parity(fuser, llava_next, tiny_instru
         options["instruction_encoder"] = tmp_path / "encoder"
     result = convert_checkpoint(tmp_path / "source", tmp_path / "out", fuser, verify=True, progress=False, **options)
     assert result.verify_max_abs_diff <= 1e-6
+    assert foreign_files(tmp_path / "out") == []  # every file is one --overwrite may replace
     converted = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert isinstance(converted, FusedLlavaNextForConditionalGeneration)

@@ -247,13 +247,16 @@ def test_processor_is_llava_next_with_the_tower_settings(converted, checkpoint):
     assert model.config.text_config.vocab_size == 128 and model.config.image_token_index == 100
 
 
-def test_verify_passes_and_the_card_names_the_fuser(checkpoint, tmp_path, capsys):
+def test_verify_passes_the_card_names_the_fuser_and_overwrite_replaces_it(checkpoint, tmp_path, capsys):
     assert convert(checkpoint, "average", tmp_path / "out", "--verify") == 0
     report = capsys.readouterr().out
     assert "verified: max |logit difference| = 0" in report
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "fused_llava_next" and config["fuser_type"] == "average"
     assert "Untrained fuser" in (tmp_path / "out" / "README.md").read_text()
+    # --overwrite replaces it: every file of a fused LLaVA-NeXT output is one the converter writes.
+    assert convert(checkpoint, "concat", tmp_path / "out", "--overwrite") == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["fuser_type"] == "concat"
 
 
 def _rewrite(checkpoint, folder, config_changes: dict):

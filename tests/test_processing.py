@@ -299,6 +299,15 @@ def test_too_long_instruction_is_truncated_with_a_warning(processor, image, capl
             lambda p, image: p.apply_chat_template([user(image, QUESTION)], instructions=[QUESTION]),
             "only used when apply_chat_template tokenises",
         ),
+        (
+            lambda p, image: p(images=torch.full((3, 32, 32), 1000.0), text=PROMPT),
+            r"pixel values up to 1000: the processor expects 8-bit values \(0..255\), or floats in \[0, 1\] with "
+            "do_rescale=False",
+        ),
+        (
+            lambda p, image: p(images=image.convert("L").convert("I").point(lambda v: v * 200), text=PROMPT),
+            "PIL mode 'I' has pixel values up to .* would clip at 255",
+        ),
     ],
     ids=[
         "instruction-count",
@@ -307,11 +316,41 @@ def test_too_long_instruction_is_truncated_with_a_warning(processor, image, capl
         "instructions-without-text",
         "chat-without-user",
         "instructions-without-tokenize",
+        "pixel-values-above-255",
+        "32-bit-image-above-255",
     ],
 )
 def test_bad_inputs_raise_clear_errors(processor, image, call, message):
     with pytest.raises(ValueError, match=message):
         call(processor, image)
+
+
+def test_what_the_processor_expects_of_pixel_values(plain_processor, image, caplog):
+    """8-bit images as they are; 16-bit grayscale scaled to 8 bits (PIL alone would clip it at 255); floats already
+    in [0, 1] warned about (as transformers' image processors warn), and right with do_rescale=False."""
+    from PIL import Image
+
+    gray = image.convert("L")
+    expected = plain_processor(images=gray, text=PROMPT, return_tensors="pt")["pixel_values"]
+    sixteen_bit = Image.frombytes("I;16", gray.size, bytes(byte for value in gray.tobytes() for byte in (value, value)))
+    assert sixteen_bit.getpixel((0, 0)) == gray.getpixel((0, 0)) * 257  # the same picture, 16 bits deep
+    actual = plain_processor(images=sixteen_bit, text=PROMPT, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+    from transformers.utils import logging as transformers_logging
+
+    rgb = plain_processor(images=image, text=PROMPT, return_tensors="pt")["pixel_values"]
+    rescaled = torch.tensor(list(image.getdata()), dtype=torch.float32).reshape(image.height, image.width, 3) / 255
+    transformers_logging.get_logger("hf_fusedvlm.processing_fused_llava").warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        plain_processor(images=rescaled.permute(2, 0, 1), text=PROMPT, return_tensors="pt")
+    assert "float pixel values in [0, 1], which the image processor rescales by 1/255 again" in caplog.text
+    assert "pass do_rescale=False" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        right = plain_processor(images=rescaled.permute(2, 0, 1), text=PROMPT, do_rescale=False, return_tensors="pt")
+    assert not caplog.text
+    torch.testing.assert_close(right["pixel_values"], rgb, rtol=0, atol=1e-5)
 
 
 def test_instructions_without_instruction_tokenizer_raise(plain_processor, image):
@@ -401,3 +440,23 @@ def test_empty_video_and_audio_lists_of_generic_harnesses_are_ignored(which, req
     assert_same_outputs(actual, expected)
     with pytest.raises(ValueError, match="audios"):
         processor(images=image, text=PROMPT, audios=[[0.0, 0.1]], return_tensors="pt")
+
+
+def test_a_processor_without_chat_template_says_what_the_instruction_becomes(processor, image, caplog):
+    """IGVA's instruction is cut from the prompt at the chat template's role markers; without a template it is the
+    whole prompt, role words included: the processor warns, and the converter has the message to print."""
+    from transformers.utils import logging as transformers_logging
+
+    from hf_fusedvlm.processing_fused_llava import missing_chat_template_message
+
+    bare = copy.deepcopy(processor)
+    bare.chat_template = None
+    assert bare.get_instruction(PROMPT) == f"USER: {QUESTION} ASSISTANT:"  # what the fuser would read
+    transformers_logging.get_logger("hf_fusedvlm.processing_fused_llava").warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        bare(images=image, text=PROMPT)
+    assert "no chat template, so the instruction the fuser reads is the whole prompt" in caplog.text
+    assert missing_chat_template_message(processor, reads_instruction=True) is None
+    assert "role words such as 'USER:' included" in missing_chat_template_message(bare, reads_instruction=True)
+    message = missing_chat_template_message(bare, reads_instruction=False)
+    assert "cannot render conversations" in message and "role words" not in message

@@ -143,7 +143,9 @@ def test_older_format_folders(workdir, encoder_and_tokenizer, llava_dir, pooling
 
 
 def test_plain_transformers_folder_pools_as_sentence_transformers_does(transformer_dir):
-    encoder = load_sentence_encoder(transformer_dir)
+    """Mean pooling, no normalisation, as `SentenceTransformer()` builds for such a folder, and said in a warning."""
+    with pytest.warns(UserWarning, match="has no modules.json .*mean-pooled without normalisation"):
+        encoder = load_sentence_encoder(transformer_dir)
     assert (encoder.pooling, encoder.normalize) == ("mean", False)
 
 

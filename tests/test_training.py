@@ -522,7 +522,8 @@ def test_fsdp_checkpoint_equals_the_unsharded_run_and_loads_without_the_package(
 
 
 def test_push_to_hub_through_trainer(workspace, tmp_path):
-    """--push_to_hub uploads the final fused checkpoint (code, processor, card with the training summary)."""
+    """--push_to_hub uploads the final fused checkpoint (code, processor, card with the training summary); with
+    --hub_strategy checkpoint also the last checkpoint, without the optimizer, scheduler and RNG pickles."""
     output = tmp_path / "push"
     with FakeHub() as hub:
         env = {
@@ -555,6 +556,8 @@ def test_push_to_hub_through_trainer(workspace, tmp_path):
             "user/trained",
             "--hub_token",
             "hf_fake_token_123",
+            "--hub_strategy",
+            "checkpoint",
         ]
         completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert completed.returncode == 0, completed.stderr[-4000:]
@@ -570,6 +573,10 @@ def test_push_to_hub_through_trainer(workspace, tmp_path):
     ):
         assert name in files, name
     assert not any(name.startswith("checkpoint-") for name in files)
+    assert "last-checkpoint/model.safetensors" in files and "last-checkpoint/trainer_state.json" in files
+    local_pickles = {path.name for path in (output / "checkpoint-2").iterdir() if path.suffix in (".pt", ".pth")}
+    assert {"optimizer.pt", "scheduler.pt"} <= local_pickles  # kept for a local resume, never uploaded:
+    assert not [name for name in files if name.endswith((".pt", ".pth", ".bin", ".pkl"))]
     card = files["README.md"].decode()
     assert "Trained fuser" in card and "stage: `stage1`" in card and "fusedvlm-train" in card
     assert files["model.safetensors"] == (output / "model.safetensors").read_bytes()

@@ -3,16 +3,20 @@ trains silently on the wrong thing, loses data or writes a secret."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from hf_fusedvlm.conversion import fused_from_llava
 from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
 from hf_fusedvlm.synthetic_vqa import write_llava_dataset
 from hf_fusedvlm.training import FusedLlavaDataCollator, InvalidTrainingInput, LlavaConversationDataset, main
+from hf_fusedvlm.training.cli import check_output_dir
+from hf_fusedvlm.training.trainer import replacing_fused_files
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +35,12 @@ def folders(tmp_path_factory, tiny_llava):
     llava.save_pretrained(root / "llava-hf")
     llava_processor.save_pretrained(root / "llava-hf")
     write_llava_dataset(root / "data", 2, seed=0)
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not the rest of a PNG")
+    shutil.copytree(root / "fused", root / "another-fused")  # an earlier training run's output
+    (root / "a-file").write_text("not a folder")
+    fused_from_llava(llava, "none").save_pretrained(root / "shard-missing", max_shard_size="200KB")
+    shards = sorted((root / "shard-missing").glob("model-*.safetensors"))
+    shards[1].unlink()
     return root
 
 
@@ -137,6 +147,30 @@ BAD_INPUTS = [
         ["--output_dir", "{root}/fused/run"],
         r"is inside the --model_name_or_path .* folder",
     ),
+    (
+        "output holds another fused model",
+        "fused",
+        None,
+        ["--output_dir", "{root}/another-fused"],
+        r"--output_dir .*another-fused already holds a fused model .*pass --overwrite_output_dir",
+    ),
+    (
+        "shard deleted",
+        "shard-missing",
+        None,
+        [],
+        r"--model_name_or_path .*shard-missing is incomplete: its model.safetensors.index.json names "
+        r"model-00002-of-\d+.safetensors, which is missing; download or copy the whole checkpoint again\.",
+    ),
+    ("output is a file", "fused", None, ["--output_dir", "{root}/a-file"], r"--output_dir .*a-file is a file"),
+    (
+        "corrupt image",
+        "fused",
+        [{"image": "corrupt.png", "conversations": [QUESTION, ANSWER]}],
+        [],
+        r"Record 0 of .*: `image` .*corrupt.png is not an image PIL can read \(UnidentifiedImageError: .*replace the "
+        r"file or remove the record",
+    ),
 ]
 
 
@@ -157,6 +191,7 @@ def test_bad_input_is_refused_before_training(folders, case, model, records, ext
     extra = [argument.format(root=folders) for argument in extra]
     output = [] if "--output_dir" in extra else ["--output_dir", str(folders / f"out-{case}")]
     shards_before = {path: path.stat().st_mtime_ns for path in (folders / "fused").iterdir()}
+    other_before = {path: path.stat().st_mtime_ns for path in (folders / "another-fused").iterdir()}
     with pytest.raises(InvalidTrainingInput, match=message):
         main(
             [
@@ -176,6 +211,7 @@ def test_bad_input_is_refused_before_training(folders, case, model, records, ext
         )
     assert not (folders / f"out-{case}").exists()  # refused before anything was written
     assert {path: path.stat().st_mtime_ns for path in (folders / "fused").iterdir()} == shards_before
+    assert {path: path.stat().st_mtime_ns for path in (folders / "another-fused").iterdir()} == other_before
 
 
 def test_user_and_assistant_roles_train(folders):
@@ -225,3 +261,48 @@ def test_unreachable_hub_is_one_clear_line_and_never_shows_the_token(folders, tm
     )
     assert "train without --push_to_hub" in completed.stderr
     assert "hf_secret_value_42" not in completed.stdout + completed.stderr
+
+
+def test_replacing_a_fused_model_leaves_no_stale_file_and_keeps_the_others(tmp_path):
+    """What --overwrite_output_dir (and every save of the trainer) does to a folder holding an earlier sharded igva
+    model: its shards, index and instruction_tokenizer/ go, the user's files and checkpoints stay."""
+    folder = tmp_path / "out"
+    (folder / "instruction_tokenizer").mkdir(parents=True)
+    (folder / "instruction_tokenizer" / "tokenizer.json").write_text("{}")
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json"):
+        (folder / name).write_text("old")
+    (folder / "model.safetensors.index.json").write_text("{}")
+    (folder / "notes.txt").write_text("mine")
+    (folder / "checkpoint-5").mkdir()
+    with replacing_fused_files(folder) as staging:
+        assert not (folder / "config.json").read_text() == "new"  # the earlier model stays until the new one is whole
+        (staging / "config.json").write_text("new")
+        (staging / "model.safetensors").write_text("new")
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "checkpoint-5",
+        "config.json",
+        "model.safetensors",
+        "notes.txt",
+    ]
+    assert (folder / "config.json").read_text() == "new"
+    with pytest.raises(RuntimeError), replacing_fused_files(folder) as staging:  # a failed save changes nothing
+        (staging / "config.json").write_text("broken")
+        raise RuntimeError
+    assert (folder / "config.json").read_text() == "new" and len(list(folder.iterdir())) == 4
+    (folder / "config.json").write_text(json.dumps({"model_type": "fused_llava"}))
+    with pytest.raises(InvalidTrainingInput, match="already holds a fused model"):
+        check_output_dir(str(folder), str(tmp_path / "source"))
+    check_output_dir(str(folder), str(tmp_path / "source"), overwrite=True)  # the flag lets training replace it
+    check_output_dir(str(folder), str(tmp_path / "source"), resuming=True)  # so does resuming this run
+
+
+def test_an_image_damaged_after_its_header_is_one_clear_line_when_loaded(tmp_path):
+    """The check before training reads headers only; the rest of a damaged file fails where it is read, naming it."""
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    dataset = LlavaConversationDataset(
+        data_file(tmp_path, "cut", [{"image": "cut.png", "conversations": [QUESTION, ANSWER]}])
+    )
+    with pytest.raises(InvalidTrainingInput, match=r"Record 0: the image .*cut.png could not be read \(OSError: "):
+        dataset[0]

@@ -19,6 +19,8 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tik
 # sentence-transformers module lists, processor settings (not the tokenizer vocabularies, which can be megabytes).
 METADATA_PATTERNS = ["*.json"]
 METADATA_IGNORED = ["*tokenizer.json", "*vocab.json"]
+# Everything but the weights: what a tokenizer is read from, to check it before the weights are downloaded.
+WITHOUT_WEIGHTS_PATTERNS = [pattern for pattern in HUB_PATTERNS if pattern != "*.safetensors"]
 LLAVA_HF = "llava-hf"
 ORIGINAL = "original"
 # The model types of the checkpoints this package writes, and of the plain llava-hf families it converts.
@@ -58,14 +60,19 @@ def unreachable_hub_message(what: str, repo_id: str, reason: str) -> str:
 
 
 def resolve_checkpoint(
-    path_or_repo_id: str | os.PathLike, what: str = "--input", allow_pickles: bool = False, metadata_only: bool = False
+    path_or_repo_id: str | os.PathLike,
+    what: str = "--input",
+    allow_pickles: bool = False,
+    metadata_only: bool = False,
+    without_weights: bool = False,
 ) -> tuple[Path, str | None]:
     """A local folder for `path_or_repo_id` and the Hub repo id it came from (None for a folder outside the cache).
 
     A local folder is used as is; anything else is taken as a Hub repo id and its weights, configs, tokenizer and
     processor files are downloaded (to the Hugging Face cache). With `allow_pickles`, `.bin` weights are downloaded
     too when the repo has no safetensors (original LLaVA checkpoints and CLIP towers are often `.bin` only). With
-    `metadata_only`, only the JSON files are (`METADATA_PATTERNS`): a later call fills the same snapshot folder."""
+    `metadata_only`, only the JSON files are (`METADATA_PATTERNS`); with `without_weights`, everything but the weights
+    (configs and tokenizer files): a later call fills the same snapshot folder."""
     path = Path(path_or_repo_id).expanduser()
     text = str(path_or_repo_id)
     if path.is_dir():
@@ -81,6 +88,8 @@ def resolve_checkpoint(
     patterns, ignored = list(HUB_PATTERNS), None
     if metadata_only:
         patterns, ignored = METADATA_PATTERNS, METADATA_IGNORED
+    elif without_weights:
+        patterns = WITHOUT_WEIGHTS_PATTERNS
     elif allow_pickles and not _repo_has_safetensors(text):
         patterns.append("*.bin")
     try:

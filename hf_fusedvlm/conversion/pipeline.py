@@ -150,9 +150,9 @@ def convert_checkpoint(
     source_format = FORMATS[checkpoint_format(source.raw, source.folder)]
     source_format.check(source, request)
 
-    source.download()
-    if instruction_encoder is not None:
+    if instruction_encoder is not None:  # its tokenizer is checked before any weights are downloaded
         request.encoder = load_sentence_encoder(instruction_encoder, dtype)
+    source.download()
     plan = source_format.plan(source, request)
     check_plan(plan)
 

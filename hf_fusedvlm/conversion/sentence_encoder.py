@@ -9,9 +9,12 @@ without sentence-transformers, for both checkpoint formats.
 (`FusedLlavaConfig.instruction_pooling`); the other modes are refused by name. The truncation length is
 `max_seq_length` of `sentence_bert_config.json` (older versions), else the tokenizer's `model_max_length` (where
 5 and 6 keep it). A folder without `modules.json` is pooled as `SentenceTransformer()` pools one: mean, no
-normalisation."""
+normalisation, with a warning (as sentence-transformers warns); a `modules.json` without a Pooling module, which
+sentence-transformers cannot turn into sentence embeddings, is refused, and so is a tokenizer that reads every word
+as its unknown token (a folder without tokenizer files)."""
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +88,7 @@ def read_pooling(config_file: Path) -> str:
 def _read_modules(folder: Path) -> tuple[Path, str, bool]:
     """(transformer folder, pooling, normalize) from `modules.json`."""
     modules = _read_json(folder / "modules.json", "the sentence-transformers module list")
-    transformer_path, pooling, normalize = None, "mean", False
+    transformer_path, pooling, normalize = None, None, False
     for module in modules if isinstance(modules, list) else []:
         kind, path = str(module.get("type", "")), folder / module.get("path", "")
         if kind.endswith(".Transformer"):
@@ -101,7 +104,29 @@ def _read_modules(folder: Path) -> tuple[Path, str, bool]:
             )
     if transformer_path is None:
         raise ConversionError(f"--instruction-encoder {folder}: modules.json lists no Transformer module.")
+    if pooling is None:
+        raise ConversionError(
+            f"--instruction-encoder {folder}: modules.json lists no Pooling module, so the folder gives token "
+            "embeddings, not sentence embeddings (sentence-transformers cannot encode with it either). Add the "
+            f"encoder's Pooling module (1_Pooling/config.json and its modules.json entry), as {EXAMPLE} has it."
+        )
     return transformer_path, pooling, normalize
+
+
+# A probe the tokenizer of any real text encoder reads as more than unknown tokens.
+_PROBE = "What colour is the square in the image?"
+
+
+def _check_tokenizer(tokenizer, transformer_path: Path, folder: Path) -> None:
+    """Refuse a tokenizer that reads every word as its unknown token: transformers builds one with an empty
+    vocabulary for a folder that has a config.json but no tokenizer files, and every instruction would embed alike."""
+    ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    if tokenizer.unk_token_id is not None and ids and all(token == tokenizer.unk_token_id for token in ids):
+        raise ConversionError(
+            f"--instruction-encoder {folder}: its tokenizer reads every word as {tokenizer.unk_token!r} (only "
+            f"{len(tokenizer)} tokens known): {transformer_path} lacks the tokenizer files (tokenizer.json, "
+            f"vocab.txt, ...). Give the complete sentence-transformers folder, such as {EXAMPLE}."
+        )
 
 
 def _check_prompts(folder: Path) -> None:
@@ -145,11 +170,24 @@ def _check_text_encoder(transformer_path: Path, folder: Path):
     return config
 
 
+def _load(auto_class, transformer_path: Path, folder: Path, **kwargs):
+    try:
+        return auto_class.from_pretrained(transformer_path, **kwargs)
+    except Exception as error:
+        raise ConversionError(
+            f"--instruction-encoder {folder}: the transformer at {transformer_path} could not be loaded with "
+            f"AutoModel and AutoTokenizer ({type(error).__name__}: {error}). Give a sentence-transformers folder "
+            f"such as {EXAMPLE}, complete and unmodified."
+        ) from error
+
+
 def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None, weights: bool = True) -> SentenceEncoder:
     """The sentence encoder of a sentence-transformers folder or Hub id (see the module docstring). Without
-    `weights`, only its JSON files are read (a Hub repo's weights are not downloaded): its settings are checked and
-    its config read, but `model` and `tokenizer` stay None."""
-    folder, repo_id = resolve_checkpoint(path_or_repo_id, "--instruction-encoder", metadata_only=not weights)
+    `weights`, only its JSON files are read (a Hub repo's weights and tokenizer are not downloaded; a local folder's
+    tokenizer is checked too): its settings are checked and its config read, but `model` and `tokenizer` stay None.
+    With `weights`, a Hub repo's tokenizer is downloaded and checked before its weights."""
+    what = "--instruction-encoder"
+    folder, repo_id = resolve_checkpoint(path_or_repo_id, what, metadata_only=True)
     if (folder / "modules.json").is_file():
         transformer_path, pooling, normalize = _read_modules(folder)
         _check_prompts(folder)
@@ -164,17 +202,25 @@ def load_sentence_encoder(path_or_repo_id, dtype: torch.dtype | None = None, wei
             "sentence_bert_config.json), which the fused model's processor does not do: choose another encoder."
         )
     name = repo_id or folder.name
+    local = Path(path_or_repo_id).expanduser().is_dir()
     if not weights:
+        if local:  # its tokenizer files are here already: no download
+            _check_tokenizer(_load(AutoTokenizer, transformer_path, folder), transformer_path, folder)
         return SentenceEncoder(config, pooling, normalize, name)
-    try:
-        model = AutoModel.from_pretrained(transformer_path, dtype=dtype or "auto").eval()
-        tokenizer = AutoTokenizer.from_pretrained(transformer_path)
-    except Exception as error:
-        raise ConversionError(
-            f"--instruction-encoder {folder}: the transformer at {transformer_path} could not be loaded with "
-            f"AutoModel and AutoTokenizer ({type(error).__name__}: {error}). Give a sentence-transformers folder "
-            f"such as {EXAMPLE}, complete and unmodified."
-        ) from error
+    if not local:  # the same snapshot folder, filled in two steps: the tokenizer, checked, then the weights
+        resolve_checkpoint(path_or_repo_id, what, without_weights=True)
+    tokenizer = _load(AutoTokenizer, transformer_path, folder)
+    _check_tokenizer(tokenizer, transformer_path, folder)  # before the weights load
+    if not local:
+        resolve_checkpoint(path_or_repo_id, what)
+    model = _load(AutoModel, transformer_path, folder, dtype=dtype or "auto").eval()
     if settings.get("max_seq_length"):  # sentence-transformers truncates there, below the model's own limit
         tokenizer.model_max_length = settings["max_seq_length"]
+    if not (folder / "modules.json").is_file():
+        warnings.warn(
+            f"--instruction-encoder {folder} has no modules.json (not a sentence-transformers folder): its token "
+            "states are mean-pooled without normalisation, as SentenceTransformer() pools such a folder. If the "
+            "encoder was trained with another pooling, give its sentence-transformers folder instead.",
+            stacklevel=2,
+        )
     return SentenceEncoder(model.config, pooling, normalize, name, model, tokenizer)

@@ -3,9 +3,15 @@ this tool did not write), a hidden staging folder beside it, and the move into p
 
 The staging folder `.NAME.converting-XXXX` holds an owner file (host and process id); a later run removes the
 staging folders whose process is gone (a conversion killed by SIGKILL or a power cut), and names, with the command
-to remove them, those it cannot tell are stale."""
+to remove them, those it cannot tell are stale. Replacing an earlier output renames it to `.NAME.replaced-XXXX`,
+moves the staging folder into place, then deletes the old one; a later run restores an old output set aside when no
+new one took its place (killed between the renames), and finishes deleting one whose replacement is in place.
+
+`--overwrite` replaces only what a fused output holds: an earlier output that also holds other files (notes, a
+`checkpoint-500/` of a training run) is refused, with their names, rather than deleted with it."""
 
 import errno
+import fnmatch
 import json
 import os
 import shutil
@@ -24,9 +30,62 @@ OWNER_FILE = ".fusedvlm-converting.json"
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+# What a fused output (converted or trained) holds; anything else in a folder is the user's.
+FUSED_OUTPUT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "configuration_fused_llava.py",
+    "configuration_fused_llava_next.py",
+    "modeling_fused_llava.py",
+    "modeling_fused_llava_next.py",
+    "modeling_fusion.py",
+    "processing_fused_llava.py",
+    "processing_fused_llava_next.py",
+    "fusers.py",
+    "fuser_registry.py",
+    "deformable_attention.py",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "README.md",
+    "training_args.json",
+    OWNER_FILE,
+)
+FUSED_OUTPUT_FOLDERS = ("instruction_tokenizer",)
+
+
+def is_fused_output_entry(path: Path) -> bool:
+    """Whether `path`, an entry of a folder, is one that a fused output holds (see `FUSED_OUTPUT_FILES`)."""
+    if path.is_dir() and not path.is_symlink():
+        return path.name in FUSED_OUTPUT_FOLDERS
+    return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in FUSED_OUTPUT_FILES)
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The entries of `folder` that a fused output would not hold (folders with a trailing `/`), sorted."""
+    return [
+        path.name + ("/" if path.is_dir() else "")
+        for path in sorted(folder.iterdir())
+        if not is_fused_output_entry(path)
+    ]
+
+
 def is_fused_output(folder: Path) -> bool:
     """Whether `folder` is a fused LLaVA checkpoint (what this tool or the trainer writes): its config.json says
-    model_type `fused_llava` and it holds safetensors weights."""
+    model_type `fused_llava` or `fused_llava_next` and it holds safetensors weights."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -37,7 +96,10 @@ def is_fused_output(folder: Path) -> bool:
 
 def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse an `--output` that would touch an input, is a file, or is a non-empty folder that `overwrite` may not
-    replace: `--overwrite` replaces only an empty folder or an earlier fused LLaVA output."""
+    replace: `--overwrite` replaces only an empty folder or an earlier fused LLaVA output holding nothing else. An
+    earlier output left aside by an interrupted replacement is restored (or its deletion finished) first."""
+    for message in clean_stale_staging(output):
+        print(f"note: {message}")
     for source in inputs:
         if output == source or output.is_relative_to(source) or source.is_relative_to(output):
             where = "is" if output == source else "is inside" if output.is_relative_to(source) else "contains"
@@ -52,6 +114,13 @@ def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
             f"--output {output} is not empty and is not a fused LLaVA checkpoint (it holds {listed(contents, 5)}): "
             "choose a new or empty folder. --overwrite only replaces an empty folder or an earlier fused LLaVA "
             "output (config.json with model_type 'fused_llava' and safetensors weights), never other files."
+        )
+    foreign = foreign_files(output)
+    if foreign:
+        raise ConversionError(
+            f"--output {output} is an earlier fused LLaVA output but also holds {listed(foreign, 5)}, which a fused "
+            "output does not have: replacing the folder would delete them. Move them elsewhere, or choose another "
+            "--output."
         )
     if not overwrite:
         raise ConversionError(
@@ -84,6 +153,28 @@ def clean_stale_staging(output: Path) -> list[str]:
     messages = []
     if not output.parent.is_dir():
         return messages
+    for old in sorted(output.parent.glob(f".{output.name}.replaced-*")):
+        if not old.is_dir():
+            continue
+        if output.exists() and not is_fused_output(old):  # the replacement is in place: finish deleting the old one
+            shutil.rmtree(old, ignore_errors=True)
+            messages.append(f"removed {old}, an earlier output of {output} whose deletion was interrupted")
+        elif output.exists():  # a whole model is never deleted unasked
+            messages.append(
+                f"{old} is an earlier output of {output} that an interrupted replacement set aside; {output} holds "
+                f"the newer one. If you do not need the earlier one, remove it with: rm -rf {old}"
+            )
+        elif is_fused_output(old):  # killed between the two renames: put the earlier output back
+            old.rename(output)
+            messages.append(
+                f"restored {output} from {old}: a conversion was interrupted while replacing it, so the earlier "
+                "output is back in place"
+            )
+        else:
+            messages.append(
+                f"{old} holds part of an earlier output of {output} (a replacement was interrupted); check it, then "
+                f"remove it with: rm -rf {old}"
+            )
     for folder in sorted(output.parent.glob(f".{output.name}.converting-*")):
         if not folder.is_dir():
             continue
@@ -113,15 +204,17 @@ def staging_folder(output: Path) -> Path:
 
 
 def move_into_place(staging: Path, output: Path) -> None:
-    """Replace `output` by `staging` (the owner file removed): renames, so a reader sees the old or the new folder."""
-    (staging / OWNER_FILE).unlink(missing_ok=True)
+    """Replace `output` by `staging` (the owner file removed): renames, so a reader sees the old or the new folder.
+    The owner file goes last, so that a staging folder left by a kill between the renames is known to be stale."""
     if output.is_dir():
         old = output.parent / f".{output.name}.replaced-{uuid.uuid4().hex[:8]}"
         output.rename(old)
         staging.rename(output)
+        (output / OWNER_FILE).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(output)
+        (output / OWNER_FILE).unlink(missing_ok=True)
 
 
 def check_writable(output: Path) -> None:

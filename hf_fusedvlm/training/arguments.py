@@ -87,6 +87,12 @@ class DataArguments:
         default=True,
         metadata={"help": "Append the EOS token to the last answer (and learn it) when the chat template does not."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the fused model an --output_dir already holds (its model files only; other files stay)."
+        },
+    )
 
 
 def parse_parameter_learning_rates(text: str | None) -> list[tuple[str, float]]:

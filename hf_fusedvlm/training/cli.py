@@ -89,6 +89,11 @@ def check_source(model_name_or_path: str) -> None:
             "checkpoint folder (made by fusedvlm-convert) or a reachable Hub repo id."
         ) from None
     if config.get("model_type") == FusedLlavaConfig.model_type:
+        from ..modeling_fusion import missing_weight_files
+
+        missing = missing_weight_files(model_name_or_path)
+        if missing:
+            raise InvalidTrainingInput(f"--model_name_or_path {missing}.")
         return
     fused = f"{path.name or 'model'}-fused"
     if "text_config" in config and "vision_config" in config:
@@ -110,18 +115,28 @@ def check_source(model_name_or_path: str) -> None:
     )
 
 
-def check_output_dir(output_dir: str, model_name_or_path: str) -> None:
-    """Refuse an output folder that is the source checkpoint or inside it: saving would overwrite the shards
-    training reads (and leave a stale index)."""
-    source = Path(model_name_or_path)
-    if not source.is_dir():
-        return
-    source, output = source.resolve(), Path(output_dir).resolve()
-    if output == source or output.is_relative_to(source):
+def check_output_dir(output_dir: str, model_name_or_path: str, overwrite: bool = False, resuming: bool = False) -> None:
+    """Refuse an output folder that is the source checkpoint or inside it (saving would overwrite the shards training
+    reads), a file, or one that holds another fused model, unless `overwrite` (`--overwrite_output_dir`) or
+    `resuming` (the model there is this run's). The final save replaces an earlier model's files, never others."""
+    from ..conversion.staging import is_fused_output
+
+    source, output = Path(model_name_or_path), Path(output_dir)
+    if source.is_dir():
+        source, resolved = source.resolve(), output.resolve()
+        if resolved == source or resolved.is_relative_to(source):
+            raise InvalidTrainingInput(
+                f"--output_dir {output_dir} is {'the' if resolved == source else 'inside the'} --model_name_or_path "
+                f"{model_name_or_path} folder: saving there would overwrite the checkpoint being trained. Choose a "
+                "folder outside it."
+            )
+    if output.exists() and not output.is_dir():
+        raise InvalidTrainingInput(f"--output_dir {output_dir} is a file: give a folder path.")
+    if output.is_dir() and is_fused_output(output) and not (overwrite or resuming):
         raise InvalidTrainingInput(
-            f"--output_dir {output_dir} is {'the' if output == source else 'inside the'} --model_name_or_path "
-            f"{model_name_or_path} folder: saving there would overwrite the checkpoint being trained. Choose a "
-            "folder outside it."
+            f"--output_dir {output_dir} already holds a fused model (config.json with model_type 'fused_llava' and "
+            "its weights), which training would replace. Choose another folder, or pass --overwrite_output_dir to "
+            "replace that model (its model files only; other files in the folder stay)."
         )
 
 
@@ -177,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     parameter_learning_rates = parse_parameter_learning_rates(model_args.parameter_learning_rates)
     check_source(model_args.model_name_or_path)
-    check_output_dir(training_args.output_dir, model_args.model_name_or_path)
+    check_output_dir(
+        training_args.output_dir,
+        model_args.model_name_or_path,
+        overwrite=data_args.overwrite_output_dir,
+        resuming=bool(training_args.resume_from_checkpoint),
+    )
     if training_args.push_to_hub:
         from ..conversion.checkpoint import hub_connection_error
 

@@ -19,6 +19,18 @@ IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+def unreadable_image(path: Path) -> str | None:
+    """What is wrong with the image file `path` as far as its header tells (empty, not an image, an unknown format),
+    or None. Only the header is read, so that checking a large data set stays quick; a file damaged further in is
+    reported when it is loaded (see [`LlavaConversationDataset`])."""
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 (parsed from the header)
+    except (OSError, SyntaxError, ValueError) as error:  # UnidentifiedImageError is an OSError
+        return f"is not an image PIL can read ({type(error).__name__}: {error}): replace the file or remove the record"
+    return None
+
+
 def _check_record(record, image_folder: Path, image_token: str) -> tuple[str, str] | None:
     """The first problem of one LLaVA record as `(field, what is wrong and how to fix it)`, or None when it trains."""
     if not isinstance(record, dict):
@@ -54,6 +66,9 @@ def _check_record(record, image_folder: Path, image_token: str) -> tuple[str, st
             return "image", (
                 f"{image_folder / path} not found: pass --image_folder, the folder the paths in the JSON are relative to"
             )
+        problem = unreadable_image(image_folder / path)
+        if problem:
+            return "image", f"{image_folder / path} {problem}"
     found = sum(turn["value"].count(image_token) for turn in conversations if ROLES[turn["from"]] == "user")
     if found not in (0, len(paths)):
         return "conversations", (
@@ -130,8 +145,14 @@ class LlavaConversationDataset(Dataset):
         paths = [paths] if isinstance(paths, str) else list(paths)
         images = []
         for path in paths:
-            with Image.open(self.image_folder / path) as image:
-                images.append(image.convert("RGB"))
+            try:
+                with Image.open(self.image_folder / path) as image:
+                    images.append(image.convert("RGB"))
+            except (OSError, SyntaxError, ValueError) as error:  # e.g. a file truncated after a valid header
+                raise InvalidTrainingInput(
+                    f"Record {index}: the image {self.image_folder / path} could not be read ({type(error).__name__}: "
+                    f"{error}). Replace the file or remove the record, then train again."
+                ) from None
         return {"conversations": record["conversations"], "images": images}
 
 

@@ -4,6 +4,8 @@ record of the run (no pickle, no secret) and, for the Hub, the package's model c
 import json
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import ModelCard
@@ -13,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils.hub import PushInProgress, hf_api
 
 from ..conversion import render_model_card
+from ..conversion.staging import is_fused_output_entry
 from .errors import InvalidTrainingInput
 from .recording import recorded_arguments, shown_path
 from .saving import gathered, save_fused_checkpoint
@@ -20,6 +23,30 @@ from .stages import STAGES, format_parameter_table, parameter_learning_rate, tra
 
 
 ARGUMENTS_RECORD_NAME = "training_args.json"
+# Files torch.save / pickle writes into a checkpoint (optimizer, scheduler, RNG and scaler states, Trainer's
+# arguments, FSDP's distributed checkpoints, DeepSpeed's states): never uploaded, since loading a pickle runs code.
+# With --hub_strategy checkpoint the Hub's last-checkpoint/ is the model and trainer_state.json, so a run resumed
+# from it starts a new optimizer state (Trainer loads the states only when their files are there).
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.distcp", "*.metadata")
+
+
+@contextmanager
+def replacing_fused_files(output_dir: str | os.PathLike):
+    """Yield a staging folder inside `output_dir` for a fused checkpoint; when it is complete, remove the files of
+    the fused model `output_dir` held before (shards, index, instruction_tokenizer/ ..., nothing else) and move the
+    new ones in, so that no stale file of the earlier model stays."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fusedvlm-saving-", dir=output))
+    try:
+        yield staging
+        for path in output.iterdir():
+            if path != staging and is_fused_output_entry(path):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        for path in staging.iterdir():
+            path.rename(output / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class FusedLlavaTrainer(Trainer):
@@ -90,18 +117,18 @@ class FusedLlavaTrainer(Trainer):
             state_dict = gathered(state_dict)  # collective: before the non-writing ranks leave
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        save_fused_checkpoint(model, output_dir, state_dict=state_dict)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        record = {
-            **recorded_arguments(self.run_arguments, self.args),
-            "world_size": self.args.world_size,
-            "parallel_mode": self.args.parallel_mode.value,
-            "distributed_type": self.accelerator.distributed_type.value,
-        }
-        Path(output_dir, ARGUMENTS_RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        with replacing_fused_files(output_dir) as staging:
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            save_fused_checkpoint(model, staging, state_dict=state_dict)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(staging)
+            record = {
+                **recorded_arguments(self.run_arguments, self.args),
+                "world_size": self.args.world_size,
+                "parallel_mode": self.args.parallel_mode.value,
+                "distributed_type": self.accelerator.distributed_type.value,
+            }
+            Path(staging, ARGUMENTS_RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Trainer's version copies only weights and configs into output_dir (the pushed config's auto_map would name
@@ -113,11 +140,16 @@ class FusedLlavaTrainer(Trainer):
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        for path in Path(checkpoint_folder).iterdir():
-            if path.is_file() and path.suffix in (".json", ".safetensors", ".py") and path.name != TRAINER_STATE_NAME:
-                shutil.copy(path, Path(self.args.output_dir) / path.name)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(self.args.output_dir)
+        with replacing_fused_files(self.args.output_dir) as staging:
+            for path in Path(checkpoint_folder).iterdir():
+                if (
+                    path.is_file()
+                    and path.suffix in (".json", ".safetensors", ".py")
+                    and path.name != TRAINER_STATE_NAME
+                ):
+                    shutil.copy(path, staging / path.name)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(staging)
         self.create_model_card()
         message = f"Training in progress, step {self.state.global_step}"
         upload = {
@@ -125,14 +157,14 @@ class FusedLlavaTrainer(Trainer):
             "token": self.args.hub_token,
             "run_as_future": True,
             "revision": self.args.hub_revision,
-            "ignore_patterns": ["_*", f"{PREFIX_CHECKPOINT_DIR}-*", "*.bin"],
+            "ignore_patterns": ["_*", f"{PREFIX_CHECKPOINT_DIR}-*", *PICKLE_PATTERNS],
         }
         jobs = [hf_api().upload_folder(folder_path=self.args.output_dir, commit_message=message, **upload)]
         if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
             in_repo = (
                 "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name
             )
-            upload["ignore_patterns"] = ["*.bin"]
+            upload["ignore_patterns"] = list(PICKLE_PATTERNS)  # the resume state stays local (see below)
             jobs.append(
                 hf_api().upload_folder(
                     folder_path=checkpoint_folder,
