@@ -97,6 +97,25 @@ class FusedLlavaNextModel(FusedVisionMixin, FusedLlavaNextPreTrainedModel, Llava
             tensor per image.
         """
         self.check_feature_selection(vision_feature_layer, vision_feature_select_strategy)
+        pixel_values, crops_per_image = self.crops_of_images(pixel_values, image_sizes)
+        instruction_embeds = self._instruction_embeds_per_image(
+            len(crops_per_image), instruction_input_ids, instruction_attention_mask, image_sample_index
+        )
+        if instruction_embeds is not None:
+            counts = torch.tensor(crops_per_image, device=instruction_embeds.device)
+            instruction_embeds = instruction_embeds.repeat_interleave(counts, dim=0)
+        outputs = self.fused_image_features(pixel_values, instruction_embeds, **kwargs)
+        outputs.pooler_output, _ = self.pack_image_features(
+            torch.split(outputs.pooler_output, crops_per_image),
+            image_sizes,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            image_newline=self.image_newline,
+        )
+        return outputs
+
+    def crops_of_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(the crops of all images `(total_crops, channels, height, width)`, the number of crops of each image): the
+        processor's padding crops left out."""
         crops_per_image = [
             image_size_to_num_patches(
                 image_size=size,
@@ -112,20 +131,7 @@ class FusedLlavaNextModel(FusedVisionMixin, FusedLlavaNextPreTrainedModel, Llava
                 f"pixel_values of shape {tuple(pixel_values.shape)}: expected (num_images, num_crops, channels, "
                 "height, width) or (total_crops, channels, height, width)."
             )
-        instruction_embeds = self._instruction_embeds_per_image(
-            len(crops_per_image), instruction_input_ids, instruction_attention_mask, image_sample_index
-        )
-        if instruction_embeds is not None:
-            counts = torch.tensor(crops_per_image, device=instruction_embeds.device)
-            instruction_embeds = instruction_embeds.repeat_interleave(counts, dim=0)
-        outputs = self.fused_image_features(pixel_values, instruction_embeds, **kwargs)
-        outputs.pooler_output, _ = self.pack_image_features(
-            torch.split(outputs.pooler_output, crops_per_image),
-            image_sizes,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-            image_newline=self.image_newline,
-        )
-        return outputs
+        return pixel_values, crops_per_image
 
     def encode_images_once(
         self,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from transformers import SiglipVisionConfig
 
 import hf_fusedvlm.conversion.staging as staging_module
 import hf_fusedvlm.conversion.writing as writing_module
@@ -189,6 +190,26 @@ def _original_llava_1_6(**changes):
     return setup
 
 
+def _dense_connector_anyres_with_clip_pinpoints(tmp, source, monkeypatch):
+    """Dense Connector's AnyRes config (SigLIP tower, three widths into the projector) with LLaVA-1.6's pinpoints,
+    multiples of CLIP-L's 336 px, which 384 px SigLIP crops cannot tile; refused from the configs alone."""
+    argv = _original_llava_1_6(
+        model_type="llava_llama",
+        mm_vision_tower="google/siglip-so400m-patch14-384",
+        mm_dense_connector_type="dci",
+        mm_hidden_size=3 * 64,
+    )(tmp, source, monkeypatch)
+    SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=27,
+        num_attention_heads=4,
+        image_size=384,
+        patch_size=14,
+    ).save_pretrained(tmp / "siglip")
+    return argv[:-1] + [str(tmp / "siglip")]
+
+
 BAD_INPUTS = {
     "output-is-a-user-folder-with-overwrite": (_user_folder_as_output, "is not a fused LLaVA checkpoint .*notes.txt"),
     "output-inside-input": (_output_inside_input, "--output .* is inside the input"),
@@ -243,7 +264,12 @@ BAD_INPUTS = {
     "original-anyres-max": (_original_llava_1_6(image_aspect_ratio="anyres_max_9"), "'anyres_max_9' with"),
     "original-1.6-trained-mmfuser": (
         _original_llava_1_6(mm_vision_select_layer="list-6/-2"),
-        "trained mmfuser model .*only plain LLaVA-1.6 checkpoints import as LLaVA-NeXT",
+        "trained mmfuser model .*only plain LLaVA-1.6 and Dense Connector checkpoints import as LLaVA-NeXT",
+    ),
+    "dense-connector-anyres-with-clip-pinpoints": (
+        _dense_connector_anyres_with_clip_pinpoints,
+        r"image_grid_pinpoints \[\[336, 672\], \[672, 336\], \[672, 672\]\] are not multiples of the vision "
+        r"tower's image size \(384\).*SigLIP-so400m tiles 384 px",
     ),
 }
 

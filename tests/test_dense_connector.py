@@ -232,13 +232,18 @@ def write_siglip_tower(folder, vision_state: dict) -> None:
 
 def official_pixels(image) -> torch.Tensor:
     """The official preprocessing: LLaVA-1.5's `expand2square` with the image mean as background, then the SigLIP
-    image processor's resize to 384 px (bicubic), rescale and normalise with mean and std 0.5."""
+    image processor (`siglip_pixels`)."""
     width, height = image.size
     side = max(width, height)
     background = tuple(int(x * 255) for x in (0.5, 0.5, 0.5))
     square = Image.new(image.mode, (side, side), background)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
-    array = np.array(convert_to_rgb(square))
+    return siglip_pixels(square)
+
+
+def siglip_pixels(image) -> torch.Tensor:
+    """The official SigLIP image processor: resize to 384 px (bicubic), rescale and normalise with mean and std 0.5."""
+    array = np.array(convert_to_rgb(image))
     array = resize(array, size=(384, 384), resample=PILImageResampling.BICUBIC, data_format=ChannelDimension.FIRST)
     array = rescale(array, scale=1 / 255, data_format=ChannelDimension.FIRST)
     array = normalize(array, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), data_format=ChannelDimension.FIRST)

@@ -323,7 +323,9 @@ def test_pinpoints_must_fit_the_tower(checkpoint, tmp_path):
 
 def test_a_trained_fusion_with_any_resolution_is_named(checkpoint, tmp_path):
     source = _rewrite(checkpoint, tmp_path / "source", {"mm_vision_select_layer": "list-6/-5/-4/-3/-2"})
-    with pytest.raises(ConversionError, match="trained mmfuser model .* only plain LLaVA-1.6 checkpoints import"):
+    with pytest.raises(
+        ConversionError, match="trained mmfuser model .* only plain LLaVA-1.6 and Dense Connector checkpoints import"
+    ):
         convert_checkpoint(source, tmp_path / "out", vision_tower=checkpoint.tower, progress=False)
 
 

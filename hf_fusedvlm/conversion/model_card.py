@@ -25,11 +25,12 @@ DENSE_CONNECTOR_BENCHMARKS = (
     "MMMU",
     "MathVista",
 )
-# Scores the Dense Connector authors report for their released LLaVA-1.5 checkpoints (not measured here), per Hub id.
+# Scores the Dense Connector authors report for their released checkpoints (not measured here), per Hub id.
 REPORTED_SCORES = {
     "HuanjinYao/DenseConnector-v1.5-7B": (62.6, 70.5, 64.4, 67.4, 68.4, 35.4, 36.7, 25.5),
     "HuanjinYao/DenseConnector-v1.5-13B": (64.7, 73.0, 65.4, 73.6, 71.4, 41.6, 34.3, 29.6),
     "HuanjinYao/DenseConnector-v1.5-8B": (62.2, 75.2, 65.1, 68.8, 74.4, 34.6, 40.4, 28.6),
+    "HuanjinYao/DenseConnector-v1.5-SigLIP-7B-AnyRes": (66.5, 69.3, 64.8, 70.7, 67.2, 34.8, 36.3, 27.0),
 }
 REPORTED_SCORES_SOURCE = "https://github.com/HJYao00/DenseConnector/blob/main/docs/ModelZoo.md"
 

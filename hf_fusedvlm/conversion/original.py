@@ -18,7 +18,9 @@ from ..parity import INSTRUCTION_ENCODER_PREFIX, PROJECTOR_INPUT_KEY, new_fuser_
 from .checkpoint import resolve_checkpoint
 from .errors import ConversionError, listed
 from .original_layout import (
+    ANY_RESOLUTION_VARIANTS,
     CLIP_TEXT_PARTS,
+    DENSE_CONNECTOR_VARIANTS,
     EMBEDDING_KEYS,
     PLAIN_VARIANTS,
     RECOMPUTED_BUFFER,
@@ -141,12 +143,12 @@ def chat_template(variant: str, tokenizer, raw: dict) -> str:
     """The conversation the checkpoint was trained with: `llava_v1` for the LLaVA code and the MMFuser and IGVA forks;
     for LLaVA-1.6, the one the LLaVA code picks for its LLM: `mistral_instruct` for Mistral, `chatml_direct` for the
     34B's ChatML tokenizer, `llava_v1` for Vicuna; for Dense Connector, `vicuna_v1` or, with a Llama-3 LLM,
-    `llama_3`."""
+    `llama_3`, with any resolution too."""
     if variant == "llava-next":
         if raw.get("model_type") == "llava_mistral":
             return MISTRAL_INSTRUCT_CHAT_TEMPLATE
         return CHATML_DIRECT_CHAT_TEMPLATE if is_chatml_tokenizer(tokenizer) else LLAVA_V1_CHAT_TEMPLATE
-    if variant != "dense-connector":
+    if variant not in DENSE_CONNECTOR_VARIANTS:
         return LLAVA_V1_CHAT_TEMPLATE
     return LLAMA_3_CHAT_TEMPLATE if is_llama_3_tokenizer(tokenizer) else VICUNA_V1_CHAT_TEMPLATE
 
@@ -166,7 +168,8 @@ def fused_config(source: Source, request: Request, keys: dict, tower: Path, voca
             "--fuser-layers and --fuser-groups."
         )
     require_vision_tower(request.vision_tower, raw, keys, source.folder)
-    siglip_named = raw.get("mm_vision_tower") if variant == "dense-connector" and names_siglip_tower(raw) else None
+    dense = variant in DENSE_CONNECTOR_VARIANTS
+    siglip_named = raw.get("mm_vision_tower") if dense and names_siglip_tower(raw) else None
     vision_config, image_processor = read_vision_tower(tower, str(request.vision_tower), siglip_named)
     # Before the tokenizer is read, `<image>` and `<pad>` stand after the config's vocabulary.
     source_vocab = raw.get("vocab_size", 32000)
@@ -175,7 +178,7 @@ def fused_config(source: Source, request: Request, keys: dict, tower: Path, voca
     config = fused_config_from_original(
         raw, variant, keys, text_config, vision_config, image_token_index, fuser_type, request.encoder, request.settings
     )
-    if variant == "llava-next":
+    if variant in ANY_RESOLUTION_VARIANTS:
         image_processor = any_resolution_image_processor(image_processor, config.image_grid_pinpoints)
     else:
         image_processor.do_pad = raw.get("image_aspect_ratio") == "pad"
@@ -232,7 +235,7 @@ def plan(source: Source, request: Request) -> Plan:
     source_text_config = text_config_from_original(source.raw, source_vocab, source.raw.get("pad_token_id"))
 
     def verify(folder: Path) -> tuple[float, float]:
-        if variant == "dense-connector":
+        if variant in DENSE_CONNECTOR_VARIANTS:
             return verify_dense_connector(folder, source.folder, shards, source_text_config, request.dtype)
         return verify_against_llm(folder, source.folder, source_text_config, request.dtype)
 

@@ -18,6 +18,10 @@ the config and the keys (`VARIANTS`):
 - `dense-connector`: Dense Connector (`mm_dense_connector_type` `dci` or `sci`, `mm_hidden_size` three tower widths),
   the `dense_connector` fuser; the projector keeps its names. Its released checkpoints read a SigLIP tower, which the
   official code recognises by name (`siglip` in `mm_vision_tower`) and runs without its last layer.
+- `dense-connector-anyres`: Dense Connector with LLaVA-1.6's any-resolution settings (HuanjinYao/DenseConnector-v1.5-
+  SigLIP-7B-AnyRes): the official code runs the tower and the Dense Connector on every crop (the base view and the
+  tiles), projects them and packs them as LLaVA-1.6 does, so it becomes a `FusedLlavaNextConfig` with the
+  `dense_connector` fuser; the tiles are the tower's 384 px crops, the pinpoints multiples of 384.
 """
 
 import ast
@@ -33,10 +37,21 @@ from .errors import ConversionError
 from .sentence_encoder import SentenceEncoder
 
 
-VARIANTS = ("llava", "llava-next", "mmfuser", "igva", "igva-average", "dense-connector")
+VARIANTS = ("llava", "llava-next", "mmfuser", "igva", "igva-average", "dense-connector", "dense-connector-anyres")
 # The plain LLaVA variants: the fuser is the user's choice (default none) and starts as an exact no-op.
 PLAIN_VARIANTS = ("llava", "llava-next")
-VARIANT_FUSERS = {"mmfuser": "mmfuser", "igva": "igva", "igva-average": "average", "dense-connector": "dense_connector"}
+# The variants that become fused LLaVA-NeXT (any resolution), and the Dense Connector ones.
+ANY_RESOLUTION_VARIANTS = ("llava-next", "dense-connector-anyres")
+DENSE_CONNECTOR_VARIANTS = ("dense-connector", "dense-connector-anyres")
+# The variants whose code also runs any-resolution inputs, and the variant each is then.
+FUSION_ANY_RESOLUTION = {"llava": "llava-next", "dense-connector": "dense-connector-anyres"}
+VARIANT_FUSERS = {
+    "mmfuser": "mmfuser",
+    "igva": "igva",
+    "igva-average": "average",
+    "dense-connector": "dense_connector",
+    "dense-connector-anyres": "dense_connector",
+}
 VARIANT_ORIGINS = {
     "llava": "haotian-liu/LLaVA",
     "llava-next": "haotian-liu/LLaVA, LLaVA-1.6 any resolution",
@@ -44,6 +59,7 @@ VARIANT_ORIGINS = {
     "igva": "the official IGVA code (YiZheng-zy/IGVA)",
     "igva-average": "the official IGVA code (YiZheng-zy/IGVA), pre-training mode",
     "dense-connector": "the official Dense Connector code (HJYao00/DenseConnector)",
+    "dense-connector-anyres": "the official Dense Connector code (HJYao00/DenseConnector), any resolution",
 }
 # The Dense Connector variants the official code runs (`mm_dense_connector_type`); other values mean none.
 DENSE_CONNECTOR_TYPES = ("sti", "sci", "dci")
@@ -71,6 +87,7 @@ _MLP_PROJECTOR = (
     ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
     ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
 )
+_NEWLINE = (("model.image_newline", "model.image_newline"),)
 # (original prefix, fused prefix) per variant; the first matching prefix wins.
 KEY_RENAMES = {
     "llava": _LLM_RENAMES + _MLP_PROJECTOR,
@@ -88,8 +105,9 @@ KEY_RENAMES = {
         ("model.sentence_embedder.0.auto_model.", INSTRUCTION_ENCODER_PREFIX),
     ),
     "igva-average": _LLM_RENAMES + _MLP_PROJECTOR,
-    "llava-next": _LLM_RENAMES + _MLP_PROJECTOR + (("model.image_newline", "model.image_newline"),),
+    "llava-next": _LLM_RENAMES + _MLP_PROJECTOR + _NEWLINE,
     "dense-connector": _LLM_RENAMES + _MLP_PROJECTOR,
+    "dense-connector-anyres": _LLM_RENAMES + _MLP_PROJECTOR + _NEWLINE,
 }
 TOWER_PREFIX = "model.vision_tower."
 # The parts of a full CLIPModel / SiglipModel checkpoint that the vision tower does not use.
@@ -180,8 +198,9 @@ def next_pinpoints(raw: dict, image_size: int) -> list[list[int]]:
     if misfits:
         raise ConversionError(
             f"image_grid_pinpoints {misfits} are not multiples of the vision tower's image size ({image_size}): each "
-            f"tile is one {image_size} px crop of the tower; give the tower the checkpoint was trained with "
-            f"({raw.get('mm_vision_tower')})."
+            f"tile is one {image_size} px crop of the tower, so the pinpoints and the tower must be those the "
+            f"checkpoint was trained with (its config names {raw.get('mm_vision_tower')}; LLaVA-1.6's CLIP-L tiles "
+            "are 336 px, Dense Connector's SigLIP-so400m tiles 384 px)."
         )
     return [[height, width] for width, height in pinpoints]
 
@@ -239,13 +258,14 @@ def detect_variant(raw: dict, keys: set[str]) -> str:
     variant = detect_fusion_variant(raw, keys)
     if not is_any_resolution(raw):
         return variant
-    if variant != "llava":
+    if variant not in FUSION_ANY_RESOLUTION:
         raise ConversionError(
             f"The checkpoint is a trained {variant} model ({VARIANT_ORIGINS[variant]}) with any-resolution inputs "
-            f"(image_aspect_ratio {raw.get('image_aspect_ratio')!r}): only plain LLaVA-1.6 checkpoints import as "
-            f"LLaVA-NeXT; {variant} checkpoints import in the LLaVA-1.5 layout (image_aspect_ratio 'pad')."
+            f"(image_aspect_ratio {raw.get('image_aspect_ratio')!r}): only plain LLaVA-1.6 and Dense Connector "
+            f"checkpoints import as LLaVA-NeXT; {variant} checkpoints import in the LLaVA-1.5 layout "
+            "(image_aspect_ratio 'pad')."
         )
-    return "llava-next"
+    return FUSION_ANY_RESOLUTION[variant]
 
 
 def map_original_key(key: str, variant: str) -> str | None:
@@ -321,7 +341,7 @@ def fused_config_from_original(
         fuser_kwargs["fuser_layers"] = layers[:num_levels] + [layers[-1]]
         fuser_kwargs.setdefault("fuser_layer_norm_eps", 1e-6)
         base_layer = layers[-1]
-    elif variant == "dense-connector":
+    elif variant in DENSE_CONNECTOR_VARIANTS:
         base_layer, strategy = dense_connector_feature_selection(raw, layers, strategy, vision_config)
         fuser_kwargs["dense_connector_type"] = raw["mm_dense_connector_type"]
     else:
@@ -359,7 +379,7 @@ def fused_config_from_original(
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
     )
-    if variant == "llava-next":
+    if variant in ANY_RESOLUTION_VARIANTS:
         pinpoints = next_pinpoints(raw, vision_config.image_size)
         llava_config = LlavaNextConfig(**fields, image_grid_pinpoints=pinpoints)
     else:

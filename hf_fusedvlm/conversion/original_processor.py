@@ -150,8 +150,9 @@ def is_chatml_tokenizer(tokenizer) -> bool:
 
 def any_resolution_image_processor(image_processor: LlavaImageProcessorPil, pinpoints) -> LlavaNextImageProcessorPil:
     """LLaVA-NeXT's image processor for LLaVA-1.6 (`process_anyres_image`): the base view resized to a square and the
-    tiles of the best pinpoint (the image resized into it and padded with black), each tile with the tower's CLIP
-    settings, as transformers converted liuhaotian/llava-v1.6-*; `pinpoints` are (height, width)."""
+    tiles of the best pinpoint (the image resized into it and padded with black), each tile with the tower's settings
+    (CLIP's, as transformers converted liuhaotian/llava-v1.6-*; Dense Connector's SigLIP ones: 384 px tiles, no
+    crop); `pinpoints` are (height, width)."""
     settings = image_processor.to_dict()
     known = set(LlavaNextImageProcessorPil().to_dict()) - {"image_processor_type", "image_grid_pinpoints", "do_pad"}
     return LlavaNextImageProcessorPil(
@@ -210,8 +211,10 @@ def siglip_vision_tower(config, name: str, named: str) -> tuple[SiglipVisionConf
             f"to {SIGLIP_IMAGE_SIZE} px: give the tower the checkpoint names ({named})."
         )
     config.vision_use_head = False
+    # Any resolution: the tiles are crop_size squares, the base view is resized to `size` (not padded).
     image_processor = LlavaImageProcessorPil(
         size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE},
+        crop_size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE},
         do_center_crop=False,
         resample=PILImageResampling.BICUBIC,
         image_mean=SIGLIP_MEAN_STD,

@@ -143,7 +143,8 @@ def verify_dense_connector(
 ) -> tuple[float, float]:
     """Dense Connector sources: one image prompt through the converted model gives the logits of the source
     computation (`dense_connector_source_features` spliced into the source LLM's text embeddings, as the official
-    code's `prepare_inputs_labels_for_multimodal` does), over the source's vocabulary."""
+    code's `prepare_inputs_labels_for_multimodal` does), over the source's vocabulary. With any resolution, the
+    features of every crop are packed with the source's `model.image_newline` as LLaVA-NeXT packs them."""
     dtype = dtype or torch.float32
     processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
     inputs = processor(images=verification_image(), text=build_prompt(processor, VERIFY_QUESTION), return_tensors="pt")
@@ -151,9 +152,19 @@ def verify_dense_connector(
         model = AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True, dtype=dtype).eval()
         actual = model(**inputs).logits.float()[..., : text_config.vocab_size]
         config, tower_state = model.config, model.model.vision_tower.state_dict()
-        del model
         projector = stored_tensors(source_shards, "model.mm_projector.")
-        features = dense_connector_source_features(config, tower_state, projector, inputs["pixel_values"], dtype)
+        pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
+        if image_sizes is None:
+            features = dense_connector_source_features(config, tower_state, projector, pixel_values, dtype)
+        else:
+            crops, counts = model.model.crops_of_images(pixel_values, image_sizes)
+            features = dense_connector_source_features(config, tower_state, projector, crops, dtype)
+            newline = stored_tensors(source_shards, "model.image_newline")[""].to(dtype)
+            features, _ = model.model.pack_image_features(
+                torch.split(features, counts), image_sizes, config.vision_feature_select_strategy, newline
+            )
+            features = torch.cat(features)
+        del model
         llm = AutoModelForCausalLM.from_pretrained(source, config=text_config, dtype=dtype).eval()
         input_ids = inputs["input_ids"]
         is_image = input_ids == config.image_token_id
