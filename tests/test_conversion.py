@@ -457,3 +457,20 @@ def test_demo_command_and_console_script(hf_home):
     if "fusedvlm-convert" not in scripts:
         pytest.skip("fusedvlm-convert is not installed: re-run `pip install -e .` to register the console script")
     assert scripts["fusedvlm-convert"].load() is main
+
+
+def test_a_source_without_chat_template_converts_with_a_warning(source, encoder_dir, tmp_path, capsys):
+    """The converted processor has nothing to render conversations with: the converter says so, and for a fuser that
+    reads the instruction also what the fuser would read instead."""
+    bare = _copy(source, tmp_path / "no-template")
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (bare / name).unlink(missing_ok=True)
+    convert_checkpoint(bare, tmp_path / "concat", "concat", progress=False)
+    printed = capsys.readouterr().out
+    assert "warning: the source's processor has no chat template" in printed and "role words" not in printed
+    convert_checkpoint(
+        bare, tmp_path / "igva", "igva", instruction_encoder=encoder_dir, fuser_options=SMALL_IGVA, progress=False
+    )
+    assert "role words such as 'USER:' included" in capsys.readouterr().out
+    convert_checkpoint(source, tmp_path / "templated", "concat", progress=False)
+    assert "chat template" not in capsys.readouterr().out

@@ -21,7 +21,7 @@ from ..parity import (
     llava_checkpoint_key,
     new_fuser_tensors,
 )
-from ..processing_fused_llava import FusedLlavaProcessor
+from ..processing_fused_llava import FusedLlavaProcessor, missing_chat_template_message
 from ..processing_fused_llava_next import FusedLlavaNextProcessor
 from .errors import ConversionError, as_torch_dtype
 from .request import Plan, Request, Source, check_fuser_choice
@@ -77,6 +77,9 @@ def write_processor(source: Path, folder: Path, instruction_tokenizer) -> None:
             "preprocessor_config.json and its tokenizer files."
         )
     processor = fused_class.from_llava_processor(llava_processor, instruction_tokenizer=instruction_tokenizer)
+    message = missing_chat_template_message(processor, reads_instruction=instruction_tokenizer is not None)
+    if message:
+        print(f"warning: {message}")
     processor.save_pretrained(folder)
 
 
