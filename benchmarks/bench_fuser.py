@@ -9,8 +9,12 @@
    this was written for, so the prefill is assembled from measured parts: tower, fuser, projector, `--llm-layers`
    Llama-7B decoder layers (extrapolated to 32) and the LM head on the last token.
 
+On a CUDA GPU (`--device cuda`, with `--dtype bfloat16` for the tower, projector and LLM; the fuser and the
+instruction encoder stay float32, as the fused model keeps them) the whole 7B depth fits: pass `--llm-layers 32`.
+
 Prints medians over repeats and ratios, and writes a JSON of the results.
-    python benchmarks/bench_fuser.py [--quick] [--repeats 5] [--llm-layers 2] [--json bench_fuser.json]
+    python benchmarks/bench_fuser.py [--quick] [--repeats 5] [--llm-layers 2] [--device cpu] [--dtype float32]
+        [--json bench_fuser.json]
 """
 
 import argparse
@@ -39,10 +43,18 @@ def median_seconds(function, repeats: int) -> float:
     function()  # warm-up
     timings = []
     for _ in range(repeats):
+        # CUDA runs asynchronously: a timing covers the kernels only once they have finished.
+        synchronize()
         start = time.perf_counter()
         function()
+        synchronize()
         timings.append(time.perf_counter() - start)
     return statistics.median(timings)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def per_level_sampling(value, spatial_shapes, sampling_locations, attention_weights) -> torch.Tensor:
@@ -69,16 +81,18 @@ def per_level_sampling(value, spatial_shapes, sampling_locations, attention_weig
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
 
 
-def bench_sampling_core(side: int, width: int, heads: int, levels: int, points: int, repeats: int) -> dict:
+def bench_sampling_core(
+    side: int, width: int, heads: int, levels: int, points: int, repeats: int, device: torch.device
+) -> dict:
     generator = torch.Generator().manual_seed(0)
     head_dim, queries = width // heads, side * side
     shapes = [(side, side)] * levels
-    value = torch.randn(1, levels * queries, heads, head_dim, generator=generator)
+    value = torch.randn(1, levels * queries, heads, head_dim, generator=generator).to(device)
     # Some locations outside [0, 1] exercise the zero padding.
-    locations = torch.rand(1, queries, heads, levels, points, 2, generator=generator) * 1.2 - 0.1
-    weights = torch.rand(1, queries, heads, levels, points, generator=generator).softmax(-1)
+    locations = (torch.rand(1, queries, heads, levels, points, 2, generator=generator) * 1.2 - 0.1).to(device)
+    weights = torch.rand(1, queries, heads, levels, points, generator=generator).softmax(-1).to(device)
     transformers_module = MultiScaleDeformableAttention()
-    shapes_tensor = torch.tensor(shapes)
+    shapes_tensor = torch.tensor(shapes, device=device)
     start_index = torch.cat([shapes_tensor.new_zeros(1), shapes_tensor.prod(1).cumsum(0)[:-1]])
     paths = {
         "package (one embedding_bag)": lambda: multi_scale_deformable_sampling(value, shapes, locations, weights),
@@ -120,13 +134,14 @@ def fuser_config(fuser_type: str, vision: dict, encoder, quick: bool, text: dict
     )
 
 
-def bench_fuser_overhead(quick: bool, repeats: int) -> dict:
-    """Seconds of the vision tower and of each fuser on its hidden states, and the fusers' parameter counts."""
+def bench_fuser_overhead(quick: bool, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Seconds of the vision tower (in `dtype`) and of each fuser (float32) on its hidden states, and the fusers'
+    parameter counts."""
     vision, encoder = vision_and_encoder_configs(quick)
-    tower = AutoModel.from_config(AutoConfig.for_model("clip_vision_model", **vision)).eval()
-    instruction_encoder = AutoModel.from_config(encoder).eval()
-    pixels = torch.randn(1, 3, vision["image_size"], vision["image_size"])
-    instruction_ids = torch.randint(5, 1000, (1, 16))
+    tower = AutoModel.from_config(AutoConfig.for_model("clip_vision_model", **vision)).eval().to(device, dtype)
+    instruction_encoder = AutoModel.from_config(encoder).eval().to(device)
+    pixels = torch.randn(1, 3, vision["image_size"], vision["image_size"]).to(device, dtype)
+    instruction_ids = torch.randint(5, 1000, (1, 16), device=device)
     results = {
         "seconds": {},
         "parameters_millions": {
@@ -136,10 +151,10 @@ def bench_fuser_overhead(quick: bool, repeats: int) -> dict:
     }
     with torch.inference_mode():
         results["seconds"]["vision tower"] = median_seconds(lambda: tower(pixels, output_hidden_states=True), repeats)
-        hidden_states = tower(pixels, output_hidden_states=True).hidden_states
+        hidden_states = [state.float() for state in tower(pixels, output_hidden_states=True).hidden_states]
         for fuser_type in FUSER_TYPES:
-            fuser = build_fuser(fuser_config(fuser_type, vision, encoder, quick)).eval()
-            embeds = torch.randn(1, encoder.hidden_size)
+            fuser = build_fuser(fuser_config(fuser_type, vision, encoder, quick)).eval().to(device)
+            embeds = torch.randn(1, encoder.hidden_size, device=device)
 
             def run_fuser():
                 if fuser.reads_instruction:
@@ -151,7 +166,7 @@ def bench_fuser_overhead(quick: bool, repeats: int) -> dict:
     return results
 
 
-def bench_prefill_parts(quick: bool, repeats: int, llm_layers: int) -> dict:
+def bench_prefill_parts(quick: bool, repeats: int, llm_layers: int, device: torch.device, dtype: torch.dtype) -> dict:
     """Seconds of the LLaVA-7B prefill parts other than tower and fuser, at one image + `TEXT_TOKENS` tokens: the
     projector of each fuser type, one Llama-7B decoder layer (mean over `llm_layers`) and the LM head on the last
     token (what `generate()` computes at prefill)."""
@@ -167,14 +182,14 @@ def bench_prefill_parts(quick: bool, repeats: int, llm_layers: int) -> dict:
     with torch.inference_mode():
         for fuser_type in ("none", *FUSER_TYPES):
             config = fuser_config(fuser_type, vision, encoder, quick, text)
-            projector = FusedLlavaMultiModalProjector(config, build_fuser(config).output_size).eval()
-            features = torch.randn(1, num_patches, projector.linear_1.in_features)
+            projector = FusedLlavaMultiModalProjector(config, build_fuser(config).output_size).eval().to(device, dtype)
+            features = torch.randn(1, num_patches, projector.linear_1.in_features).to(device, dtype)
             results["seconds"][f"projector ({fuser_type})"] = median_seconds(lambda: projector(features), repeats)
-        language_model = AutoModel.from_config(AutoConfig.for_model("llama", **text)).eval()
-        embeds = torch.randn(1, length, text["hidden_size"])
+        language_model = AutoModel.from_config(AutoConfig.for_model("llama", **text)).eval().to(device, dtype)
+        embeds = torch.randn(1, length, text["hidden_size"]).to(device, dtype)
         decoder = median_seconds(lambda: language_model(inputs_embeds=embeds, use_cache=False), repeats)
         results["seconds"]["decoder layer"] = decoder / llm_layers
-        lm_head = torch.nn.Linear(text["hidden_size"], text["vocab_size"], bias=False)
+        lm_head = torch.nn.Linear(text["hidden_size"], text["vocab_size"], bias=False).to(device, dtype)
         last = embeds[:, -1:]
         results["seconds"]["lm head (last token)"] = median_seconds(lambda: lm_head(last), repeats)
     return results
@@ -190,7 +205,7 @@ def prefill_estimate(overhead: dict, parts: dict, full_layers: int) -> dict:
     }
 
 
-def print_tables(core: dict, overhead: dict, parts: dict, prefill: dict, full_layers: int) -> None:
+def print_tables(core: dict, overhead: dict, parts: dict, prefill: dict, full_layers: int, dtype_name: str) -> None:
     print("| deformable sampling core | ms | vs per-level |\n|---|---:|---:|")
     per_level = core["per-level grid_sample"]
     for name, seconds in core.items():
@@ -207,7 +222,7 @@ def print_tables(core: dict, overhead: dict, parts: dict, prefill: dict, full_la
         print(f"| {label} | {seconds[fuser_type] * 1e3:.1f} | {100 * seconds[fuser_type] / tower:.1f} % | {count} |")
 
     part = parts["seconds"]
-    print(f"\n| LLaVA-7B prefill, {parts['tokens']} tokens, fp32 | ms | vs plain |\n|---|---:|---:|")
+    print(f"\n| LLaVA-7B prefill, {parts['tokens']} tokens, {dtype_name} | ms | vs plain |\n|---|---:|---:|")
     print(f"| decoder layer (mean of {parts['llm_layers_measured']} measured) | {part['decoder layer'] * 1e3:.1f} | |")
     print(f"| LM head, last token | {part['lm head (last token)'] * 1e3:.1f} | |")
     for name, total in prefill.items():
@@ -224,8 +239,18 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--llm-layers", type=int, default=2, help="Llama-7B decoder layers measured for the prefill")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="of the tower, projector and LLM (the fuser and the instruction encoder stay float32)",
+    )
     parser.add_argument("--json", default="bench_fuser.json")
     args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA GPU (torch.cuda.is_available() is False)")
     repeats = 1 if args.quick else args.repeats
     llm_layers = 1 if args.quick else args.llm_layers
     if args.threads:
@@ -237,17 +262,19 @@ def main():
         if args.quick
         else dict(side=24, width=1024, heads=16, levels=4, points=4)
     )
-    core = bench_sampling_core(**core_shape, repeats=repeats)
-    overhead = bench_fuser_overhead(args.quick, repeats)
-    parts = bench_prefill_parts(args.quick, repeats, llm_layers)
+    core = bench_sampling_core(**core_shape, repeats=repeats, device=device)
+    overhead = bench_fuser_overhead(args.quick, repeats, device, dtype)
+    parts = bench_prefill_parts(args.quick, repeats, llm_layers, device, dtype)
     full_layers = LLAMA_7B["num_hidden_layers"]
     prefill = prefill_estimate(overhead, parts, full_layers)
 
     machine = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    ) + f", torch {torch.__version__}, {args.dtype}"
     print(f"# Fuser benchmarks ({'quick' if args.quick else 'full'}), {machine}, median of {repeats}\n")
-    print_tables(core, overhead, parts, prefill, full_layers)
+    print_tables(core, overhead, parts, prefill, full_layers, args.dtype)
     ratios = {
         "sampling_core_vs_per_level": core["per-level grid_sample"] / core["package (one embedding_bag)"],
         "sampling_core_vs_transformers": core["transformers MultiScaleDeformableAttention"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FUSER_TYPES
+from conftest import FUSER_TYPES, REPO_ROOT
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -72,3 +72,22 @@ def test_benchmark_quick_mode_prints_ratios_and_writes_json(script, tmp_path):
         assert all(rise > 0 for rise in results["peak_rss_rise_bytes"].values())
     else:
         assert results["wall_ratio"] > 0 and results["summary"]["convert"]["max_peak_rss_bytes"] > 0
+
+
+def test_gpu_check_stops_with_one_line_where_torch_sees_no_gpu(tmp_path):
+    """The prepared CUDA run (benchmarks/gpu_check.sh) checks for a GPU before it writes or installs anything."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: benchmarks/gpu_check.sh runs in full there")
+    output = tmp_path / "gpu-check"
+    completed = subprocess.run(
+        ["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GPU_CHECK_OUTPUT": str(output)},
+        timeout=120,
+    )
+    assert completed.returncode != 0
+    assert completed.stderr.strip().splitlines()[-1].startswith("gpu_check.sh: torch ")
+    assert "sees no CUDA GPU" in completed.stderr and not output.exists()

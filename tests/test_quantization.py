@@ -162,6 +162,40 @@ def test_dtypes_device_maps_and_attention(checkpoints, prompt_inputs):
         assert torch.equal(fused(**inputs).logits, plain(**inputs).logits)
 
 
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it on one)"
+)
+
+
+@needs_cuda
+def test_cuda_4bit_and_bf16_generate_as_plain_llava(checkpoints, prompt_inputs):
+    """On a CUDA GPU, loaded as users load a 7B (`device_map="cuda"`): a fresh mmfuser in nf4 and in bf16 generates
+    the greedy tokens of the plain LLaVA loaded the same way (bf16: identical logits) with its fuser on the GPU in
+    float32; a trained mmfuser and igva in bf16 stay within LOGITS_TOLERANCE of their float32 logits on the GPU."""
+
+    def on_gpu(inputs: dict) -> dict:
+        return {name: tensor.to("cuda") for name, tensor in inputs.items()}
+
+    inputs = on_gpu(model_inputs(prompt_inputs, "mmfuser"))
+    for load_kwargs in ({"quantization_config": NF4_DOUBLE_QUANT}, {"dtype": torch.bfloat16}):
+        plain = LlavaForConditionalGeneration.from_pretrained(checkpoints["plain"], device_map="cuda", **load_kwargs)
+        fused = AutoModel.from_pretrained(checkpoints["mmfuser"], device_map="cuda", **load_kwargs)
+        assert {(p.device.type, p.dtype) for p in fused.model.fuser.parameters()} == {("cuda", torch.float32)}
+        assert greedy_tokens(fused, inputs) == greedy_tokens(plain, inputs), load_kwargs
+    with torch.no_grad():
+        assert torch.equal(fused(**inputs).logits, plain(**inputs).logits)
+    for checkpoint, fuser_type in (("mmfuser_trained", "mmfuser"), ("igva", "igva")):
+        inputs = on_gpu(model_inputs(prompt_inputs, fuser_type))
+        reference = AutoModel.from_pretrained(checkpoints[checkpoint], dtype=torch.float32, device_map="cuda")
+        model = AutoModel.from_pretrained(checkpoints[checkpoint], dtype=torch.bfloat16, device_map="cuda")
+        with torch.no_grad():
+            expected = reference(**inputs).logits
+            logits = model(**inputs).logits.float()
+        error = ((logits - expected).norm() / expected.norm()).item()
+        assert error <= LOGITS_TOLERANCE[torch.bfloat16], (checkpoint, error)
+        assert len(greedy_tokens(model, inputs)) == MAX_NEW_TOKENS
+
+
 def test_fuser_memory_footprint(checkpoints):
     """The footprint split: fuser bytes are its float32 parameters, and the 4-bit fused model minus its fuser weighs
     what the 4-bit plain LLaVA weighs (mmfuser keeps the projector's shape)."""
