@@ -101,10 +101,14 @@ def transformers_reference(folder: Path, requests: list[dict]) -> list[dict]:
 
 
 def run_vllm_generate(
-    folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path
+    folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path, model_impl: str = "auto"
 ) -> tuple[subprocess.CompletedProcess, Path]:
     spec, output = tmp_path / "requests.json", tmp_path / "output.json"
-    spec.write_text(json.dumps({"checkpoint": str(folder), "max_tokens": MAX_TOKENS, "requests": requests}))
+    spec.write_text(
+        json.dumps(
+            {"checkpoint": str(folder), "max_tokens": MAX_TOKENS, "requests": requests, "model_impl": model_impl}
+        )
+    )
     env = dict(os.environ)
     if tensor_parallel_size > 1:
         cores = os.cpu_count() or 1
@@ -126,8 +130,10 @@ def run_vllm_generate(
     return completed, output
 
 
-def vllm_generate(folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path) -> list[dict]:
-    completed, output = run_vllm_generate(folder, requests, tensor_parallel_size, tmp_path)
+def vllm_generate(
+    folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path, model_impl: str = "auto"
+) -> list[dict]:
+    completed, output = run_vllm_generate(folder, requests, tensor_parallel_size, tmp_path, model_impl)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
     return json.loads(output.read_text())
 
@@ -150,10 +156,12 @@ def test_vllm_matches_transformers_with_a_siglip_tower(siglip_checkpoints, fuser
     check_served_as_transformers(siglip_checkpoints[fuser_type], fuser_type, 1, tmp_path)
 
 
-def check_served_as_transformers(folder: Path, fuser_type: str, tensor_parallel_size: int, tmp_path: Path) -> None:
+def check_served_as_transformers(
+    folder: Path, fuser_type: str, tensor_parallel_size: int, tmp_path: Path, model_impl: str = "auto"
+) -> None:
     requests = requests_for(fuser_type, AutoProcessor.from_pretrained(folder))
     reference = transformers_reference(folder, requests)
-    served = vllm_generate(folder, requests, tensor_parallel_size, tmp_path)
+    served = vllm_generate(folder, requests, tensor_parallel_size, tmp_path, model_impl)
 
     for request, got, expected in zip(requests, served, reference):
         assert got["token_ids"] == expected["token_ids"], request
