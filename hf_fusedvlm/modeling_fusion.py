@@ -339,6 +339,24 @@ def add_balance_loss(outputs, image_outputs, labels) -> dict:
     return {**outputs, "fusion_weights": getattr(image_outputs, "fusion_weights", None), "balance_loss": balance_loss}
 
 
+# The attention implementation vLLM's Transformers modeling backend sets on the language model before building it.
+VLLM_TRANSFORMERS_BACKEND_ATTENTION = "vllm"
+
+
+def check_instruction_reachable(config) -> None:
+    """Refuse to build a fuser that reads the instruction inside vLLM's Transformers modeling backend: that backend
+    calls the processor with placeholder text (one image token per image) instead of the prompt, so the instruction
+    taken from the prompt would be empty, and it cannot batch instruction tensors of different lengths."""
+    if config.text_config._attn_implementation != VLLM_TRANSFORMERS_BACKEND_ATTENTION:
+        return
+    raise ValueError(
+        f"fuser_type={config.fuser_type!r} reads the user's instruction, which vLLM's Transformers modeling backend "
+        "cannot give it: that backend calls the processor with one image token per image instead of the prompt, so "
+        "the instruction would be empty. Serve this checkpoint with the hf-fusedvlm vLLM plugin instead (leave "
+        "model_impl at 'auto' and install hf-fusedvlm beside vLLM)."
+    )
+
+
 class FusedVisionMixin:
     """The image path of a fused model: `build_fusion` makes its modules; `fused_image_features` runs them on crops."""
 
@@ -351,6 +369,7 @@ class FusedVisionMixin:
         self._no_split_modules = [type(self.fuser).__name__]
         self.multi_modal_projector = FusedLlavaMultiModalProjector(config, self.fuser.output_size)
         if self.fuser.reads_instruction:
+            check_instruction_reachable(config)
             self.instruction_encoder = AutoModel.from_config(config.instruction_encoder_config)
             self.instruction_encoder.requires_grad_(False)
         else:

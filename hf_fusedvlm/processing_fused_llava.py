@@ -310,7 +310,7 @@ class FusedProcessorMixin:
         return_tensors = self._merge_kwargs(
             self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )["text_kwargs"].get("return_tensors")
-        return BatchFeature(data, tensor_type=return_tensors)
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
     def _encode_instructions(self, instructions: list[str]) -> dict:
         """`instruction_input_ids` and `instruction_attention_mask` as lists, right-padded; too long ones truncated

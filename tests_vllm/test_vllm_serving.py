@@ -113,10 +113,14 @@ def transformers_reference(folder: Path, requests: list[dict]) -> list[dict]:
 
 
 def run_vllm_generate(
-    folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path
+    folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path, model_impl: str = "auto"
 ) -> tuple[subprocess.CompletedProcess, Path]:
     spec, output = tmp_path / "requests.json", tmp_path / "output.json"
-    spec.write_text(json.dumps({"checkpoint": str(folder), "max_tokens": MAX_TOKENS, "requests": requests}))
+    spec.write_text(
+        json.dumps(
+            {"checkpoint": str(folder), "max_tokens": MAX_TOKENS, "requests": requests, "model_impl": model_impl}
+        )
+    )
     env = dict(os.environ)
     if tensor_parallel_size > 1:
         cores = os.cpu_count() or 1
@@ -138,8 +142,10 @@ def run_vllm_generate(
     return completed, output
 
 
-def vllm_generate(folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path) -> list[dict]:
-    completed, output = run_vllm_generate(folder, requests, tensor_parallel_size, tmp_path)
+def vllm_generate(
+    folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path, model_impl: str = "auto"
+) -> list[dict]:
+    completed, output = run_vllm_generate(folder, requests, tensor_parallel_size, tmp_path, model_impl)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
     return json.loads(output.read_text())
 

@@ -6,7 +6,9 @@ REQUESTS.json: `{"checkpoint": folder, "max_tokens": n, "requests": [{"prompt": 
 "instructions": str (optional, sent as mm_processor_kwargs), "image_shape": [height, width] (optional)}]}`; images are
 `synthetic_vqa.make_sample(0, index)`, resized to `image_shape` when given (see `request_image`);
 with `"image_embeds": [1, num_tokens, hidden]` instead of `image_index`, zero image embeddings are sent (and vLLM's
-`enable_mm_embeds` is on), each alone after the other requests.
+`enable_mm_embeds` is on), each alone after the other requests; `"model_impl": "transformers"` serves through vLLM's
+Transformers modeling backend with the checkpoint's remote code (`transformers_backend_options`) instead of the
+package's plugin.
 OUTPUT.json: one `{"token_ids": [...], "first_logprobs": {token_id: logprob}}` per request, in order; for a request
 that `LLM.generate` refuses, `{"error": its traceback}`.
 """
@@ -15,6 +17,19 @@ import argparse
 import json
 import os
 import traceback
+
+
+def transformers_backend_options() -> dict:
+    """The options of `vllm.LLM` that serve a fused LLaVA-1.5 through vLLM's Transformers modeling backend: the
+    checkpoint's remote code, with the base model under `AutoModel` (fused checkpoints name the generation class there,
+    for transformers' users). The package's vLLM plugin is left unloaded (`VLLM_PLUGINS` naming none): importing the
+    package registers the generation class with `AutoModel` in-process, which wins over the checkpoint's code."""
+    os.environ["VLLM_PLUGINS"] = ""
+    return {
+        "model_impl": "transformers",
+        "trust_remote_code": True,
+        "hf_overrides": {"auto_map": {"AutoModel": "modeling_fused_llava.FusedLlavaModel"}},
+    }
 
 
 def request_image(request: dict):
@@ -37,6 +52,7 @@ def main() -> None:
     spec = json.loads(open(args.requests).read())
     # A fixed 1 GiB KV cache instead of a share of the machine's memory, which other processes may hold.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    options = transformers_backend_options() if spec.get("model_impl") == "transformers" else {}
 
     import torch
     from vllm import LLM, SamplingParams
@@ -51,7 +67,10 @@ def main() -> None:
         limit_mm_per_prompt={"image": 2},
         seed=0,
         enable_mm_embeds=any("image_embeds" in request for request in spec["requests"]),
+        **options,
     )
+    if llm.llm_engine.model_config.using_transformers_backend() != bool(options):
+        raise SystemExit(f"vLLM served {spec['checkpoint']} with {llm.llm_engine.model_config.architecture}")
     prompts = []
     for request in spec["requests"]:
         if "image_embeds" in request:
