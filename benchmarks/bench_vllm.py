@@ -230,6 +230,8 @@ def worker(checkpoint: str, requests: int, kv_cache_bytes: int, connection) -> N
         if order[0] == "stop":
             break
         connection.send(run(order[1], order[2]))
+    # A multiprocessing child ends without running exit handlers: stop the engine's own processes here.
+    llm.llm_engine.engine_core.shutdown()
 
 
 def bootstrap_median_interval(values: list[float], resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
