@@ -1,35 +1,58 @@
-"""Serving throughput in vLLM (through the package's plugin): each fuser against plain LLaVA, measured in one run.
+"""Serving throughput in vLLM (through the package's plugin): each fuser against plain LLaVA, interleaved in one run.
 
 Plain LLaVA is the `none` fuser served by the same plugin (one layer, the source model's projector): the same tower,
 language model and kernels, so the ratios isolate what fusion costs. vLLM's own LLaVA class is not the baseline here:
 on a CPU-only machine its module imports torchvision, whose PyPI wheels are CUDA builds.
 
-For every fuser a checkpoint of the chosen shape (random weights, float32) is written, then served in its own process
-(one engine per process, as vLLM runs): one warm-up batch, then `--repeats` timed batches of `--requests` prompts,
-each with its own image, `--max-tokens` output tokens each (EOS ignored). Prints the median batch time, requests/s,
-output tokens/s and the ratio to plain, and writes a JSON.
+Method. For every fuser a checkpoint of the chosen shape (random weights, float32) is written and served by its own
+worker process holding an `LLM` (vLLM runs one engine per process); all workers stay alive for the whole run and take
+orders over pipes. After one warm-up batch each, the run goes in rounds: in every round each fuser serves one timed
+batch of `--requests` prompts (each with its own, never repeated image; `--max-tokens` output tokens, EOS ignored), one
+worker at a time, in an order shuffled anew per round. The ratio fused / plain (throughput, i.e. plain's batch time
+over the fuser's) is computed within each round against that round's `none` batch, so slow drifts of the machine
+cancel; the table gives per fuser the median of these per-round ratios with a bootstrap 95 % interval of the median
+(and the IQR). Every `--profile-every` rounds each fuser also serves a batch of 1 output token (prefill only).
 
-Shapes: `small` (default): a 12-layer, 256-wide CLIP at 224 px (256 patches) and a 4-layer, 512-wide Llama (head
-size 64), IGVA with a 4-layer, 256-wide BERT sentence encoder. `--quick`: the tiny test model, a smoke run.
+FLOP ratio. `serving_flops.py` counts one request's FLOPs by part: tower (to the deepest layer the fuser reads, as the
+plugin runs it), fuser (IGVA's instruction encoder included), projector, prefill over the image and text tokens, and
+decode of `--max-tokens - 1` steps. The FLOP ratio is plain's total over the fuser's: the throughput ratio a machine
+bound by arithmetic would show, printed beside the measured one.
 
-    python benchmarks/bench_vllm.py [--quick] [--fusers none,mmfuser,igva,concat,average] [--requests 16]
-        [--max-tokens 32] [--repeats 3] [--tensor-parallel-size 1] [--json bench_vllm.json]
+Per-stage profile. Tower (truncated to the deepest layer read), fuser and projector are timed in this process on the
+transformers model of the same checkpoint (the modules `fuse_and_project` calls, same batch of images), median of
+`--profile-repeats`; prefill is the served 1-token batch minus those three, decode the full batch minus the 1-token
+batch (both medians over the rounds). Seconds per batch.
+
+Shapes. `small` (default): a 12-layer, 256-wide CLIP at 224 px (256 patches) and a 4-layer, 512-wide Llama (head size
+64), IGVA with a 4-layer, 256-wide BERT sentence encoder. Its tower is heavy beside its language model (tower /
+LLM-prefill FLOPs about 0.8), so fusion costs more here than at 7B scale. `llava7b-ratio`: the same tower and a
+1024-wide Llama (head size 64) whose depth is chosen so that tower FLOPs / LLM prefill FLOPs equals LLaVA-1.5-7B's:
+CLIP-L/336 run to layer 23 (plain LLaVA reads the second-to-last of its 24 layers) over 577 tokens against a 32-layer,
+4096-wide Llama prefilling 640 tokens (576 image tokens and about 64 of text), about 0.045; the depth is the integer
+that brings the small tower over the benchmark's real prompt closest to that (printed with both ratios at the start).
+`--quick`: the tiny test model, a smoke run (4 requests of 4 tokens, 2 rounds).
+
+    python benchmarks/bench_vllm.py [--quick] [--shape small|llava7b-ratio] [--fusers none,mmfuser,igva,concat,average]
+        [--requests 16] [--max-tokens 32] [--rounds 40] [--minutes M] [--profile-every 4] [--json bench_vllm.json]
 """
 
 import argparse
 import json
-import os
+import multiprocessing
 import platform
+import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from llava_shapes import llava_1_5_config
+from serving_flops import layers_for_ratio, request_flops, tower_to_llm_ratio
+
+from llava_shapes import CLIP_L_336, LLAMA_7B, llava_1_5_config
 
 
+LLAVA_7B_PROMPT_TOKENS = 640
 SMALL_VISION = dict(
     hidden_size=256,
     intermediate_size=1024,
@@ -50,8 +73,9 @@ SMALL_TEXT = dict(
 SMALL_ENCODER = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
 
 
-def build_small(fuser_type: str):
-    """A `small`-shaped fused LLaVA (random weights) and its processor, from the tiny tokenizers."""
+def build_small(fuser_type: str, text_fields: dict = SMALL_TEXT):
+    """A fused LLaVA of the `small` tower and `text_fields`' Llama (random weights) and its processor, from the tiny
+    tokenizers."""
     import torch
     from transformers import (
         AutoConfig,
@@ -72,9 +96,9 @@ def build_small(fuser_type: str):
 
     torch.manual_seed(0)
     tokenizer = build_tiny_llm_tokenizer()
-    tokenizer.model_max_length = SMALL_TEXT["max_position_embeddings"]
+    tokenizer.model_max_length = text_fields["max_position_embeddings"]
     text = dict(
-        SMALL_TEXT,
+        text_fields,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -110,122 +134,372 @@ def build_small(fuser_type: str):
     return model, FusedLlavaProcessor.from_llava_processor(llava_processor, instruction_tokenizer=instruction_tokenizer)
 
 
-def write_checkpoint(fuser_type: str, shape: str, folder: Path) -> None:
+RATIO_TEXT = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=1024,
+)
+
+
+def llava7b_tower_to_llm_ratio() -> float:
+    return tower_to_llm_ratio(CLIP_L_336, LLAMA_7B, CLIP_L_336["num_hidden_layers"] - 1, LLAVA_7B_PROMPT_TOKENS)
+
+
+def text_fields_for(shape: str, prompt_tokens: int) -> dict:
+    if shape == "small":
+        return SMALL_TEXT
+    vocab = dict(RATIO_TEXT, vocab_size=LLAMA_7B["vocab_size"])  # the tiny tokenizer's vocabulary is smaller; minor
+    layers = layers_for_ratio(
+        SMALL_VISION, vocab, SMALL_VISION["num_hidden_layers"] - 1, prompt_tokens, llava7b_tower_to_llm_ratio()
+    )
+    return dict(RATIO_TEXT, num_hidden_layers=layers)
+
+
+def build_model(fuser_type: str, shape: str, text_fields: dict | None = None):
     from hf_fusedvlm.tiny import build_tiny_fused
 
-    model, processor = build_small(fuser_type) if shape == "small" else build_tiny_fused(fuser_type, num_text_heads=2)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    if shape == "tiny":
+        return build_tiny_fused(fuser_type, num_text_heads=2)
+    return build_small(fuser_type, text_fields)
 
 
-def serve_and_time(args) -> None:
-    """Worker: serve `args.checkpoint`, time the batches, print one JSON line."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+def flop_spec(model) -> tuple[dict, dict, dict]:
+    """The vision and text fields and the fuser description `serving_flops` reads, from a fused model's config."""
+    config = model.config
+    vision, text = config.vision_config.to_dict(), config.text_config.to_dict()
+    fuser = {
+        "type": config.fuser_type,
+        "layers": list(config.vision_layers_needed),
+        "fuser_layers": list(config.fuser_layers),
+        "groups": [list(group) for group in config.fuser_layer_groups],
+        "num_heads": config.fuser_num_heads,
+        "num_points": config.fuser_num_points,
+        "aggregator_hidden": config.aggregator_hidden_size,
+        "aggregator_layers": config.aggregator_num_layers,
+        "output_size": model.model.multi_modal_projector.linear_1.in_features,
+    }
+    if config.fuser_type == "igva":
+        fuser["encoder"] = config.instruction_encoder_config.to_dict()
+    return vision, text, fuser
+
+
+def batch_prompts(processor, seed: int, requests: int, image_size: int) -> list[dict]:
+    """`requests` prompts, each with its own image (set `seed`): vLLM caches encoded images, and a repeated image
+    would skip the tower and the fuser."""
+    from hf_fusedvlm.synthetic_vqa import make_sample, question_prompt
+
+    samples = [make_sample(seed, index, image_size=image_size) for index in range(requests)]
+    return [
+        {"prompt": question_prompt(processor, sample.question), "multi_modal_data": {"image": sample.image}}
+        for sample in samples
+    ]
+
+
+def worker(checkpoint: str, requests: int, kv_cache_bytes: int, connection) -> None:
+    """One engine: answers ("run", seed, max_tokens) with the batch's seconds, ("stop",) by exiting."""
     from vllm import LLM, SamplingParams
 
     from hf_fusedvlm import FusedLlavaProcessor
-    from hf_fusedvlm.synthetic_vqa import make_sample, question_prompt
 
-    processor = FusedLlavaProcessor.from_pretrained(args.checkpoint)
+    processor = FusedLlavaProcessor.from_pretrained(checkpoint)
     image_size = processor.image_processor.crop_size["height"]
     llm = LLM(
-        model=args.checkpoint,
+        model=checkpoint,
         dtype="float32",
-        tensor_parallel_size=args.tensor_parallel_size,
-        max_num_seqs=args.requests,
+        max_num_seqs=requests,
         enforce_eager=True,
         seed=0,
+        kv_cache_memory_bytes=kv_cache_bytes,
     )
-    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
 
-    def batch(round_index: int) -> list[dict]:
-        # Fresh images every round: vLLM caches encoded images, and a repeated image would skip the fuser.
-        samples = [make_sample(round_index, index, image_size=image_size) for index in range(args.requests)]
-        return [
-            {"prompt": question_prompt(processor, sample.question), "multi_modal_data": {"image": sample.image}}
-            for sample in samples
-        ]
-
-    llm.generate(batch(0), sampling, use_tqdm=False)
-    timings = []
-    for round_index in range(1, args.repeats + 1):
-        prompts = batch(round_index)
+    def run(seed: int, max_tokens: int) -> float:
+        prompts = batch_prompts(processor, seed, requests, image_size)
+        sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         start = time.perf_counter()
         outputs = llm.generate(prompts, sampling, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        assert all(len(output.outputs[0].token_ids) == max_tokens for output in outputs)
+        return seconds
+
+    run(0, 2)  # warm-up
+    connection.send("ready")
+    while True:
+        order = connection.recv()
+        if order[0] == "stop":
+            break
+        connection.send(run(order[1], order[2]))
+    # A multiprocessing child ends without running exit handlers: stop the engine's own processes here.
+    llm.llm_engine.engine_core.shutdown()
+
+
+def bootstrap_median_interval(values: list[float], resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95 % interval of the median."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[min(resamples - 1, int(0.975 * resamples))]
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def median_seconds(call, repeats: int) -> float:
+    call()  # warm-up
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
         timings.append(time.perf_counter() - start)
-        assert all(len(output.outputs[0].token_ids) == args.max_tokens for output in outputs)
-    print("RESULT " + json.dumps({"batch_seconds": timings}), flush=True)
+    return statistics.median(timings)
+
+
+def profile_encoding(model, processor, requests: int, repeats: int) -> dict[str, float]:
+    """Seconds per batch of `requests` images for the tower (run to the deepest layer read), the fuser (IGVA's
+    instruction encoder included) and the projector, on the transformers model, as `fuse_and_project` runs them."""
+    import torch
+
+    from hf_fusedvlm.synthetic_vqa import make_sample
+
+    inner = model.model
+    image_size = processor.image_processor.crop_size["height"]
+    samples = [make_sample(1, index, image_size=image_size) for index in range(requests)]
+    pixel_values = processor.image_processor([sample.image for sample in samples], return_tensors="pt")["pixel_values"]
+    needed = sorted(model.config.vision_layers_needed)
+    encoder = next(module for name, module in inner.vision_tower.named_modules() if name.endswith("encoder"))
+    all_layers = encoder.layers
+    encoder.layers = all_layers[: needed[-1]]
+    try:
+        with torch.inference_mode():
+            tower = median_seconds(lambda: inner.vision_tower(pixel_values, output_hidden_states=True), repeats)
+            recorded = inner.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+            states = tuple(state if index in needed else None for index, state in enumerate(recorded))
+            instruction = None
+            if model.config.fuser_type == "igva":
+                tokens = processor.instruction_tokenizer(
+                    [sample.question for sample in samples], return_tensors="pt", padding=True
+                )
+
+                def fuse():
+                    embeds = inner.embed_instructions(tokens["input_ids"], tokens["attention_mask"])
+                    return inner.fuser(states, embeds)
+
+                instruction = inner.embed_instructions(tokens["input_ids"], tokens["attention_mask"])
+            else:
+
+                def fuse():
+                    return inner.fuser(states, None)
+
+            fuser = median_seconds(fuse, repeats)
+            features = inner.fuser(states, instruction).features
+            projector = median_seconds(lambda: inner.multi_modal_projector(features), repeats)
+    finally:
+        encoder.layers = all_layers
+    return {"tower": tower, "fuser": fuser, "projector": projector}
+
+
+def prompt_lengths(model, processor) -> tuple[int, int]:
+    """Prompt tokens (image and text) and instruction tokens of the benchmark's first request."""
+    from hf_fusedvlm.synthetic_vqa import make_sample, question_prompt
+
+    sample = make_sample(1, 0, image_size=processor.image_processor.crop_size["height"])
+    inputs = processor(text=question_prompt(processor, sample.question), images=sample.image, return_tensors="pt")
+    instruction = 0
+    if getattr(processor, "instruction_tokenizer", None) is not None:
+        instruction = len(processor.instruction_tokenizer(sample.question)["input_ids"])
+    return inputs["input_ids"].shape[1], instruction
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, 4 requests of 4 tokens, 1 repeat")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 4 requests of 4 tokens, 2 rounds")
+    parser.add_argument("--shape", choices=("small", "llava7b-ratio"), default="small")
     parser.add_argument("--fusers", default="none,mmfuser,igva,concat,average")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--minutes", type=float, help="stop after the round that passes this many minutes")
+    parser.add_argument("--profile-every", type=int, default=4)
+    parser.add_argument("--profile-repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        serve_and_time(args)
-        return
     if args.quick:
-        args.requests, args.max_tokens, args.repeats = 4, 4, 1
-    shape = "tiny" if args.quick else "small"
+        args.requests, args.max_tokens, args.rounds, args.profile_every, args.profile_repeats = 4, 4, 2, 1, 2
+    shape = "tiny" if args.quick else args.shape
     fusers = args.fusers.split(",")
     if "none" not in fusers:
         fusers.insert(0, "none")
+    if args.max_tokens < 2:
+        parser.error("--max-tokens must be at least 2 (decode is timed against 1-token batches)")
 
-    results = {}
+    started = time.perf_counter()
+    text_fields = None
+    if shape == "llava7b-ratio":
+        model, processor = build_model("none", "small")
+        prompt_tokens, _ = prompt_lengths(model, processor)
+        text_fields = text_fields_for(shape, prompt_tokens)
+    elif shape == "small":
+        text_fields = SMALL_TEXT
+
+    context = multiprocessing.get_context("spawn")
+    workers, flops, models = {}, {}, {}
     with tempfile.TemporaryDirectory() as root:
         for fuser_type in fusers:
             folder = Path(root) / fuser_type
-            write_checkpoint(fuser_type, shape, folder)
-            command = [
-                sys.executable,
-                __file__,
-                "--worker",
-                "--checkpoint",
-                str(folder),
-                "--requests",
-                str(args.requests),
-                "--max-tokens",
-                str(args.max_tokens),
-                "--repeats",
-                str(args.repeats),
-                "--tensor-parallel-size",
-                str(args.tensor_parallel_size),
-            ]
-            completed = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-            if completed.returncode != 0 or not lines:
-                sys.exit(f"serving {fuser_type} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
-            seconds = statistics.median(json.loads(lines[-1][len("RESULT ") :])["batch_seconds"])
-            results[fuser_type] = {
-                "median_batch_seconds": seconds,
-                "requests_per_second": args.requests / seconds,
-                "output_tokens_per_second": args.requests * args.max_tokens / seconds,
-            }
-    plain = results["none"]["requests_per_second"]
-    for row in results.values():
-        row["throughput_ratio_to_plain"] = row["requests_per_second"] / plain
+            model, processor = build_model(fuser_type, shape, text_fields)
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            prompt_tokens, instruction_tokens = prompt_lengths(model, processor)
+            vision, text, fuser = flop_spec(model)
+            flops[fuser_type] = request_flops(vision, text, fuser, prompt_tokens, args.max_tokens, instruction_tokens)
+            models[fuser_type] = (model, processor)
+            if fuser_type == "none":
+                layers = max(fuser["layers"])
+                shape_ratio = tower_to_llm_ratio(vision, text, layers, prompt_tokens)
+                print(
+                    f"shape {shape}: tower {layers} layers x {vision['hidden_size']} wide, LLM "
+                    f"{text['num_hidden_layers']} layers x {text['hidden_size']} wide, {prompt_tokens} prompt tokens; "
+                    f"tower / LLM prefill FLOPs {shape_ratio:.4f} (LLaVA-1.5-7B: {llava7b_tower_to_llm_ratio():.4f})",
+                    flush=True,
+                )
+            parent, child = context.Pipe()
+            # All engines live at once: each gets the KV cache its batch needs (twice over), not vLLM's default.
+            kv_cache_bytes = max(
+                128 << 20,
+                2
+                * 2
+                * 4
+                * text["num_hidden_layers"]
+                * text["hidden_size"]
+                * args.requests
+                * (prompt_tokens + args.max_tokens),
+            )
+            process = context.Process(target=worker, args=(str(folder), args.requests, kv_cache_bytes, child))
+            process.start()
+            workers[fuser_type] = (process, parent)
+        try:
+            for fuser_type, (_process, connection) in workers.items():
+                if not connection.poll(900) or connection.recv() != "ready":
+                    sys.exit(f"the {fuser_type} engine did not start")
+            print(f"{len(workers)} engines ready after {time.perf_counter() - started:.0f} s", flush=True)
 
+            def timed(fuser_type: str, seed: int, max_tokens: int) -> float:
+                process, connection = workers[fuser_type]
+                connection.send(("run", seed, max_tokens))
+                while not connection.poll(5):
+                    if not process.is_alive():
+                        sys.exit(f"the {fuser_type} engine died (exit code {process.exitcode})")
+                return connection.recv()
+
+            rng = random.Random(args.seed)
+            full = {fuser_type: [] for fuser_type in fusers}
+            prefill = {fuser_type: [] for fuser_type in fusers}
+            rounds_started = time.perf_counter()
+            rounds = 0
+            for round_index in range(args.rounds):
+                order = list(fusers)
+                rng.shuffle(order)
+                seed = 1000 + 2 * round_index
+                for fuser_type in order:
+                    full[fuser_type].append(timed(fuser_type, seed, args.max_tokens))
+                if round_index % args.profile_every == 0:
+                    rng.shuffle(order)
+                    for fuser_type in order:
+                        prefill[fuser_type].append(timed(fuser_type, seed + 1, 1))
+                rounds += 1
+                ratios = {f: full["none"][-1] / full[f][-1] for f in fusers if f != "none"}
+                print(
+                    f"round {rounds}: " + " ".join(f"{f} {ratio:.3f}" for f, ratio in ratios.items()),
+                    flush=True,
+                )
+                if args.minutes and time.perf_counter() - rounds_started > 60 * args.minutes:
+                    break
+            rounds_seconds = time.perf_counter() - rounds_started
+        finally:
+            for process, connection in workers.values():
+                if process.is_alive():
+                    try:
+                        connection.send(("stop",))
+                    except OSError:
+                        process.kill()
+            for process, _ in workers.values():
+                process.join(60)
+                if process.is_alive():
+                    process.kill()
+
+    results = {}
+    for fuser_type in fusers:
+        ratios = [plain / fused for plain, fused in zip(full["none"], full[fuser_type])]
+        low, high = bootstrap_median_interval(ratios)
+        q1, q3 = quartiles(ratios)
+        seconds = statistics.median(full[fuser_type])
+        model, processor = models[fuser_type]
+        stages = profile_encoding(model, processor, args.requests, args.profile_repeats)
+        one_token = statistics.median(prefill[fuser_type])
+        stages["prefill"] = one_token - sum(stages.values())
+        stages["decode"] = seconds - one_token
+        results[fuser_type] = {
+            "median_batch_seconds": seconds,
+            "requests_per_second": args.requests / seconds,
+            "output_tokens_per_second": args.requests * args.max_tokens / seconds,
+            "throughput_ratio_to_plain": statistics.median(ratios),
+            "ratio_ci95": [low, high],
+            "ratio_iqr": [q1, q3],
+            "flop_ratio": flops["none"]["total"] / flops[fuser_type]["total"],
+            "flops_per_request": flops[fuser_type],
+            "stage_seconds_per_batch": stages,
+            "one_token_batch_seconds": one_token,
+        }
+
+    machine = platform.processor() or platform.machine()
     print(
-        f"\nvLLM throughput, shape {shape}, {args.requests} requests x {args.max_tokens} tokens, "
-        f"TP {args.tensor_parallel_size}, median of {args.repeats} ({platform.processor() or platform.machine()})"
+        f"\nvLLM throughput, shape {shape}, {args.requests} requests x {args.max_tokens} tokens, {rounds} interleaved "
+        f"rounds in {rounds_seconds / 60:.1f} min ({machine}); ratio = fused / plain throughput, median of per-round "
+        "ratios [bootstrap 95 % interval]"
     )
-    print(f"{'fuser':<10}{'batch s':>10}{'req/s':>10}{'tok/s':>10}{'ratio':>8}")
+    print(f"{'fuser':<10}{'batch s':>9}{'req/s':>8}{'ratio':>8}{'95 % interval':>18}{'IQR':>16}{'FLOP ratio':>12}")
     for fuser_type, row in results.items():
+        low, high = row["ratio_ci95"]
+        q1, q3 = row["ratio_iqr"]
         print(
-            f"{fuser_type:<10}{row['median_batch_seconds']:>10.3f}{row['requests_per_second']:>10.2f}"
-            f"{row['output_tokens_per_second']:>10.1f}{row['throughput_ratio_to_plain']:>8.3f}"
+            f"{fuser_type:<10}{row['median_batch_seconds']:>9.3f}{row['requests_per_second']:>8.2f}"
+            f"{row['throughput_ratio_to_plain']:>8.3f}{f'[{low:.3f}, {high:.3f}]':>18}{f'[{q1:.3f}, {q3:.3f}]':>16}"
+            f"{row['flop_ratio']:>12.3f}"
+        )
+    print(
+        "\nper-stage profile, seconds per batch (tower, fuser, projector: transformers in-process; prefill, decode: "
+        "served batches by difference)"
+    )
+    names = ("tower", "fuser", "projector", "prefill", "decode")
+    print(f"{'fuser':<10}" + "".join(f"{name:>11}" for name in names) + f"{'FLOP fuser+proj %':>19}")
+    for fuser_type, row in results.items():
+        part = row["flops_per_request"]
+        share = 100 * (part["fuser"] + part["projector"]) / part["total"]
+        print(
+            f"{fuser_type:<10}"
+            + "".join(f"{row['stage_seconds_per_batch'][name]:>11.4f}" for name in names)
+            + f"{share:>19.2f}"
         )
     if args.json:
-        settings = {key: getattr(args, key) for key in ("requests", "max_tokens", "repeats", "tensor_parallel_size")}
-        args.json.write_text(json.dumps({"shape": shape, "settings": settings, "results": results}, indent=2))
+        settings = {key: getattr(args, key) for key in ("requests", "max_tokens", "rounds", "profile_every", "seed")}
+        args.json.write_text(
+            json.dumps(
+                {
+                    "shape": shape,
+                    "settings": settings,
+                    "rounds_run": rounds,
+                    "rounds_seconds": rounds_seconds,
+                    "machine": machine,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -339,7 +339,15 @@ def test_throughput_benchmark_quick_mode_prints_ratios_and_writes_json(tmp_path)
     results = json.loads(json_path.read_text())["results"]
     assert set(results) == {"none", "igva"}
     assert results["none"]["throughput_ratio_to_plain"] == 1.0
+    assert results["none"]["flop_ratio"] == 1.0
     assert results["igva"]["requests_per_second"] > 0
+    low, high = results["igva"]["ratio_ci95"]
+    assert low <= results["igva"]["throughput_ratio_to_plain"] <= high
+    assert 0 < results["igva"]["flop_ratio"] < 1  # the instruction encoder and the wider projector cost FLOPs
+    stages = results["igva"]["stage_seconds_per_batch"]
+    assert set(stages) == {"tower", "fuser", "projector", "prefill", "decode"}
+    assert stages["tower"] > 0 and stages["fuser"] > 0
+    assert "FLOP ratio" in completed.stdout and "per-stage profile" in completed.stdout
 
 
 def test_vllm_refuses_a_head_size_its_cpu_attention_cannot_run_at_start(tmp_path):
