@@ -4,7 +4,7 @@
 #      within tolerance of float32 (tests/test_quantization.py, `cuda` in their names);
 #   2. bench_fuser.py on the GPU in bf16 at LLaVA-1.5-7B's shape, all 32 decoder layers (random weights);
 #   3. vLLM's CUDA build (.ci/vllm-gpu, .venv-vllm-gpu/) serving fused checkpoints with transformers' greedy tokens
-#      (tests_vllm/; tensor parallel 2 only with two GPUs), then bench_vllm.py.
+#      (tests_vllm/; tensor parallel 2 only with two GPUs), then bench_vllm.py (interleaved rounds, 4 minutes).
 # It needs .venv/ with a CUDA torch: `./dev.sh setup` on a Linux CUDA machine installs PyPI's torch, a CUDA build.
 # Results go to GPU_CHECK_OUTPUT (default gpu-check/): the JSONs and one log per step.
 #     bash benchmarks/gpu_check.sh
@@ -38,4 +38,4 @@ step bench-fuser "$python" benchmarks/bench_fuser.py --device cuda --dtype bfloa
 deselect="not refuses_a_head_size"
 [ "$gpus" -ge 2 ] || deselect="$deselect and not -2]"
 step vllm-tests bash .ci/vllm-gpu -k "$deselect"
-step bench-vllm .venv-vllm-gpu/bin/python benchmarks/bench_vllm.py --json "$output/bench_vllm_cuda.json"
+step bench-vllm .venv-vllm-gpu/bin/python benchmarks/bench_vllm.py --minutes 4 --json "$output/bench_vllm_cuda.json"
