@@ -247,8 +247,21 @@ class FusedLlavaConfig(LlavaConfig):
 
     @property
     def vision_layers_needed(self) -> list[int]:
-        """The hidden-state indices the fuser reads, sorted; the vision tower is asked for these only."""
+        """Every hidden-state index the fuser reads (alone or through a group's mean), sorted; the vision tower need
+        not run past the last one."""
+        groups = self.vision_layer_means
+        return sorted(set(self.vision_layers_kept).union(*groups))
+
+    @property
+    def vision_layers_kept(self) -> list[int]:
+        """The hidden-state indices the fuser reads one by one, sorted: the fusion step keeps these layers whole."""
         return sorted(fuser_class(self.fuser_type).layers_read(self))
+
+    @property
+    def vision_layer_means(self) -> list[list[int]]:
+        """The groups of hidden-state indices the fuser reads only through their mean: the fusion step adds each group
+        up while the vision tower runs instead of keeping its layers."""
+        return [list(group) for group in fuser_class(self.fuser_type).layer_means_read(self)]
 
     @classmethod
     def fuser_field_names(cls) -> list[str]:

@@ -68,7 +68,10 @@ class FuserSpec:
     - `layer_fields`: the config fields that name its layers (shown in model cards and converter help);
     - `config_fields`: the config fields it adds, `{name: FuserField}`;
     - `check_config(config)`: raises a `ValueError` for fields it cannot work with;
-    - `layers_read(config)`: the hidden-state indices it reads (the vision tower records only these);
+    - `layers_read(config)`: the hidden-state indices it reads one by one (the fusion step keeps these whole);
+    - `layer_means_read(config)`: the groups of hidden-state indices it reads only through their mean over the group
+      (`Fuser.layer_mean`); the fusion step adds each group up while the vision tower runs, so the group's layers are
+      never held at once (a layer it also reads on its own belongs in `layers_read` too);
     - `projector_slots(config)`: `(base_slot, num_slots)`: its output is `num_slots` vision widths, and at
       initialisation the base layer's features occupy slot `base_slot`, which is where parity conversion puts the
       plain LLaVA projector's columns (the other columns start at zero); `base_slot` is `None` when no slot holds
@@ -93,6 +96,10 @@ class FuserSpec:
     @classmethod
     def layers_read(cls, config: "PreTrainedConfig") -> set[int]:
         return {config.base_layer}
+
+    @classmethod
+    def layer_means_read(cls, config: "PreTrainedConfig") -> list[list[int]]:
+        return []
 
     @classmethod
     def projector_slots(cls, config: "PreTrainedConfig") -> tuple[int | None, int]:
@@ -223,8 +230,8 @@ class AverageFuserSpec(FuserSpec):
             raise ValueError(f"fuser_layer_groups must not repeat a group, got {groups}.")
 
     @classmethod
-    def layers_read(cls, config):
-        return {layer for group in config.fuser_layer_groups for layer in group} | {config.base_layer}
+    def layer_means_read(cls, config):
+        return [list(group) for group in config.fuser_layer_groups]
 
     @classmethod
     def projector_slots(cls, config):
@@ -420,8 +427,8 @@ class DenseConnectorSpec(FuserSpec):
             )
 
     @classmethod
-    def layers_read(cls, config):
-        return {layer for group in cls.dense_layer_groups(config) for layer in group} | {config.base_layer}
+    def layer_means_read(cls, config):
+        return cls.dense_layer_groups(config)
 
     @classmethod
     def projector_slots(cls, config):

@@ -4,7 +4,10 @@ Every fuser is called the same way: `fuser(vision_hidden_states, instruction_emb
 `vision_hidden_states` is the vision tower's `hidden_states` tuple (index 0 = embeddings; entries the fuser does not
 read may be `None`), each entry of shape `(num_images, num_tokens, vision_hidden_size)`, and `instruction_embeds` is
 `(num_images, instruction_hidden_size)` for fusers that read the instruction. It returns a [`FuserOutput`] whose
-`features` of shape `(num_images, num_patches, fuser.output_size)` go to the multimodal projector.
+`features` of shape `(num_images, num_patches, fuser.output_size)` go to the multimodal projector. A fuser that reads
+a group of layers only through their mean (`FuserSpec.layer_means_read`) takes it from `Fuser.layer_mean`: the fusion
+step passes a [`VisionHiddenStates`] that carries the means it added up while the tower ran (and not those layers);
+given every hidden state instead, `layer_mean` computes the mean itself.
 
 A fuser class describes itself to the rest of the package (configuration fields and checks, the layers the vision
 tower records, the projector's width, parity conversion, converter options, model cards) as
@@ -13,7 +16,10 @@ reads. The built-in modules below subclass their descriptions in `fuser_registry
 processor read without importing torch) and replace them in the registry.
 """
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,6 +70,88 @@ class FuserOutput:
     balance_loss: torch.Tensor | None = None
 
 
+class VisionHiddenStates(tuple):
+    """The vision tower's hidden states as the fusion step hands them to a fuser: a tuple indexed by hidden-state index
+    (`None` for the layers not kept) that also carries `layer_means`, `{group: mean}` with `group` a tuple of
+    hidden-state indices and `mean` `(num_images, num_tokens, vision_hidden_size)` the mean of those hidden states."""
+
+    layer_means: dict[tuple[int, ...], torch.Tensor]
+
+    def __new__(cls, states, layer_means: dict | None = None):
+        hidden_states = super().__new__(cls, states)
+        hidden_states.layer_means = dict(layer_means or {})
+        return hidden_states
+
+    def to(self, dtype: torch.dtype) -> "VisionHiddenStates":
+        """A copy with every tensor, kept layers and means, cast to `dtype`."""
+        means = {group: mean.to(dtype) for group, mean in self.layer_means.items()}
+        return VisionHiddenStates((None if state is None else state.to(dtype) for state in self), means)
+
+
+_ACTIVE_COLLECTOR = contextvars.ContextVar("hf_fusedvlm_hidden_state_collector", default=None)
+
+
+class HiddenStateCollector:
+    """What a fuser reads of a vision tower's hidden states, gathered while the tower runs (hidden state 0 is the
+    input of its first layer, hidden state i the output of layer i): the layers in `kept`, whole, and for each group
+    of `means` one running sum, turned into the group's mean once its last layer has passed; no other layer is held.
+    The sums run in `dtype` (the fuser's; `None`: the hidden states' own), in float32 for half precision, and add
+    the layers in the order the tower makes them: for groups of up to 17 ascending layers this is bit for bit
+    `torch.stack(layers).mean(0)` on CPU (longer groups round differently, within 1e-6)."""
+
+    def __init__(self, kept, means, dtype: torch.dtype | None = None):
+        self.kept, self.dtype, self.count = set(kept), dtype, 0
+        self.groups = [tuple(group) for group in means]
+        self.states, self.sums, self.means = {}, {}, {}
+
+    def add(self, state: torch.Tensor) -> None:
+        index, self.count = self.count, self.count + 1
+        if index in self.kept:
+            self.states[index] = state
+        if self.dtype is None:
+            self.dtype = state.dtype
+        for group in self.groups:
+            for _ in range(group.count(index)):
+                value = state.to(self.dtype)
+                if group in self.sums:
+                    self.sums[group].add_(value)
+                else:  # float32 sums for half precision, as `mean` computes them
+                    self.sums[group] = value.to(torch.promote_types(self.dtype, torch.float32), copy=True)
+            if index == max(group):
+                self.means[group] = self.sums.pop(group).div_(len(group)).to(self.dtype)
+
+    def hidden_states(self) -> VisionHiddenStates:
+        """The kept layers (indexed by hidden-state index, `None` elsewhere) and the groups' means."""
+        if self.sums or len(self.means) < len(set(self.groups)) or any(i >= self.count for i in self.kept):
+            raise RuntimeError(
+                f"The vision tower made {self.count} hidden states, fewer than the fuser reads "
+                f"(layers {sorted(self.kept)}, means of {self.groups})."
+            )
+        return VisionHiddenStates([self.states.get(i) for i in range(self.count)], self.means)
+
+
+@contextlib.contextmanager
+def collecting_hidden_states(layers: Sequence[nn.Module], kept, means, dtype: torch.dtype | None = None):
+    """Within the block, a [`HiddenStateCollector`] gathers from the tower's encoder `layers` (forward hooks, active
+    only in this context, so concurrent calls on the same model stay apart) the layers `kept` and the `means`."""
+    collector = HiddenStateCollector(kept, means, dtype)
+
+    def hook(module, args, kwargs, output):
+        if _ACTIVE_COLLECTOR.get() is collector:
+            if collector.count == 0:  # hidden state 0: the first layer's input
+                collector.add(args[0] if args else kwargs["hidden_states"])
+            collector.add(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+    token = _ACTIVE_COLLECTOR.set(collector)
+    try:
+        yield collector
+    finally:
+        _ACTIVE_COLLECTOR.reset(token)
+        for handle in handles:
+            handle.remove()
+
+
 class Fuser(FuserSpec, nn.Module):
     """Base class of the fuser modules: splits the class token from the patch tokens the way the LLaVA config says.
 
@@ -84,6 +172,21 @@ class Fuser(FuserSpec, nn.Module):
 
     def patches(self, hidden_state: torch.Tensor) -> torch.Tensor:
         return hidden_state[:, self.num_prefix_tokens :]
+
+    @staticmethod
+    def layer_mean(vision_hidden_states, group) -> torch.Tensor:
+        """The mean over the hidden states of `group` (indices): the one `vision_hidden_states` carries when the
+        fusion step added the group up while the tower ran, else computed from those hidden states."""
+        mean = getattr(vision_hidden_states, "layer_means", {}).get(tuple(group))
+        if mean is not None:
+            return mean
+        missing = [layer for layer in group if vision_hidden_states[layer] is None]
+        if missing:
+            raise ValueError(
+                f"The fuser reads the mean of hidden states {list(group)}, but hidden states {missing} were not kept: "
+                "list the group in the fuser's `layer_means_read` (or its layers in `layers_read`)."
+            )
+        return torch.stack([vision_hidden_states[layer] for layer in group]).mean(0)
 
 
 @register_fuser("none")
@@ -121,10 +224,7 @@ class AverageFuser(AverageFuserSpec, Fuser):
 
     def group_means(self, vision_hidden_states) -> torch.Tensor:
         """Per group, the mean over its layers of the full sequence: `(num_images, num_groups, num_tokens, dim)`."""
-        return torch.stack(
-            [torch.stack([vision_hidden_states[layer] for layer in group]).mean(0) for group in self.layer_groups],
-            dim=1,
-        )
+        return torch.stack([self.layer_mean(vision_hidden_states, group) for group in self.layer_groups], dim=1)
 
     def group_weights(self, groups: torch.Tensor, instruction_embeds) -> torch.Tensor:
         num_images, num_groups = groups.shape[:2]
@@ -295,10 +395,7 @@ class DenseConnectorFuser(DenseConnectorSpec, Fuser):
         self.layer_groups = self.dense_layer_groups(config)
 
     def forward(self, vision_hidden_states, instruction_embeds=None) -> FuserOutput:
-        added = [
-            torch.stack([self.patches(vision_hidden_states[layer]) for layer in group]).mean(0)
-            for group in self.layer_groups
-        ]
+        added = [self.patches(self.layer_mean(vision_hidden_states, group)) for group in self.layer_groups]
         return FuserOutput(torch.cat([self.patches(vision_hidden_states[self.base_layer]), *added], dim=-1))
 
 
@@ -333,7 +430,9 @@ __all__ = [
     "FuserField",
     "FuserOutput",
     "FuserSpec",
+    "VisionHiddenStates",
     "build_fuser",
+    "collecting_hidden_states",
     "fuser_class",
     "init_fuser_weights",
     "register_fuser",

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.utils import is_bitsandbytes_available, output_capturing
 
-from .fusers import FUSERS, build_fuser, init_fuser_weights
+from .fusers import FUSERS, VisionHiddenStates, build_fuser, collecting_hidden_states, init_fuser_weights
 
 
 # transformers >= 5.23 (which added `select_hidden_states`) records exactly the hidden-state indices listed in
@@ -164,6 +164,22 @@ def pool_sentence_embeddings(last_hidden_state: torch.Tensor, attention_mask: to
     return embeds
 
 
+def fuser_dtype(fuser: nn.Module, vision_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype a fuser reads: its weights', or the tower's (`vision_dtype`) for a fuser without weights."""
+    weight = next(fuser.parameters(), None)
+    return weight.dtype if weight is not None else vision_dtype
+
+
+def encoder_layers(vision_tower: nn.Module) -> list[nn.Module] | None:
+    """The layers whose outputs are a transformers vision tower's hidden states (those it records them from), or None
+    when it does not say (the fusion step then records the hidden states it reads instead)."""
+    spec = (getattr(vision_tower, "_can_record_outputs", None) or {}).get("hidden_states")
+    if not isinstance(spec, type):
+        return None
+    layers = [module for module in vision_tower.modules() if isinstance(module, spec)]
+    return layers if len(layers) == getattr(vision_tower.config, "num_hidden_layers", None) else None
+
+
 def fuse_and_project(
     fuser: nn.Module,
     projector: nn.Module,
@@ -172,14 +188,13 @@ def fuse_and_project(
     vision_dtype: torch.dtype,
 ):
     """The fusion step: `hidden_states` (indexed by hidden-state index, `None` for the layers the fuser does not read;
-    each `(num_crops, num_tokens, vision_hidden)`) cast to the fuser's dtype, fused (with `instruction_embeds`
-    `(num_crops, encoder_hidden)` for the fusers that read the instruction), cast to the projector's dtype (the
-    tower's, `vision_dtype`, for a quantised projector) and projected. Returns `(features, fuser_output)`, features
-    `(num_crops, num_patches, text_hidden)`."""
-    fuser_dtype = next(fuser.parameters(), None)
-    fuser_dtype = fuser_dtype.dtype if fuser_dtype is not None else vision_dtype
-    states = tuple(None if state is None else state.to(fuser_dtype) for state in hidden_states)
-    fused = fuser(states, instruction_embeds)
+    each `(num_crops, num_tokens, vision_hidden)`; a [`VisionHiddenStates`] also carries group means) cast to the
+    fuser's dtype, fused (with `instruction_embeds` `(num_crops, encoder_hidden)` for the fusers that read the
+    instruction), cast to the projector's dtype (the tower's, `vision_dtype`, for a quantised projector) and
+    projected. Returns `(features, fuser_output)`, features `(num_crops, num_patches, text_hidden)`."""
+    if not isinstance(hidden_states, VisionHiddenStates):
+        hidden_states = VisionHiddenStates(hidden_states)
+    fused = fuser(hidden_states.to(fuser_dtype(fuser, vision_dtype)), instruction_embeds)
     projector_dtype = projector.linear_2.weight.dtype
     if projector_dtype not in FLOAT_DTYPES:
         projector_dtype = vision_dtype
@@ -449,30 +464,37 @@ class FusedVisionMixin:
                 )
 
     def fused_image_features(self, pixel_values: torch.Tensor, instruction_embeds, **kwargs):
-        """Vision tower (recording only the layers the fuser reads, unless `output_hidden_states=True` asks for all of
-        them), fuser and projector over `pixel_values` `(num_crops, channels, height, width)`, with one instruction
-        embedding per crop. Returns a [`FusedLlavaImageFeaturesOutput`] whose `pooler_output` is the
-        `(num_crops, num_patches, text_hidden)` tensor."""
-        layers_needed = self.config.vision_layers_needed
-        all_requested = bool(kwargs.get("output_hidden_states"))
-        if not all_requested:
-            # As `select_hidden_states` does for LLaVA: record only the layers the fuser reads unless all are asked for.
-            kwargs["output_hidden_states"] = layers_needed if RECORDS_LISTED_HIDDEN_STATES else True
-        image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        recorded = image_outputs.hidden_states
-        if not all_requested:
-            recorded = tuple(state if index in layers_needed else None for index, state in enumerate(recorded))
+        """Vision tower, fuser and projector over `pixel_values` `(num_crops, channels, height, width)`, with one
+        instruction embedding per crop. The tower keeps only what the fuser reads, the layers it reads alone and one
+        running mean per layer group it averages (`collecting_hidden_states`), unless `output_hidden_states=True`
+        asks for every layer. Returns a [`FusedLlavaImageFeaturesOutput`] whose `pooler_output` is the
+        `(num_crops, num_patches, text_hidden)` tensor and whose `hidden_states` are the layers kept."""
+        config = self.config
+        layers = None if kwargs.get("output_hidden_states") else encoder_layers(self.vision_tower)
+        if layers is not None:
+            kwargs["output_hidden_states"] = False
+            dtype = fuser_dtype(self.fuser, None)
+            with collecting_hidden_states(layers, config.vision_layers_kept, config.vision_layer_means, dtype) as kept:
+                image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+            states = kept.hidden_states()
+        else:
+            if not kwargs.get("output_hidden_states"):  # a tower that names no layers: record those the fuser reads
+                kwargs["output_hidden_states"] = config.vision_layers_needed if RECORDS_LISTED_HIDDEN_STATES else True
+            image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+            states = image_outputs.hidden_states
+            if kwargs["output_hidden_states"] is not True:
+                states = tuple(state if i in config.vision_layers_needed else None for i, state in enumerate(states))
         features, fused = fuse_and_project(
             self.fuser,
             self.multi_modal_projector,
-            recorded,
+            states,
             instruction_embeds,
             image_outputs.last_hidden_state.dtype,
         )
         return FusedLlavaImageFeaturesOutput(
             last_hidden_state=image_outputs.last_hidden_state,
             pooler_output=features,
-            hidden_states=recorded,
+            hidden_states=tuple(states),
             attentions=image_outputs.attentions,
             fusion_weights=fused.fusion_weights,
             balance_loss=fused.balance_loss,

@@ -509,12 +509,15 @@ def test_command_line_chooses_the_variant():
 
 
 def test_vision_tower_records_only_the_hidden_states_read():
-    """On a 6-layer CLIP tower (base layer 5), dci reads hidden states 0..5: the last one is not recorded."""
+    """On a 6-layer CLIP tower (base layer 5), dci reads hidden states 0..5: only the base layer is kept whole, the two
+    ranges as running means."""
     llava, processor = build_tiny_llava(seed=0)
     fused = fused_from_llava(llava, "dense_connector")
     pixel_values = processor(images=make_image(0), text="<image>", return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         output = fused.get_image_features(pixel_values)
     recorded = [index for index, state in enumerate(output.hidden_states) if state is not None]
-    assert recorded == fused.config.vision_layers_needed == [0, 1, 2, 3, 4, 5]
+    assert fused.config.vision_layers_needed == [0, 1, 2, 3, 4, 5] and recorded == fused.config.vision_layers_kept == [
+        5
+    ]
     assert len(output.hidden_states) == 7
