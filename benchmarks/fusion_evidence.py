@@ -315,7 +315,7 @@ def evidence_json(settings: dict, runs: list[dict], probe: dict, random_probe: d
     """The results in the committed shape (test split), plus the validation split, the paired differences to
     `none`, chance levels, the settings and every run's details."""
     kinds = [*DIGIT_SCENE_KINDS, "all"]
-    fusers = [fuser for fuser in settings["fusers"] if any(run["fuser"] == fuser for run in runs)]
+    fusers = [fuser for fuser in FUSERS if any(run["fuser"] == fuser for run in runs)]
 
     def accuracy(split):
         return {
@@ -575,6 +575,64 @@ def lr_scales(overrides: list[str]) -> dict:
     return scales
 
 
+def git_commit(*arguments: str) -> str | None:
+    """`git log -1 --format=%H ARGUMENTS` in this repository (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        completed = subprocess.run(
+            ["git", "log", "-1", "--format=%H", *arguments],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return completed.stdout.strip() or None
+
+
+def kept_runs(path: str, settings: dict, probe: dict) -> tuple[list[dict], dict]:
+    """The runs of the fusers this run does not train, taken from the results file `path` of an earlier run, and a
+    record of where they come from. Refuses (ValueError) unless that run had the same budget, tower, seeds and probe
+    curve and the same options for every kept fuser: only then are the kept runs what this run would have made."""
+    previous = json.loads(Path(path).read_text())
+    kept = [fuser for fuser in FUSERS if fuser not in settings["fusers"] and fuser in previous["accuracy"]]
+    budget = {key: settings[key] for key in previous["budget"]}
+    tower = {key: settings[key] for key in ("tower_steps", "tower_batch", "invariance_weight")}
+    previous_tower = {
+        "tower_steps": previous["tower"]["steps"],
+        "tower_batch": previous["tower"]["batch_size"],
+        "invariance_weight": previous["tower"]["invariance_weight"],
+    }
+    mismatches = [
+        name
+        for name, same in zip(("budget", "tower"), (budget == previous["budget"], tower == previous_tower))
+        if not same
+    ]
+    if not set(settings["seeds"]) <= set(previous["seeds"]):
+        mismatches.append("seeds")
+    for fuser in kept:
+        if previous["fuser_options"].get(fuser, {}) != settings["fuser_options"].get(fuser, {}):
+            mismatches.append(f"{fuser}'s fuser options")
+        if previous["lr_scales"].get(fuser, {}) != settings["lr_scales"].get(fuser, {}):
+            mismatches.append(f"{fuser}'s learning-rate scales")
+    drift = max(abs(a - b) for kind in probe for a, b in zip(probe[kind], previous["probe"][kind]))
+    if drift > 0.02:
+        mismatches.append(f"probe curve (differs by up to {drift:.3f})")
+    if mismatches:
+        raise ValueError(f"--keep-runs {path}: the earlier run differs in {', '.join(mismatches)}; rerun every fuser.")
+    runs = [run for run in previous["runs"] if run["fuser"] in kept and run["seed"] in settings["seeds"]]
+    record = {
+        "fusers": kept,
+        "file": Path(path).name,
+        "commit": previous.get("commit") or git_commit("--", str(Path(path).resolve())),
+        "probe_max_difference": drift,
+        "wall_seconds": previous.get("wall_seconds"),
+    }
+    return runs, record
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
@@ -607,7 +665,7 @@ def run(args) -> dict:
         + "; ".join(f"{kind} " + " ".join(f"{value:.2f}" for value in curve) for kind, curve in probe.items()),
         file=sys.stderr,
     )
-    runs = []
+    runs, kept = kept_runs(args.keep_runs, settings, probe) if args.keep_runs else ([], None)
     with tempfile.TemporaryDirectory(prefix="fusion-evidence-") as work:
         work = Path(work)
         source = work / "source"
@@ -656,6 +714,9 @@ def run(args) -> dict:
                         file=sys.stderr,
                     )
                 results = evidence_json(settings, runs, probe, random_probe, tower_loss)
+                results["commit"] = git_commit()
+                if kept:
+                    results["kept_runs"] = kept
                 results["wall_seconds"] = round(time.perf_counter() - began, 1)
                 Path(args.output).write_text(json.dumps(results, indent=1))
     return results
@@ -703,6 +764,13 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-checkpoints",
         default=None,
         help="folder that keeps every final checkpoint (`FUSER-seedN/`) and the test set (`test/`)",
+    )
+    parser.add_argument(
+        "--keep-runs",
+        default=None,
+        metavar="JSON",
+        help="take the runs of the fusers not in --fusers from this earlier results file (same budget, tower, seeds, "
+        "probe and options for those fusers, else refused); the output records where they come from",
     )
     parser.add_argument(
         "--report",

@@ -238,6 +238,10 @@ class AverageFuserSpec(FuserSpec):
         return 0, 2  # base layer first, then the fused groups
 
 
+# What IGVA's balance loss maximises (see `balance_loss_type`).
+IGVA_BALANCE_LOSS_TYPES = ("sample_entropy", "batch_entropy")
+
+
 @register_fuser("igva")
 class IGVAFuserSpec(AverageFuserSpec):
     """`igva`: the instruction embedding and the groups' global features pick softmax weights over the groups."""
@@ -255,6 +259,14 @@ class IGVAFuserSpec(AverageFuserSpec):
             "Weight of IGVA's balance loss (negative mean entropy of the group weights), added to the LM loss when "
             "`labels` are given. 0 disables it.",
             minimum=0,
+        ),
+        "balance_loss_type": FuserField(
+            "sample_entropy",
+            str,
+            "What IGVA's balance loss maximises: `sample_entropy` (the official loss: the entropy of each image's "
+            "group weights, averaged, which pulls every weight vector towards uniform) or `batch_entropy` (the "
+            "entropy of the batch's mean weights, a mixture-of-experts load-balancing loss: every group must be used "
+            "across the batch, but each image may pick one, so the weights can differ by instruction).",
         ),
     }
     title = "the instruction-guided vision aggregator of IGVA (Li, Zheng et al., arXiv 2501.08443)"
@@ -277,6 +289,11 @@ class IGVAFuserSpec(AverageFuserSpec):
         for field in ("aggregator_hidden_size", "aggregator_num_layers", "aggregator_num_heads"):
             if getattr(config, field) < 1:
                 raise ValueError(f"{field} must be at least 1, got {getattr(config, field)}.")
+        if config.balance_loss_type not in IGVA_BALANCE_LOSS_TYPES:
+            raise ValueError(
+                f"balance_loss_type must be one of {', '.join(IGVA_BALANCE_LOSS_TYPES)}, got "
+                f"{config.balance_loss_type!r}."
+            )
         if config.aggregator_hidden_size % config.aggregator_num_heads:
             raise ValueError(
                 f"aggregator_num_heads={config.aggregator_num_heads} must divide "

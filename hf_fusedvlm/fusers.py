@@ -311,6 +311,7 @@ class IGVAFuser(IGVAFuserSpec, AverageFuser):
         )
         self.linear = nn.Linear(hidden_size, len(self.layer_groups))
         self.balance_loss_weight = config.balance_loss_weight
+        self.balance_loss_type = config.balance_loss_type
 
     def group_weights(self, groups: torch.Tensor, instruction_embeds) -> torch.Tensor:
         if instruction_embeds is None:
@@ -329,6 +330,8 @@ class IGVAFuser(IGVAFuserSpec, AverageFuser):
     def forward(self, vision_hidden_states, instruction_embeds=None) -> FuserOutput:
         output = super().forward(vision_hidden_states, instruction_embeds)
         weights = output.fusion_weights
+        if self.balance_loss_type == "batch_entropy":
+            weights = weights.mean(0, keepdim=True)  # the entropy of the batch's mean weights
         output.balance_loss = self.balance_loss_weight * (weights * weights.clamp_min(1e-12).log()).sum(-1).mean()
         return output
 

@@ -131,6 +131,10 @@ def test_round_trip_through_save_and_autoconfig(tmp_path):
             "aggregator_num_heads=3 must divide aggregator_hidden_size=64",
         ),
         ({"balance_loss_weight": -1.0}, "balance_loss_weight must be >= 0"),
+        (
+            {"fuser_type": "igva", "instruction_encoder_config": TINY_ENCODER, "balance_loss_type": "entropy"},
+            "balance_loss_type must be one of sample_entropy, batch_entropy, got 'entropy'",
+        ),
         ({"fuser_layer_norm_eps": -1.0}, "fuser_layer_norm_eps must be > 0, got -1.0"),
         ({"fuser_layer_norm_eps": 0.0}, "fuser_layer_norm_eps must be > 0"),
         ({"fuser_type": "average", "fuser_layer_groups": [[1, 2], [2, 1]]}, "must not repeat a group"),

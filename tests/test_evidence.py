@@ -214,6 +214,42 @@ def test_layer_probe_gives_one_curve_per_kind_over_all_hidden_states(digits_llav
         detail_labels(train, "size")
 
 
+def test_keep_runs_takes_other_fusers_only_from_a_run_with_the_same_settings(quick_results, tmp_path):
+    """`--keep-runs`: a run of igva alone may keep the other fusers' runs of an earlier results file only when that
+    run had the same budget, tower, seeds, probe and options for those fusers."""
+    spec = importlib.util.spec_from_file_location("fusion_evidence", REPO_ROOT / "benchmarks" / "fusion_evidence.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    previous = quick_results[0]
+    path = tmp_path / "previous.json"
+    path.write_text(json.dumps(previous))
+    settings = {
+        **previous["budget"],
+        "tower_steps": previous["tower"]["steps"],
+        "tower_batch": previous["tower"]["batch_size"],
+        "invariance_weight": previous["tower"]["invariance_weight"],
+        "seeds": [0],
+        "fusers": ("igva",),
+        "fuser_options": {**previous["fuser_options"], "igva": {"balance_loss_weight": 1.0}},
+        "lr_scales": previous["lr_scales"],
+    }
+    runs, record = benchmark.kept_runs(str(path), settings, previous["probe"])
+    assert record["fusers"] == ["none", "concat", "average", "mmfuser"]
+    assert sorted(run["fuser"] for run in runs) == sorted(record["fusers"])
+    assert record["probe_max_difference"] == 0
+    changed = [
+        ({**settings, "stage1_steps": settings["stage1_steps"] + 1}, "budget"),
+        ({**settings, "seeds": [0, 1]}, "seeds"),
+        ({**settings, "fuser_options": {**settings["fuser_options"], "mmfuser": {}}}, "mmfuser's fuser options"),
+    ]
+    for other, reason in changed:
+        with pytest.raises(ValueError, match=reason):
+            benchmark.kept_runs(str(path), other, previous["probe"])
+    shifted = {kind: [value + 0.1 for value in curve] for kind, curve in previous["probe"].items()}
+    with pytest.raises(ValueError, match="probe curve"):
+        benchmark.kept_runs(str(path), settings, shifted)
+
+
 @pytest.mark.parametrize("scene", ["glyphs", "digits"])
 def test_lmms_eval_task_scores_as_the_project_scorer(scene):
     spec = importlib.util.spec_from_file_location(

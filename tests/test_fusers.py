@@ -158,6 +158,33 @@ def test_igva_weights_are_a_distribution_that_follows_the_instruction():
     torch.testing.assert_close(output.balance_loss, -config.balance_loss_weight * entropy)
 
 
+@pytest.mark.parametrize("loss_type", ["sample_entropy", "batch_entropy"])
+def test_igva_balance_loss_types(loss_type):
+    fuser, config = make_fuser("igva", balance_loss_type=loss_type, balance_loss_weight=0.5)
+    randomise(fuser, seed=7)
+    states = random_hidden_states(8)
+    instructions = torch.randn(NUM_IMAGES, 64, generator=torch.Generator().manual_seed(9))
+    output = fuser(states, instructions)
+    weights = output.fusion_weights
+    sample_entropy = -(weights * weights.log()).sum(-1).mean()
+    mean = weights.mean(0)
+    batch_entropy = -(mean * mean.log()).sum()
+    assert batch_entropy > sample_entropy + 1e-4  # the images' weights differ, so their mean is flatter
+    expected = sample_entropy if loss_type == "sample_entropy" else batch_entropy
+    torch.testing.assert_close(output.balance_loss, -0.5 * expected)
+    # Gradient: the batch loss rewards images that pick different groups, the sample loss pulls each to uniform.
+    logits = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0]], requires_grad=True)
+    fuser.group_weights = lambda groups, instruction_embeds: logits.softmax(-1)
+    fuser(states, instructions).balance_loss.backward()
+    if loss_type == "sample_entropy":
+        assert logits.grad[0, 0] > 0 and logits.grad[1, 1] > 0  # descent lowers each image's peak
+    else:
+        # Two images on two groups: lowering the loss means spreading to the unused groups 3 and 4, not flattening
+        # the peaks towards each other's group.
+        assert logits.grad[0, 2] < 0 and logits.grad[0, 3] < 0
+        assert logits.grad[0, 1] > 0 and logits.grad[1, 0] > 0
+
+
 def test_igva_without_cls_token_uses_mean_patch_as_global_feature():
     fuser, config = make_fuser("igva", vision_feature_select_strategy="full")
     randomise(fuser, seed=10)
