@@ -1,8 +1,9 @@
 """The `dense_connector` fuser (Dense Connector, Yao et al., NeurIPS 2024) against the official code's math.
 
-The official code is not importable here, so `reference_math.dense_connector_reference` follows its `encode_images`
-and `dense_connector_dci` / `_sci` step by step, with their hard-coded indices; the towers run as the official code
-runs them (SigLIP without its last layer) with transformers' own vision models.
+The official code needs its own environment (transformers 4.36), so here `reference_math.dense_connector_reference`
+follows its `encode_images` and `dense_connector_dci` / `_sci` step by step, with their hard-coded indices; the towers
+run as the official code runs them (SigLIP without its last layer) with transformers' own vision models.
+`test_dense_connector_official.py` checks an imported `dci` checkpoint against outputs of the official code itself.
 """
 
 import json
