@@ -258,6 +258,28 @@ def sampling_on_details(model, processor, samples) -> float:
     return statistics.mean(shares)
 
 
+def detail_queries_sampling(model, processor, samples) -> dict:
+    """Where the queries at the detail cells read: for the digit's and the shape's cell, the share of that query's
+    cross-attention (over heads, levels and points) that samples inside its own cell, per level (hidden state),
+    averaged over `samples`. The fused token of a detail cell can only carry the detail from the levels where the
+    probe still finds it; at the parity start the weight is spread evenly over the levels."""
+    from hf_fusedvlm.interpretability import mmfuser_sampling
+
+    sampling = mmfuser_sampling(model, pixel_values(processor.image_processor, samples))
+    rows, columns = sampling.grid_size
+    cells = (sampling.locations * torch.tensor([columns, rows])).floor().long()
+    column, row = cells[..., 0], cells[..., 1]
+    heads = sampling.attention_weights.shape[2]
+    shares = {}
+    for kind in FINE_KINDS:
+        detail_row, detail_column = samples[0].details[f"{kind}_cell"]  # fixed cells in the digits scene
+        query = detail_row * columns + detail_column
+        inside = (row[:, query] == detail_row) & (column[:, query] == detail_column)
+        per_level = (sampling.attention_weights[:, query] * inside).sum(dim=(1, 3)) / heads  # (images, levels)
+        shares[kind] = dict(zip(map(str, sampling.level_layers), per_level.mean(0).tolist()))
+    return shares
+
+
 def mmfuser_diagnostics(model, processor, samples) -> dict:
     """Where a trained mmfuser samples, on `samples`: the share of its cross-attention on the detail cells, the share
     whose sampling point lies inside the image (outside, zero padding gives nothing and no gradient), each level's
@@ -302,7 +324,11 @@ def train_and_score(task: dict) -> dict:
         if fuser == "mmfuser" and split == "validation":
             run["mmfuser_validation"] = mmfuser_diagnostics(model, processor, samples[: settings["sampling_images"]])
         if fuser == "mmfuser" and split == "test":
-            run["sampling_on_details"] = sampling_on_details(model, processor, samples[: settings["sampling_images"]])
+            images = samples[: settings["sampling_images"]]
+            run["sampling_on_details"] = sampling_on_details(model, processor, images)
+            run["detail_queries"] = detail_queries_sampling(model, processor, images)
+            parity_start = FusedLlavaForConditionalGeneration.from_pretrained(start).eval()
+            run["detail_queries_at_start"] = detail_queries_sampling(parity_start, processor, images)
     return run
 
 
@@ -345,6 +371,18 @@ def evidence_json(settings: dict, runs: list[dict], probe: dict, random_probe: d
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0
                 differences[fuser][kind] = {"per_seed": values, "mean": statistics.mean(values), "std": spread}
     sampling = [run["sampling_on_details"] for run in runs if "sampling_on_details" in run]
+
+    def detail_queries(key):
+        per_run = [run[key] for run in runs if key in run]
+        return (
+            {
+                kind: {level: statistics.mean(run[kind][level] for run in per_run) for level in per_run[0][kind]}
+                for kind in per_run[0]
+            }
+            if per_run
+            else {}
+        )
+
     return {
         "seeds": settings["seeds"],
         "accuracy": test,
@@ -352,6 +390,10 @@ def evidence_json(settings: dict, runs: list[dict], probe: dict, random_probe: d
         "difference_to_none": differences,
         "igva_weights": igva_weights,
         "mmfuser_sampling_on_details": {"per_seed": sampling, "uniform": 2 / GRID**2},
+        "mmfuser_detail_queries": {
+            "trained": detail_queries("detail_queries"),
+            "parity_start": detail_queries("detail_queries_at_start"),
+        },
         "probe": probe,
         "probe_random_tower": random_probe,
         "chance": {kind: chance(kind) for kind in DIGIT_SCENE_KINDS},
@@ -445,6 +487,20 @@ def summary_table(results: dict) -> str:
             f"mmfuser: share of cross-attention on the digit and shape cells {mean_std(sampling['per_seed'])}"
             f" (uniform {sampling['uniform']:.3f})",
         ]
+    detail_queries = results.get("mmfuser_detail_queries", {})
+    if detail_queries.get("trained"):
+        levels = list(next(iter(detail_queries["trained"].values())))
+        lines += [
+            "",
+            "| mmfuser: a detail cell's query, share sampled inside its own cell, per hidden state | "
+            + " | ".join(levels)
+            + " |",
+            "|---|" + "---:|" * len(levels),
+        ]
+        for model, shares in detail_queries.items():
+            for kind, per_level in shares.items():
+                values = " | ".join(f"{per_level[level]:.3f}" for level in levels)
+                lines.append(f"| {kind}, {model.replace('_', ' ')} | {values} |")
     if results["probe"]:
         lines += [
             "",

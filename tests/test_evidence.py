@@ -84,6 +84,14 @@ def test_quick_run_writes_the_committed_shape(quick_results):
         assert len(weights) == 4 and all(weight > 0 for weight in weights)
         assert sum(weights) == pytest.approx(1.0, abs=1e-4)
     assert 0.0 <= results["mmfuser_sampling_on_details"]["per_seed"][0] <= 1.0
+    # With one sampling point starting on its query, a detail cell's query reads its own cell evenly over the levels
+    # at the parity start; training may only move that weight between levels or out of the cell.
+    detail_queries = results["mmfuser_detail_queries"]
+    assert list(detail_queries["parity_start"]) == list(detail_queries["trained"]) == ["digit", "shape"]
+    for per_level in detail_queries["parity_start"].values():
+        assert per_level == pytest.approx(dict.fromkeys(["0", "1", "2", "3"], 0.25), abs=1e-6)
+    for per_level in detail_queries["trained"].values():
+        assert list(per_level) == ["0", "1", "2", "3"] and 0.0 <= sum(per_level.values()) <= 1.0 + 1e-5
     # the defaults are the mmfuser settings chosen on validation (docs/evidence.md, Diagnosis)
     assert results["fuser_options"]["mmfuser"]["fuser_offset_init"] == "from_query"
     assert results["lr_scales"] == {"mmfuser": {"sampling_offsets": 0.1}}
