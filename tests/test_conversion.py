@@ -209,6 +209,7 @@ def test_every_fuser_converts_verifies_and_keeps_source_tensors(converted, sourc
             "configuration_fused_llava.py",
             "modeling_fused_llava.py",
             "modeling_fusion.py",
+            "checkpoint_checks.py",
             "fusers.py",
             "fuser_registry.py",
             "deformable_attention.py",

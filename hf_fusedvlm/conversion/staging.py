@@ -42,6 +42,7 @@ FUSED_OUTPUT_FILES = (
     "modeling_fused_llava.py",
     "modeling_fused_llava_next.py",
     "modeling_fusion.py",
+    "checkpoint_checks.py",
     "processing_fused_llava.py",
     "processing_fused_llava_next.py",
     "fusers.py",

@@ -89,7 +89,7 @@ def check_source(model_name_or_path: str) -> None:
             "checkpoint folder (made by fusedvlm-convert) or a reachable Hub repo id."
         ) from None
     if config.get("model_type") == FusedLlavaConfig.model_type:
-        from ..modeling_fusion import missing_weight_files
+        from ..checkpoint_checks import missing_weight_files
 
         missing = missing_weight_files(model_name_or_path)
         if missing:
