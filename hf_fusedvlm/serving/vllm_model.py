@@ -40,8 +40,8 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from ..configuration_fused_llava import FusedLlavaConfig
-from ..fusers import build_fuser, fuser_class
-from ..modeling_fusion import fuse_and_project, pool_sentence_embeddings
+from ..fusers import build_fuser, collecting_hidden_states, fuser_class
+from ..modeling_fusion import fuse_and_project, fuser_dtype, pool_sentence_embeddings
 from ..processing_fused_llava import FusedLlavaProcessor
 
 
@@ -372,16 +372,17 @@ class FusedLlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         return self.embed_instructions(input_ids, attention_mask)
 
     def fused_crop_features(self, pixel_values: torch.Tensor, instruction_embeds: torch.Tensor | None) -> torch.Tensor:
-        """The pixel-to-feature step: `(num_crops, channels, height, width)` through the tower (only the layers the
-        fuser reads), the fuser (with one instruction embedding per crop) and the projector. Returns
-        `(num_crops, num_image_tokens, text_hidden_size)`."""
-        layers = sorted(self.config.vision_layers_needed)
-        selected = self.vision_tower(pixel_values.to(self.vision_tower.dtype), select_layers=layers)
-        hidden_states: list[torch.Tensor | None] = [None] * (self.config.vision_config.num_hidden_layers + 1)
-        for layer, state in zip(layers, selected.split(self.config.vision_config.hidden_size, dim=-1)):
-            hidden_states[layer] = state
+        """The pixel-to-feature step: `(num_crops, channels, height, width)` through the tower (built up to the
+        deepest layer the fuser reads), the fuser (with one instruction embedding per crop) and the projector. As in
+        transformers, the tower keeps only what the fuser reads while it runs: the layers it reads alone, and one
+        running mean per layer group it averages. Returns `(num_crops, num_image_tokens, text_hidden_size)`."""
+        config = self.config
+        layers = self.vision_tower.vision_model.encoder.layers
+        dtype = fuser_dtype(self.fuser, None)
+        with collecting_hidden_states(layers, config.vision_layers_kept, config.vision_layer_means, dtype) as kept:
+            last_hidden_state = self.vision_tower(pixel_values.to(self.vision_tower.dtype))
         features, _ = fuse_and_project(
-            self.fuser, self.multi_modal_projector, hidden_states, instruction_embeds, selected.dtype
+            self.fuser, self.multi_modal_projector, kept.hidden_states(), instruction_embeds, last_hidden_state.dtype
         )
         return features
 
