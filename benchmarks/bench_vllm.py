@@ -1,8 +1,10 @@
 """Serving throughput in vLLM (through the package's plugin): each fuser against plain LLaVA, interleaved in one run.
 
 Plain LLaVA is the `none` fuser served by the same plugin (one layer, the source model's projector): the same tower,
-language model and kernels, so the ratios isolate what fusion costs. vLLM's own LLaVA class is not the baseline here:
-on a CPU-only machine its module imports torchvision, whose PyPI wheels are CUDA builds.
+language model and kernels, so the ratios isolate what fusion costs. `--vllm-llava` also serves the plain source
+checkpoint (the same weights) through vLLM's own `LlavaForConditionalGeneration`, to show that the plugin's baseline is
+not itself slow; that class imports torchvision, whose PyPI wheels are CUDA builds that do not import beside a CPU
+torch, so it runs on a CUDA machine (`gpu_check.sh` passes it) and is refused up front elsewhere.
 
 Method. For every fuser a checkpoint of the chosen shape (random weights, float32) is written and served by its own
 worker process holding an `LLM` (vLLM runs one engine per process); all workers stay alive for the whole run and take
@@ -11,7 +13,9 @@ batch of `--requests` prompts (each with its own, never repeated image; `--max-t
 worker at a time, in an order shuffled anew per round. The ratio fused / plain (throughput, i.e. plain's batch time
 over the fuser's) is computed within each round against that round's `none` batch, so slow drifts of the machine
 cancel; the table gives per fuser the median of these per-round ratios with a bootstrap 95 % interval of the median
-(and the IQR). Every `--profile-every` rounds each fuser also serves a batch of 1 output token (prefill only).
+(and the IQR). A second engine serving the `none` checkpoint (`none-again`, the A/A control) is timed the same way:
+its ratio would be 1 if the engines differed only in what they compute, so its distance from 1 is the resolution of
+every fuser's ratio. Every `--profile-every` rounds each fuser also serves a batch of 1 output token (prefill only).
 
 FLOP ratio. `serving_flops.py` counts one request's FLOPs by part: tower (to the deepest layer the fuser reads, as the
 plugin runs it), fuser (IGVA's instruction encoder included), projector, prefill over the image and text tokens, and
@@ -33,7 +37,7 @@ that brings the small tower over the benchmark's real prompt closest to that (pr
 `--quick`: the tiny test model, a smoke run (4 requests of 4 tokens, 2 rounds).
 
     python benchmarks/bench_vllm.py [--quick] [--shape small|llava7b-ratio] [--fusers none,mmfuser,igva,concat,average]
-        [--requests 16] [--max-tokens 32] [--rounds 40] [--minutes M] [--profile-every 4] [--json bench_vllm.json]
+        [--vllm-llava] [--requests 16] [--max-tokens 32] [--rounds 40] [--minutes M] [--profile-every 4] [--json bench_vllm.json]
 """
 
 import argparse
@@ -53,6 +57,9 @@ from llava_shapes import CLIP_L_336, LLAMA_7B, llava_1_5_config
 
 
 LLAVA_7B_PROMPT_TOKENS = 640
+# Reference engines, timed like the fusers but not fusers: ratio = plain's (`none`'s) batch time over theirs.
+CONTROL = "none-again"  # the `none` checkpoint in a second engine: what the benchmark reads where nothing differs
+VLLM_LLAVA = "vllm-llava"  # the plain source served by vLLM's own LLaVA class (`--vllm-llava`)
 SMALL_VISION = dict(
     hidden_size=256,
     intermediate_size=1024,
@@ -73,26 +80,13 @@ SMALL_TEXT = dict(
 SMALL_ENCODER = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
 
 
-def build_small(fuser_type: str, text_fields: dict = SMALL_TEXT):
-    """A fused LLaVA of the `small` tower and `text_fields`' Llama (random weights) and its processor, from the tiny
-    tokenizers."""
+def build_small_llava(text_fields: dict = SMALL_TEXT):
+    """A plain LLaVA of the `small` tower and `text_fields`' Llama (random weights, seed 0) and its processor, from the
+    tiny LLM tokenizer: the source every fused checkpoint of the benchmark is converted from."""
     import torch
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        LlavaForConditionalGeneration,
-        LlavaImageProcessorPil,
-        LlavaProcessor,
-    )
+    from transformers import LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
 
-    from hf_fusedvlm import FusedLlavaProcessor
-    from hf_fusedvlm.conversion import fused_from_llava
-    from hf_fusedvlm.tiny import (
-        IMAGE_TOKEN,
-        LLAVA_CHAT_TEMPLATE,
-        build_tiny_instruction_tokenizer,
-        build_tiny_llm_tokenizer,
-    )
+    from hf_fusedvlm.tiny import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, build_tiny_llm_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_tiny_llm_tokenizer()
@@ -119,6 +113,19 @@ def build_small(fuser_type: str, text_fields: dict = SMALL_TEXT):
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
+    return llava, llava_processor
+
+
+def build_small(fuser_type: str, text_fields: dict = SMALL_TEXT):
+    """A fused LLaVA converted from `build_small_llava(text_fields)` and its processor; IGVA's instruction encoder is
+    a random BERT of `SMALL_ENCODER` with the tiny instruction tokenizer."""
+    from transformers import AutoConfig, AutoModel
+
+    from hf_fusedvlm import FusedLlavaProcessor
+    from hf_fusedvlm.conversion import fused_from_llava
+    from hf_fusedvlm.tiny import build_tiny_instruction_tokenizer
+
+    llava, llava_processor = build_small_llava(text_fields)
     encoder = instruction_tokenizer = None
     if fuser_type == "igva":
         instruction_tokenizer = build_tiny_instruction_tokenizer()
@@ -198,12 +205,13 @@ def batch_prompts(processor, seed: int, requests: int, image_size: int) -> list[
 
 
 def worker(checkpoint: str, requests: int, kv_cache_bytes: int, connection) -> None:
-    """One engine: answers ("run", seed, max_tokens) with the batch's seconds, ("stop",) by exiting."""
+    """One engine (a fused checkpoint through the plugin, or a plain one through vLLM's own class): answers ("run", seed, max_tokens) with the batch's seconds, ("stop",) by exiting."""
+    from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from hf_fusedvlm import FusedLlavaProcessor
+    import hf_fusedvlm  # noqa: F401  (registers the fused processor with AutoProcessor)
 
-    processor = FusedLlavaProcessor.from_pretrained(checkpoint)
+    processor = AutoProcessor.from_pretrained(checkpoint)
     image_size = processor.image_processor.crop_size["height"]
     llm = LLM(
         model=checkpoint,
@@ -232,6 +240,13 @@ def worker(checkpoint: str, requests: int, kv_cache_bytes: int, connection) -> N
         connection.send(run(order[1], order[2]))
     # A multiprocessing child ends without running exit handlers: stop the engine's own processes here.
     llm.llm_engine.engine_core.shutdown()
+
+
+def start_worker(context, folder: Path, requests: int, kv_cache_bytes: int):
+    parent, child = context.Pipe()
+    process = context.Process(target=worker, args=(str(folder), requests, kv_cache_bytes, child))
+    process.start()
+    return process, parent
 
 
 def bootstrap_median_interval(values: list[float], resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
@@ -319,6 +334,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 4 requests of 4 tokens, 2 rounds")
     parser.add_argument("--shape", choices=("small", "llava7b-ratio"), default="small")
     parser.add_argument("--fusers", default="none,mmfuser,igva,concat,average")
+    parser.add_argument(
+        "--vllm-llava",
+        action="store_true",
+        help="also serve the plain source through vLLM's own LLaVA class (needs an importable torchvision)",
+    )
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=40)
@@ -336,6 +356,16 @@ def main() -> None:
         fusers.insert(0, "none")
     if args.max_tokens < 2:
         parser.error("--max-tokens must be at least 2 (decode is timed against 1-token batches)")
+    if args.vllm_llava and args.quick:
+        parser.error("--vllm-llava needs a shape of the benchmark (small or llava7b-ratio), not --quick's tiny model")
+    if args.vllm_llava:
+        try:
+            import torchvision  # noqa: F401
+        except Exception as error:  # a CUDA torchvision beside a CPU torch fails with RuntimeError, not ImportError
+            parser.error(
+                f"--vllm-llava: vLLM's own LLaVA class imports torchvision, which does not import here ({error!r}); "
+                "run it where a torchvision matching torch is installed (a CUDA machine), or leave the option out"
+            )
 
     started = time.perf_counter()
     text_fields = None
@@ -347,7 +377,9 @@ def main() -> None:
         text_fields = SMALL_TEXT
 
     context = multiprocessing.get_context("spawn")
-    workers, flops, models = {}, {}, {}
+    workers, flops, models, kv_cache_bytes = {}, {}, {}, {}
+    references = [CONTROL, VLLM_LLAVA] if args.vllm_llava else [CONTROL]
+    engines = fusers + references
     with tempfile.TemporaryDirectory() as root:
         for fuser_type in fusers:
             folder = Path(root) / fuser_type
@@ -367,9 +399,8 @@ def main() -> None:
                     f"tower / LLM prefill FLOPs {shape_ratio:.4f} (LLaVA-1.5-7B: {llava7b_tower_to_llm_ratio():.4f})",
                     flush=True,
                 )
-            parent, child = context.Pipe()
             # All engines live at once: each gets the KV cache its batch needs (twice over), not vLLM's default.
-            kv_cache_bytes = max(
+            kv_cache_bytes[fuser_type] = max(
                 128 << 20,
                 2
                 * 2
@@ -379,9 +410,14 @@ def main() -> None:
                 * args.requests
                 * (prompt_tokens + args.max_tokens),
             )
-            process = context.Process(target=worker, args=(str(folder), args.requests, kv_cache_bytes, child))
-            process.start()
-            workers[fuser_type] = (process, parent)
+            workers[fuser_type] = start_worker(context, folder, args.requests, kv_cache_bytes[fuser_type])
+        if args.vllm_llava:
+            llava, llava_processor = build_small_llava(text_fields)
+            llava.save_pretrained(Path(root) / VLLM_LLAVA)
+            llava_processor.save_pretrained(Path(root) / VLLM_LLAVA)
+        for name in references:  # the language model of `none`, so the same KV cache
+            folder = Path(root) / ("none" if name == CONTROL else name)
+            workers[name] = start_worker(context, folder, args.requests, kv_cache_bytes["none"])
         try:
             for fuser_type, (_process, connection) in workers.items():
                 if not connection.poll(900) or connection.recv() != "ready":
@@ -397,17 +433,18 @@ def main() -> None:
                 return connection.recv()
 
             rng = random.Random(args.seed)
-            full = {fuser_type: [] for fuser_type in fusers}
+            full = {fuser_type: [] for fuser_type in engines}
             prefill = {fuser_type: [] for fuser_type in fusers}
             rounds_started = time.perf_counter()
             rounds = 0
             for round_index in range(args.rounds):
-                order = list(fusers)
+                order = list(engines)
                 rng.shuffle(order)
                 seed = 1000 + 2 * round_index
                 for fuser_type in order:
                     full[fuser_type].append(timed(fuser_type, seed, args.max_tokens))
                 if round_index % args.profile_every == 0:
+                    order = list(fusers)
                     rng.shuffle(order)
                     for fuser_type in order:
                         prefill[fuser_type].append(timed(fuser_type, seed + 1, 1))
@@ -455,6 +492,16 @@ def main() -> None:
             "stage_seconds_per_batch": stages,
             "one_token_batch_seconds": one_token,
         }
+    for name in references:
+        ratios = [plain / other for plain, other in zip(full["none"], full[name])]
+        seconds = statistics.median(full[name])
+        results[name] = {
+            "median_batch_seconds": seconds,
+            "requests_per_second": args.requests / seconds,
+            "throughput_ratio_to_plain": statistics.median(ratios),
+            "ratio_ci95": list(bootstrap_median_interval(ratios)),
+            "ratio_iqr": list(quartiles(ratios)),
+        }
 
     machine = platform.processor() or platform.machine()
     print(
@@ -466,11 +513,20 @@ def main() -> None:
     for fuser_type, row in results.items():
         low, high = row["ratio_ci95"]
         q1, q3 = row["ratio_iqr"]
+        flop_ratio = f"{row['flop_ratio']:>12.3f}" if "flop_ratio" in row else f"{'-':>12}"
         print(
             f"{fuser_type:<10}{row['median_batch_seconds']:>9.3f}{row['requests_per_second']:>8.2f}"
             f"{row['throughput_ratio_to_plain']:>8.3f}{f'[{low:.3f}, {high:.3f}]':>18}{f'[{q1:.3f}, {q3:.3f}]':>16}"
-            f"{row['flop_ratio']:>12.3f}"
+            + flop_ratio
         )
+    print(
+        f"{CONTROL}: plain in a second engine (what the benchmark reads where nothing differs)"
+        + (
+            f"; {VLLM_LLAVA}: plain through vLLM's own LLaVA class (above 1: faster than the plugin)"
+            if args.vllm_llava
+            else ""
+        )
+    )
     print(
         "\nper-stage profile, seconds per batch (tower, fuser, projector: transformers in-process; prefill, decode: "
         "served batches by difference)"
@@ -478,6 +534,8 @@ def main() -> None:
     names = ("tower", "fuser", "projector", "prefill", "decode")
     print(f"{'fuser':<10}" + "".join(f"{name:>11}" for name in names) + f"{'FLOP fuser+proj %':>19}")
     for fuser_type, row in results.items():
+        if fuser_type in references:
+            continue
         part = row["flops_per_request"]
         share = 100 * (part["fuser"] + part["projector"]) / part["total"]
         print(
@@ -486,7 +544,10 @@ def main() -> None:
             + f"{share:>19.2f}"
         )
     if args.json:
-        settings = {key: getattr(args, key) for key in ("requests", "max_tokens", "rounds", "profile_every", "seed")}
+        settings = {
+            key: getattr(args, key)
+            for key in ("requests", "max_tokens", "rounds", "profile_every", "seed", "vllm_llava")
+        }
         args.json.write_text(
             json.dumps(
                 {

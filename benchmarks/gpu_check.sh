@@ -38,4 +38,4 @@ step bench-fuser "$python" benchmarks/bench_fuser.py --device cuda --dtype bfloa
 deselect="not refuses_a_head_size"
 [ "$gpus" -ge 2 ] || deselect="$deselect and not -2]"
 step vllm-tests bash .ci/vllm-gpu -k "$deselect"
-step bench-vllm .venv-vllm-gpu/bin/python benchmarks/bench_vllm.py --minutes 4 --json "$output/bench_vllm_cuda.json"
+step bench-vllm .venv-vllm-gpu/bin/python benchmarks/bench_vllm.py --vllm-llava --minutes 4 --json "$output/bench_vllm_cuda.json"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import hf_fusedvlm
 from hf_fusedvlm.synthetic_vqa import make_sample, question_prompt
@@ -113,14 +113,16 @@ def transformers_reference(folder: Path, requests: list[dict]) -> list[dict]:
 
 
 def run_vllm_generate(
-    folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path, model_impl: str = "auto"
+    folder: Path,
+    requests: list[dict],
+    tensor_parallel_size: int,
+    tmp_path: Path,
+    model_impl: str = "auto",
+    tower_memory: bool = False,
 ) -> tuple[subprocess.CompletedProcess, Path]:
     spec, output = tmp_path / "requests.json", tmp_path / "output.json"
-    spec.write_text(
-        json.dumps(
-            {"checkpoint": str(folder), "max_tokens": MAX_TOKENS, "requests": requests, "model_impl": model_impl}
-        )
-    )
+    fields = {"checkpoint": str(folder), "max_tokens": MAX_TOKENS, "requests": requests, "model_impl": model_impl}
+    spec.write_text(json.dumps(dict(fields, tower_memory=tower_memory)))
     env = dict(os.environ)
     if tensor_parallel_size > 1:
         cores = os.cpu_count() or 1
@@ -143,9 +145,14 @@ def run_vllm_generate(
 
 
 def vllm_generate(
-    folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path, model_impl: str = "auto"
+    folder: Path,
+    requests: list[dict],
+    tensor_parallel_size: int,
+    tmp_path: Path,
+    model_impl: str = "auto",
+    tower_memory: bool = False,
 ) -> list[dict]:
-    completed, output = run_vllm_generate(folder, requests, tensor_parallel_size, tmp_path, model_impl)
+    completed, output = run_vllm_generate(folder, requests, tensor_parallel_size, tmp_path, model_impl, tower_memory)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
     return json.loads(output.read_text())
 
@@ -165,12 +172,15 @@ def embeddings_request(folder: Path) -> dict:
 # The engine of this case also gets a request with precomputed image embeddings, after the others and alone (see
 # vllm_generate.py): the refusal is checked on an engine the parity check starts anyway.
 EMBEDDINGS_CASE = ("mmfuser", 1)
+# The engine of this case also reports which tower layer outputs are alive when its fuser runs (`tower_memory`), last.
+TOWER_MEMORY_CASE = ("average", 1)
 
 
 @pytest.fixture(scope="module")
 def served(checkpoints, tmp_path_factory):
     """`served(fuser_type, tensor_parallel_size)`: vLLM's outputs for `requests_for` the fuser's checkpoint (plus the
-    embeddings request for `EMBEDDINGS_CASE`), from one engine per case, started once for the tests that read it."""
+    embeddings request for `EMBEDDINGS_CASE`, the tower memory for `TOWER_MEMORY_CASE`), from one engine per case,
+    started once for the tests that read it."""
     outputs = {}
 
     def serve(fuser_type: str, tensor_parallel_size: int) -> list[dict]:
@@ -180,7 +190,13 @@ def served(checkpoints, tmp_path_factory):
             requests = requests_for(fuser_type, AutoProcessor.from_pretrained(folder))
             if case == EMBEDDINGS_CASE:
                 requests.append(embeddings_request(folder))
-            outputs[case] = vllm_generate(folder, requests, tensor_parallel_size, tmp_path_factory.mktemp("served"))
+            outputs[case] = vllm_generate(
+                folder,
+                requests,
+                tensor_parallel_size,
+                tmp_path_factory.mktemp("served"),
+                tower_memory=case == TOWER_MEMORY_CASE,
+            )
         return outputs[case]
 
     return serve
@@ -191,7 +207,7 @@ def test_vllm_matches_transformers(checkpoints, served, fuser_type, tensor_paral
     folder = checkpoints[fuser_type]
     requests = requests_for(fuser_type, AutoProcessor.from_pretrained(folder))
     outputs = served(fuser_type, tensor_parallel_size)
-    if (fuser_type, tensor_parallel_size) == EMBEDDINGS_CASE:
+    if (fuser_type, tensor_parallel_size) in (EMBEDDINGS_CASE, TOWER_MEMORY_CASE):
         outputs = outputs[:-1]
     check_served_as_transformers(folder, fuser_type, requests, outputs)
 
@@ -229,6 +245,18 @@ def test_vllm_refuses_precomputed_image_embeddings_clearly(served):
     refused = served(*EMBEDDINGS_CASE)[-1]
     assert "error" in refused, refused
     assert "cannot take precomputed image embeddings" in refused["error"]
+
+
+def test_vllm_tower_keeps_only_what_the_fuser_reads(checkpoints, served):
+    """In the engine, `average` (groups [1, 2], [3, 4], [5], [6] of a 6-layer tower, hidden state 5 kept whole as the
+    base layer) runs the tower to layer 6 and keeps one running mean per group: when the fuser starts, the outputs
+    of layers 1-4 are gone; only hidden state 5 (kept) and 6 (the tower's output) are alive."""
+    config = AutoConfig.from_pretrained(checkpoints[TOWER_MEMORY_CASE[0]])
+    assert [list(group) for group in config.fuser_layer_groups] == [[1, 2], [3, 4], [5], [6]]
+    assert list(config.vision_layers_kept) == [5]
+    memory = served(*TOWER_MEMORY_CASE)[-1]["tower_memory"]
+    assert memory["layers_run"] == 6
+    assert memory["alive_when_the_fuser_starts"] == [[False, False, False, False, True, True]]
 
 
 def free_port() -> int:
@@ -337,7 +365,9 @@ def test_throughput_benchmark_quick_mode_prints_ratios_and_writes_json(tmp_path)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
     assert "ratio" in completed.stdout
     results = json.loads(json_path.read_text())["results"]
-    assert set(results) == {"none", "igva"}
+    assert set(results) == {"none", "igva", "none-again"}  # none-again: plain in a second engine, the A/A control
+    low, high = results["none-again"]["ratio_ci95"]
+    assert low <= results["none-again"]["throughput_ratio_to_plain"] <= high
     assert results["none"]["throughput_ratio_to_plain"] == 1.0
     assert results["none"]["flop_ratio"] == 1.0
     assert results["igva"]["requests_per_second"] > 0

@@ -8,9 +8,9 @@ REQUESTS.json: `{"checkpoint": folder, "max_tokens": n, "requests": [{"prompt": 
 with `"image_embeds": [1, num_tokens, hidden]` instead of `image_index`, zero image embeddings are sent (and vLLM's
 `enable_mm_embeds` is on), each alone after the other requests; `"model_impl": "transformers"` serves through vLLM's
 Transformers modeling backend with the checkpoint's remote code (`transformers_backend_options`) instead of the
-package's plugin.
+package's plugin; `"tower_memory": true` also runs `layers_alive_at_fusion` inside the engine's worker.
 OUTPUT.json: one `{"token_ids": [...], "first_logprobs": {token_id: logprob}}` per request, in order; for a request
-that `LLM.generate` refuses, `{"error": its traceback}`.
+that `LLM.generate` refuses, `{"error": its traceback}`; with `tower_memory`, `{"tower_memory": ...}` last.
 """
 
 import argparse
@@ -30,6 +30,27 @@ def transformers_backend_options() -> dict:
         "trust_remote_code": True,
         "hf_overrides": {"auto_map": {"AutoModel": "modeling_fused_llava.FusedLlavaModel"}},
     }
+
+
+def layers_alive_at_fusion(model) -> dict:
+    """Run in the engine's worker on the served model: five random crops through `fused_crop_features`, recording
+    for every tower layer whether its output tensor is still alive when the fuser starts (weak references)."""
+    import weakref
+
+    import torch
+
+    layers = model.vision_tower.vision_model.encoder.layers
+    outputs, alive = [], []
+    hooks = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(weakref.ref(out))) for layer in layers]
+    hooks.append(model.fuser.register_forward_pre_hook(lambda _m, _a: alive.append([o() is not None for o in outputs])))
+    size = model.config.vision_config.image_size
+    try:
+        with torch.no_grad():
+            model.fused_crop_features(torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(0)), None)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {"layers_run": len(layers), "alive_when_the_fuser_starts": alive}
 
 
 def request_image(request: dict):
@@ -53,6 +74,8 @@ def main() -> None:
     # A fixed 1 GiB KV cache instead of a share of the machine's memory, which other processes may hold.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     options = transformers_backend_options() if spec.get("model_impl") == "transformers" else {}
+    if spec.get("tower_memory"):
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model sends a function to the engine
 
     import torch
     from vllm import LLM, SamplingParams
@@ -95,6 +118,12 @@ def main() -> None:
             results.append(result(llm.generate(prompt, sampling, use_tqdm=False)[0]))
         except Exception as error:
             results.append({"error": "".join(traceback.format_exception(error))})
+    if spec.get("tower_memory"):
+        # By reference from this file imported as a module (on the engine processes' path too): the engine passes
+        # the function on to its worker with pickle, which cannot send a function of a `__main__` script.
+        from vllm_generate import layers_alive_at_fusion as by_reference
+
+        results.append({"tower_memory": llm.apply_model(by_reference)[0]})
     with open(args.output, "w") as handle:
         json.dump(results, handle)
 
