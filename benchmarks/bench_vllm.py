@@ -389,6 +389,9 @@ def main() -> None:
             prompt_tokens, instruction_tokens = prompt_lengths(model, processor)
             vision, text, fuser = flop_spec(model)
             flops[fuser_type] = request_flops(vision, text, fuser, prompt_tokens, args.max_tokens, instruction_tokens)
+            # The in-process profile needs the tower, fuser and projector only: the language model (most of the
+            # memory at the llava7b-ratio shape) is dropped while the engines run.
+            model.model.language_model = model.lm_head = None
             models[fuser_type] = (model, processor)
             if fuser_type == "none":
                 layers = max(fuser["layers"])
