@@ -164,6 +164,18 @@ def text_fields_for(shape: str, prompt_tokens: int) -> dict:
     return dict(RATIO_TEXT, num_hidden_layers=layers)
 
 
+def shape_text_fields(shape: str) -> dict | None:
+    """The Llama fields of `shape` (None for `tiny`, whose model `build_tiny_fused` makes); `llava7b-ratio`'s depth is
+    chosen over the benchmark's real prompt, measured on the small model."""
+    if shape == "small":
+        return SMALL_TEXT
+    if shape == "llava7b-ratio":
+        model, processor = build_model("none", "small", SMALL_TEXT)
+        prompt_tokens, _ = prompt_lengths(model, processor)
+        return text_fields_for(shape, prompt_tokens)
+    return None
+
+
 def build_model(fuser_type: str, shape: str, text_fields: dict | None = None):
     from hf_fusedvlm.tiny import build_tiny_fused
 
@@ -368,13 +380,7 @@ def main() -> None:
             )
 
     started = time.perf_counter()
-    text_fields = None
-    if shape == "llava7b-ratio":
-        model, processor = build_model("none", "small")
-        prompt_tokens, _ = prompt_lengths(model, processor)
-        text_fields = text_fields_for(shape, prompt_tokens)
-    elif shape == "small":
-        text_fields = SMALL_TEXT
+    text_fields = shape_text_fields(shape)
 
     context = multiprocessing.get_context("spawn")
     workers, flops, models, kv_cache_bytes = {}, {}, {}, {}
@@ -452,7 +458,7 @@ def main() -> None:
                     for fuser_type in order:
                         prefill[fuser_type].append(timed(fuser_type, seed + 1, 1))
                 rounds += 1
-                ratios = {f: full["none"][-1] / full[f][-1] for f in fusers if f != "none"}
+                ratios = {f: full["none"][-1] / full[f][-1] for f in engines if f != "none"}
                 print(
                     f"round {rounds}: " + " ".join(f"{f} {ratio:.3f}" for f, ratio in ratios.items()),
                     flush=True,

@@ -78,3 +78,20 @@ def test_llava7b_tower_to_llm_ratio_and_matching_depth():
     layers = flops.layers_for_ratio(VISION, text, 2, 16, ratio)
     matched = flops.tower_to_llm_ratio(VISION, dict(text, num_hidden_layers=layers), 2, 16)
     assert abs(matched - ratio) / ratio < 0.5 / layers + 0.01
+
+
+def test_llava7b_ratio_shape_matches_llava_1_5_7b():
+    """`bench_vllm.py --shape llava7b-ratio`: the Llama depth chosen over the benchmark's real prompt brings tower /
+    LLM-prefill FLOPs to LLaVA-1.5-7B's within 5 % (the choice counts the logits at Llama-7B's vocabulary)."""
+    import bench_vllm
+
+    from llava_shapes import LLAMA_7B
+
+    fields = bench_vllm.shape_text_fields("llava7b-ratio")
+    model, processor = bench_vllm.build_model("none", "small", bench_vllm.SMALL_TEXT)
+    prompt_tokens, _ = bench_vllm.prompt_lengths(model, processor)
+    vision = bench_vllm.SMALL_VISION
+    text = dict(fields, vocab_size=LLAMA_7B["vocab_size"])
+    ratio = flops.tower_to_llm_ratio(vision, text, vision["num_hidden_layers"] - 1, prompt_tokens)
+    assert fields["num_hidden_layers"] > bench_vllm.SMALL_TEXT["num_hidden_layers"]
+    assert ratio == pytest.approx(bench_vllm.llava7b_tower_to_llm_ratio(), rel=0.05)
