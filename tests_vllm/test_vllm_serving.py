@@ -145,14 +145,10 @@ def run_vllm_generate(
 
 
 def vllm_generate(
-    folder: Path,
-    requests: list[dict],
-    tensor_parallel_size: int,
-    tmp_path: Path,
-    model_impl: str = "auto",
-    tower_memory: bool = False,
+    folder: Path, requests: list[dict], tensor_parallel_size: int, tmp_path: Path, **options
 ) -> list[dict]:
-    completed, output = run_vllm_generate(folder, requests, tensor_parallel_size, tmp_path, model_impl, tower_memory)
+    """`run_vllm_generate` (`options`: its `model_impl`, `tower_memory`), which must succeed; its outputs."""
+    completed, output = run_vllm_generate(folder, requests, tensor_parallel_size, tmp_path, **options)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
     return json.loads(output.read_text())
 
