@@ -217,7 +217,8 @@ def batch_prompts(processor, seed: int, requests: int, image_size: int) -> list[
 
 
 def worker(checkpoint: str, requests: int, kv_cache_bytes: int, connection) -> None:
-    """One engine (a fused checkpoint through the plugin, or a plain one through vLLM's own class): answers ("run", seed, max_tokens) with the batch's seconds, ("stop",) by exiting."""
+    """One engine (a fused checkpoint through the plugin, or a plain one through vLLM's own class): answers
+    ("run", seed, max_tokens) with the batch's seconds, ("stop",) by exiting."""
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 

@@ -376,6 +376,24 @@ def test_throughput_benchmark_quick_mode_prints_ratios_and_writes_json(tmp_path)
     assert "FLOP ratio" in completed.stdout and "per-stage profile" in completed.stdout
 
 
+def test_throughput_benchmark_refuses_vllm_llava_where_torchvision_does_not_import():
+    """`--vllm-llava` needs vLLM's own LLaVA class, which imports torchvision: this environment has none (the CPU
+    set-up removes PyPI's CUDA build), so the benchmark stops at its arguments with the reason, before any model."""
+    benchmarks = HERE.parent / "benchmarks"
+    for extra, reason in (
+        (["--quick"], "not --quick's tiny model"),
+        ([], "imports torchvision, which does not import"),
+    ):
+        completed = subprocess.run(
+            [sys.executable, str(benchmarks / "bench_vllm.py"), "--vllm-llava", *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert completed.returncode == 2, completed.stdout[-2000:] + completed.stderr[-2000:]
+        assert reason in completed.stderr and "Traceback" not in completed.stderr
+
+
 def test_vllm_refuses_a_head_size_its_cpu_attention_cannot_run_at_start(tmp_path):
     """The toy model (head size 16) is refused while vLLM builds its config, before any worker starts, with one line
     naming the head size; never by a server that reports ready and fails its first request."""
