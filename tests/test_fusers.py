@@ -222,3 +222,45 @@ def test_mmfuser_rejects_a_non_square_grid():
     fuser, _ = make_fuser("mmfuser", vision_feature_select_strategy="full")
     with pytest.raises(ValueError, match="square grid of patch tokens, got 17"):
         fuser(random_hidden_states(0))
+
+
+def test_igva_learns_to_route_each_instruction_to_the_group_that_holds_its_answer():
+    """Two question kinds whose answers sit in different groups (the first in hidden states 0-1, the second in 6),
+    asked with instruction embeddings that share most of their direction (cosine about 0.6, as a sentence encoder
+    embeds two different questions): trained on the answers alone (a linear read-out of the fused slot, the balance
+    loss included), the aggregator sends each kind to its own group."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    fuser, _ = make_fuser("igva", fuser_layer_groups=[[0, 1], [2, 3], [4, 5], [6]], balance_loss_weight=0.003)
+    shared, own = torch.randn(64, generator=generator), torch.randn(2, 64, generator=generator)
+    instructions = torch.nn.functional.normalize(shared + own, dim=-1)
+    assert torch.nn.functional.cosine_similarity(instructions[0], instructions[1], dim=0) > 0.5
+    answer_group, num_classes = (0, 3), 4
+    patterns = torch.randn(2, num_classes, WIDTH, generator=generator)
+    readouts = torch.nn.ModuleList([torch.nn.Linear(2 * WIDTH, num_classes) for _ in range(2)])
+    optimizer = torch.optim.AdamW([*fuser.parameters(), *readouts.parameters()], lr=2e-4)
+    batch = 64
+
+    def batch_of_questions():
+        groups = torch.randn(batch, 4, NUM_TOKENS, WIDTH, generator=generator)
+        labels = torch.randint(0, num_classes, (2, batch), generator=generator)
+        token = torch.randint(1, NUM_TOKENS, (batch,), generator=generator)
+        for kind in range(2):
+            groups[torch.arange(batch), answer_group[kind], token] += 3 * patterns[kind, labels[kind]]
+        states = [groups[:, group] for group in (0, 0, 1, 1, 2, 2, 3)]
+        return states, labels, torch.randint(0, 2, (batch,), generator=generator)
+
+    for _ in range(300):
+        states, labels, kind = batch_of_questions()
+        output = fuser(states, instructions[kind])
+        features = output.features.mean(1)
+        loss = output.balance_loss + sum(
+            torch.nn.functional.cross_entropy(readouts[k](features[kind == k]), labels[k, kind == k]) for k in (0, 1)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        states, _, kind = batch_of_questions()
+        weights = fuser(states, instructions[kind]).fusion_weights
+    assert weights[kind == 0, 0].mean() > 0.8 and weights[kind == 1, 3].mean() > 0.8, weights
