@@ -218,7 +218,9 @@ def batch_prompts(processor, seed: int, requests: int, image_size: int) -> list[
 
 def worker(checkpoint: str, requests: int, kv_cache_bytes: int, connection) -> None:
     """One engine (a fused checkpoint through the plugin, or a plain one through vLLM's own class): answers
-    ("run", seed, max_tokens) with the batch's seconds, ("stop",) by exiting."""
+    ("run", seed, max_tokens) with the batch's wall seconds and CPU seconds, ("stop",) by exiting. Once started it
+    sends ("ready", the number of processes whose CPU time it counts)."""
+    import psutil  # a dependency of vLLM
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
@@ -235,17 +237,24 @@ def worker(checkpoint: str, requests: int, kv_cache_bytes: int, connection) -> N
         kv_cache_memory_bytes=kv_cache_bytes,
     )
 
-    def run(seed: int, max_tokens: int) -> float:
+    engine_processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+
+    def cpu_seconds() -> float:
+        # CPU time of this process and the engine's (front end, engine core, model worker): what the batch cost,
+        # less sensitive than wall time to what else runs on a shared machine
+        return sum(sum(process.cpu_times()[:2]) for process in engine_processes)
+
+    def run(seed: int, max_tokens: int) -> tuple[float, float]:
         prompts = batch_prompts(processor, seed, requests, image_size)
         sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), cpu_seconds()
         outputs = llm.generate(prompts, sampling, use_tqdm=False)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - start_cpu
         assert all(len(output.outputs[0].token_ids) == max_tokens for output in outputs)
-        return seconds
+        return seconds, cpu
 
     run(0, 2)  # warm-up
-    connection.send("ready")
+    connection.send(("ready", len(engine_processes)))
     while True:
         order = connection.recv()
         if order[0] == "stop":
@@ -429,12 +438,15 @@ def main() -> None:
             folder = Path(root) / ("none" if name == CONTROL else name)
             workers[name] = start_worker(context, folder, args.requests, kv_cache_bytes["none"])
         try:
+            cpu_processes = {}
             for fuser_type, (_process, connection) in workers.items():
-                if not connection.poll(900) or connection.recv() != "ready":
+                message = connection.recv() if connection.poll(900) else None
+                if not (isinstance(message, tuple) and message[0] == "ready"):
                     sys.exit(f"the {fuser_type} engine did not start")
+                cpu_processes[fuser_type] = message[1]
             print(f"{len(workers)} engines ready after {time.perf_counter() - started:.0f} s", flush=True)
 
-            def timed(fuser_type: str, seed: int, max_tokens: int) -> float:
+            def timed(fuser_type: str, seed: int, max_tokens: int) -> tuple[float, float]:
                 process, connection = workers[fuser_type]
                 connection.send(("run", seed, max_tokens))
                 while not connection.poll(5):
@@ -444,6 +456,7 @@ def main() -> None:
 
             rng = random.Random(args.seed)
             full = {fuser_type: [] for fuser_type in engines}
+            full_cpu = {fuser_type: [] for fuser_type in engines}
             prefill = {fuser_type: [] for fuser_type in fusers}
             rounds_started = time.perf_counter()
             rounds = 0
@@ -452,12 +465,14 @@ def main() -> None:
                 rng.shuffle(order)
                 seed = 1000 + 2 * round_index
                 for fuser_type in order:
-                    full[fuser_type].append(timed(fuser_type, seed, args.max_tokens))
+                    seconds, cpu = timed(fuser_type, seed, args.max_tokens)
+                    full[fuser_type].append(seconds)
+                    full_cpu[fuser_type].append(cpu)
                 if round_index % args.profile_every == 0:
                     order = list(fusers)
                     rng.shuffle(order)
                     for fuser_type in order:
-                        prefill[fuser_type].append(timed(fuser_type, seed + 1, 1))
+                        prefill[fuser_type].append(timed(fuser_type, seed + 1, 1)[0])
                 rounds += 1
                 ratios = {f: full["none"][-1] / full[f][-1] for f in engines if f != "none"}
                 print(
@@ -483,6 +498,7 @@ def main() -> None:
     for fuser_type in fusers:
         ratios = [plain / fused for plain, fused in zip(full["none"], full[fuser_type])]
         low, high = bootstrap_median_interval(ratios)
+        cpu_ratios = [plain / fused for plain, fused in zip(full_cpu["none"], full_cpu[fuser_type])]
         q1, q3 = quartiles(ratios)
         seconds = statistics.median(full[fuser_type])
         model, processor = models[fuser_type]
@@ -497,6 +513,10 @@ def main() -> None:
             "throughput_ratio_to_plain": statistics.median(ratios),
             "ratio_ci95": [low, high],
             "ratio_iqr": [q1, q3],
+            "median_batch_cpu_seconds": statistics.median(full_cpu[fuser_type]),
+            "cpu_ratio_to_plain": statistics.median(cpu_ratios),
+            "cpu_ratio_ci95": list(bootstrap_median_interval(cpu_ratios)),
+            "cpu_processes": cpu_processes[fuser_type],
             "flop_ratio": flops["none"]["total"] / flops[fuser_type]["total"],
             "flops_per_request": flops[fuser_type],
             "stage_seconds_per_batch": stages,
@@ -504,6 +524,7 @@ def main() -> None:
         }
     for name in references:
         ratios = [plain / other for plain, other in zip(full["none"], full[name])]
+        cpu_ratios = [plain / other for plain, other in zip(full_cpu["none"], full_cpu[name])]
         seconds = statistics.median(full[name])
         results[name] = {
             "median_batch_seconds": seconds,
@@ -511,6 +532,10 @@ def main() -> None:
             "throughput_ratio_to_plain": statistics.median(ratios),
             "ratio_ci95": list(bootstrap_median_interval(ratios)),
             "ratio_iqr": list(quartiles(ratios)),
+            "median_batch_cpu_seconds": statistics.median(full_cpu[name]),
+            "cpu_ratio_to_plain": statistics.median(cpu_ratios),
+            "cpu_ratio_ci95": list(bootstrap_median_interval(cpu_ratios)),
+            "cpu_processes": cpu_processes[name],
         }
 
     machine = platform.processor() or platform.machine()
@@ -519,16 +544,24 @@ def main() -> None:
         f"rounds in {rounds_seconds / 60:.1f} min ({machine}); ratio = fused / plain throughput, median of per-round "
         "ratios [bootstrap 95 % interval]"
     )
-    print(f"{'fuser':<10}{'batch s':>9}{'req/s':>8}{'ratio':>8}{'95 % interval':>18}{'IQR':>16}{'FLOP ratio':>12}")
+    print(
+        f"{'fuser':<10}{'batch s':>9}{'req/s':>8}{'ratio':>8}{'95 % interval':>18}{'IQR':>16}"
+        f"{'CPU ratio':>11}{'95 % interval':>18}{'FLOP ratio':>12}"
+    )
     for fuser_type, row in results.items():
         low, high = row["ratio_ci95"]
         q1, q3 = row["ratio_iqr"]
+        cpu_low, cpu_high = row["cpu_ratio_ci95"]
         flop_ratio = f"{row['flop_ratio']:>12.3f}" if "flop_ratio" in row else f"{'-':>12}"
         print(
             f"{fuser_type:<10}{row['median_batch_seconds']:>9.3f}{row['requests_per_second']:>8.2f}"
             f"{row['throughput_ratio_to_plain']:>8.3f}{f'[{low:.3f}, {high:.3f}]':>18}{f'[{q1:.3f}, {q3:.3f}]':>16}"
-            + flop_ratio
+            f"{row['cpu_ratio_to_plain']:>11.3f}{f'[{cpu_low:.3f}, {cpu_high:.3f}]':>18}" + flop_ratio
         )
+    print(
+        "CPU ratio: the same ratio of CPU seconds per batch (the engine's processes: front end, engine core, model "
+        "worker), which other load on the machine disturbs less than wall time"
+    )
     print(
         f"{CONTROL}: plain in a second engine (what the benchmark reads where nothing differs)"
         + (

@@ -370,10 +370,18 @@ def test_throughput_benchmark_quick_mode_prints_ratios_and_writes_json(tmp_path)
     low, high = results["igva"]["ratio_ci95"]
     assert low <= results["igva"]["throughput_ratio_to_plain"] <= high
     assert 0 < results["igva"]["flop_ratio"] < 1  # the instruction encoder and the wider projector cost FLOPs
+    assert results["none"]["cpu_ratio_to_plain"] == 1.0
+    for row in results.values():
+        low, high = row["cpu_ratio_ci95"]
+        assert low <= row["cpu_ratio_to_plain"] <= high
+        # the engine's own processes (engine core, model worker) are counted beside the one that sends the batch
+        assert row["cpu_processes"] >= 2 and row["median_batch_cpu_seconds"] > 0.25 * row["median_batch_seconds"], row
     stages = results["igva"]["stage_seconds_per_batch"]
     assert set(stages) == {"tower", "fuser", "projector", "prefill", "decode"}
     assert stages["tower"] > 0 and stages["fuser"] > 0
-    assert "FLOP ratio" in completed.stdout and "per-stage profile" in completed.stdout
+    assert (
+        "FLOP ratio" in completed.stdout and "CPU ratio" in completed.stdout and "per-stage profile" in completed.stdout
+    )
 
 
 def test_throughput_benchmark_refuses_vllm_llava_where_torchvision_does_not_import():
