@@ -240,8 +240,8 @@ def worker(checkpoint: str, requests: int, kv_cache_bytes: int, connection) -> N
     engine_processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
 
     def cpu_seconds() -> float:
-        # CPU time of this process and the engine's (front end, engine core, model worker): what the batch cost,
-        # less sensitive than wall time to what else runs on a shared machine
+        # CPU time of this process and the engine's (front end, engine core, model worker): what the batch cost in
+        # compute, measured apart from the wall clock (its threads' spinning still grows with other load)
         return sum(sum(process.cpu_times()[:2]) for process in engine_processes)
 
     def run(seed: int, max_tokens: int) -> tuple[float, float]:
@@ -560,7 +560,7 @@ def main() -> None:
         )
     print(
         "CPU ratio: the same ratio of CPU seconds per batch (the engine's processes: front end, engine core, model "
-        "worker), which other load on the machine disturbs less than wall time"
+        "worker), a second measurement of the same cost; under load it is about as noisy as wall time"
     )
     print(
         f"{CONTROL}: plain in a second engine (what the benchmark reads where nothing differs)"

@@ -136,18 +136,24 @@ def coarse_tower_llava(args):
     return llava, processor, probe, random_probe, statistics.mean(losses[-20:])
 
 
-def convert(source: Path, fuser: str, folder: Path, options: dict) -> Path:
+def convert(source: Path, fuser: str, folder: Path, options: dict, instruction_encoder_steps: int = 0) -> Path:
     """The source LLaVA converted to `fuser` with the config fields `options` (parity initialisation), saved with its
-    processor."""
+    processor. A fuser that reads the instruction gets the tiny sentence encoder, first trained
+    `instruction_encoder_steps` steps with unsupervised SimCSE on the experiment's questions (no labels)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from hf_fusedvlm.conversion import fused_from_llava
+    from hf_fusedvlm.evidence import pretrain_instruction_encoder
     from hf_fusedvlm.processing_fused_llava import FusedLlavaProcessor
+    from hf_fusedvlm.synthetic_vqa import QUESTIONS
     from hf_fusedvlm.tiny import build_tiny_instruction_encoder
 
     llava = LlavaForConditionalGeneration.from_pretrained(source)
     encoder, instruction_tokenizer = build_tiny_instruction_encoder(seed=0)
     with_encoder = fuser == "igva"
+    if with_encoder and instruction_encoder_steps:
+        questions = [question for kind in DIGIT_SCENE_KINDS for question in QUESTIONS[kind]]
+        pretrain_instruction_encoder(encoder, instruction_tokenizer, questions, steps=instruction_encoder_steps)
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the same new fuser weights for every seed: seeds vary the data order only
         model = fused_from_llava(llava, fuser, instruction_encoder=encoder if with_encoder else None, **options)
@@ -308,7 +314,11 @@ def train_and_score(task: dict) -> dict:
     torch.set_num_threads(task["threads"])
     fuser, seed, work, settings = task["fuser"], task["seed"], Path(task["work"]), task["settings"]
     start = convert(
-        Path(task["source"]), fuser, work / f"start-{fuser}-{seed}", settings["fuser_options"].get(fuser, {})
+        Path(task["source"]),
+        fuser,
+        work / f"start-{fuser}-{seed}",
+        settings["fuser_options"].get(fuser, {}),
+        settings["instruction_encoder_steps"],
     )
     stage1, stage2 = work / f"{fuser}-{seed}-stage1", Path(task["final"])
     scales = settings["lr_scales"].get(fuser)
@@ -414,6 +424,7 @@ def evidence_json(settings: dict, runs: list[dict], probe: dict, random_probe: d
         },
         "fuser_options": settings["fuser_options"],
         "lr_scales": settings["lr_scales"],
+        "instruction_encoder_steps": settings["instruction_encoder_steps"],
         "budget": {
             key: settings[key]
             for key in (
@@ -673,6 +684,8 @@ def kept_runs(path: str, settings: dict, probe: dict) -> tuple[list[dict], dict]
             mismatches.append(f"{fuser}'s fuser options")
         if previous["lr_scales"].get(fuser, {}) != settings["lr_scales"].get(fuser, {}):
             mismatches.append(f"{fuser}'s learning-rate scales")
+    if "igva" in kept and previous.get("instruction_encoder_steps", 0) != settings["instruction_encoder_steps"]:
+        mismatches.append("igva's instruction encoder pretraining")
     drift = max(abs(a - b) for kind in probe for a, b in zip(probe[kind], previous["probe"][kind]))
     if drift > 0.02:
         mismatches.append(f"probe curve (differs by up to {drift:.3f})")
@@ -709,6 +722,7 @@ def run(args) -> dict:
             "validation_samples",
             "test_samples",
             "sampling_images",
+            "instruction_encoder_steps",
             "quick",
         )
     }
@@ -811,6 +825,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="FUSER:NAME=SCALE",
         help="FUSER's parameters whose names contain NAME train at SCALE x --learning-rate (both stages); repeatable",
+    )
+    parser.add_argument(
+        "--instruction-encoder-steps",
+        type=int,
+        default=0,
+        help="unsupervised SimCSE steps for igva's tiny instruction encoder on the questions (0: left random)",
     )
     parser.add_argument("--jobs", type=int, default=1, help="models trained side by side (one thread each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process (and of --jobs 1)")

@@ -123,6 +123,57 @@ def pretrain_coarse_tower(
     return losses
 
 
+def pretrain_instruction_encoder(
+    encoder: nn.Module,
+    tokenizer,
+    sentences: list[str],
+    steps: int = 100,
+    learning_rate: float = 1e-3,
+    temperature: float = 0.05,
+    seed: int = 0,
+) -> list[float]:
+    """Train a sentence encoder (a transformers text encoder, e.g. `BertModel`) in place with unsupervised SimCSE.
+
+    Each sentence is encoded twice with dropout on; the two views are a positive pair and every other sentence of the
+    batch a negative (InfoNCE on cosine similarity / `temperature`); embeddings are masked means of the last hidden
+    state, as the fused model pools them by default. No label is used: the encoder only learns to tell sentences
+    apart, as a real sentence encoder trained on paraphrase and contrastive data does. A randomly initialised one
+    embeds every sentence of a small vocabulary alike (cosine about 0.9), which no aggregator can route on.
+
+    Returns:
+        the loss of every step; the encoder is left in `eval()` mode with `requires_grad` unchanged afterwards.
+    """
+    from types import SimpleNamespace
+
+    from .modeling_fusion import pool_sentence_embeddings
+
+    if len(set(sentences)) < 2:
+        raise ValueError("pretrain_instruction_encoder needs at least two different sentences to contrast.")
+    pooling = SimpleNamespace(instruction_pooling="mean", instruction_embedding_normalize=True)
+    batch = tokenizer(sorted(set(sentences)), return_tensors="pt", padding=True)
+    targets = torch.arange(batch["input_ids"].shape[0])
+    requires_grad = {name: parameter.requires_grad for name, parameter in encoder.named_parameters()}
+    encoder.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=learning_rate)
+    losses = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the dropout masks
+        for _ in range(steps):
+            first, second = (
+                pool_sentence_embeddings(encoder(**batch).last_hidden_state, batch["attention_mask"], pooling)
+                for _ in range(2)
+            )
+            loss = nn.functional.cross_entropy(first @ second.T / temperature, targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    encoder.eval()
+    for name, parameter in encoder.named_parameters():
+        parameter.requires_grad_(requires_grad[name])
+    return losses
+
+
 @torch.no_grad()
 def layer_features(vision_tower: nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
     """Every hidden state's patch tokens (CLS dropped, what LLaVA's projector sees): one `(num_images, num_patches,

@@ -20,13 +20,16 @@ from hf_fusedvlm.evidence import (
     layer_probe,
     pixel_values,
     pretrain_coarse_tower,
+    pretrain_instruction_encoder,
     probe_accuracy,
 )
+from hf_fusedvlm.modeling_fusion import pool_sentence_embeddings
 from hf_fusedvlm.synthetic_vqa import (
     DIGIT_SCENE_KINDS,
     HANDWRITING_SPLITS,
     NUMBER_WORDS,
     QUESTION_KINDS,
+    QUESTIONS,
     SyntheticSample,
     digit_scene_details,
     draw_digit_scene,
@@ -35,7 +38,7 @@ from hf_fusedvlm.synthetic_vqa import (
     resample_fine_details,
     score_answers,
 )
-from hf_fusedvlm.tiny import build_tiny_llava
+from hf_fusedvlm.tiny import build_tiny_instruction_encoder, build_tiny_llava
 
 from conftest import REPO_ROOT
 
@@ -253,9 +256,37 @@ def test_keep_runs_takes_other_fusers_only_from_a_run_with_the_same_settings(qui
     for other, reason in changed:
         with pytest.raises(ValueError, match=reason):
             benchmark.kept_runs(str(path), other, previous["probe"])
+    only_mmfuser = {**settings, "fusers": ("mmfuser",), "instruction_encoder_steps": 100}
+    with pytest.raises(ValueError, match="igva's instruction encoder pretraining"):
+        benchmark.kept_runs(str(path), only_mmfuser, previous["probe"])
     shifted = {kind: [value + 0.1 for value in curve] for kind, curve in previous["probe"].items()}
     with pytest.raises(ValueError, match="probe curve"):
         benchmark.kept_runs(str(path), settings, shifted)
+
+
+def test_simcse_pretraining_tells_the_questions_apart_and_restores_the_encoder():
+    """The random tiny sentence encoder embeds every question of the digits scene alike; unsupervised SimCSE (no
+    labels) spreads them apart, and the encoder comes back in eval mode with its requires_grad flags."""
+    encoder, tokenizer = build_tiny_instruction_encoder(seed=0)
+    encoder.requires_grad_(False)
+    questions = [question for kind in DIGIT_SCENE_KINDS for question in QUESTIONS[kind]]
+    pooling = type("Pooling", (), {"instruction_pooling": "mean", "instruction_embedding_normalize": True})
+
+    def largest_cosine_between_questions() -> float:
+        batch = tokenizer(questions, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            embeds = pool_sentence_embeddings(encoder(**batch).last_hidden_state, batch["attention_mask"], pooling)
+        cosine = embeds @ embeds.T
+        return cosine.masked_fill(torch.eye(len(questions), dtype=torch.bool), -1).max().item()
+
+    before = largest_cosine_between_questions()
+    losses = pretrain_instruction_encoder(encoder, tokenizer, questions, steps=60)
+    after = largest_cosine_between_questions()
+    assert before > 0.9 and after < 0.8, (before, after)
+    assert losses[-1] < losses[0] / 4
+    assert not encoder.training and not any(parameter.requires_grad for parameter in encoder.parameters())
+    with pytest.raises(ValueError, match="two different sentences"):
+        pretrain_instruction_encoder(encoder, tokenizer, [questions[0]] * 3)
 
 
 @pytest.mark.parametrize("scene", ["glyphs", "digits"])
