@@ -17,6 +17,8 @@ different patch in every image, the probe pools the tokens with learned attentio
 head, so it finds a detail wherever it is.
 """
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -50,6 +52,20 @@ def detail_labels(samples: list[SyntheticSample], kind: str) -> torch.Tensor:
 def pixel_values(image_processor, samples: list[SyntheticSample]) -> torch.Tensor:
     """The samples' images preprocessed as the LLaVA processor does, shape `(num_samples, 3, height, width)`."""
     return image_processor([sample.image for sample in samples], return_tensors="pt")["pixel_values"]
+
+
+@contextlib.contextmanager
+def trained_in_place(module: nn.Module):
+    """Make every parameter of `module` trainable and put it in `train()` mode; afterwards leave it in `eval()` mode
+    with each parameter's `requires_grad` as it was."""
+    requires_grad = {name: parameter.requires_grad for name, parameter in module.named_parameters()}
+    module.requires_grad_(True).train()
+    try:
+        yield module
+    finally:
+        module.eval()
+        for name, parameter in module.named_parameters():
+            parameter.requires_grad_(requires_grad[name])
 
 
 def pretrain_coarse_tower(
@@ -96,30 +112,28 @@ def pretrain_coarse_tower(
         torch.manual_seed(seed)
         heads = nn.ModuleDict({kind: nn.Linear(hidden, DETAIL_CLASSES[kind][0]) for kind in coarse_kinds})
     labels = {kind: detail_labels(samples, kind) for kind in coarse_kinds}
-    requires_grad = {name: parameter.requires_grad for name, parameter in vision_tower.named_parameters()}
-    vision_tower.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(
-        [*vision_tower.parameters(), *heads.parameters()], lr=learning_rate, weight_decay=weight_decay
-    )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
     losses = []
-    for _ in range(steps):
-        rows = torch.randint(0, pixels.shape[0], (batch_size,), generator=generator)
-        batch = pixels[rows] if twin_pixels is None else torch.cat([pixels[rows], twin_pixels[rows]])
-        output = vision_tower(pixel_values=batch, output_hidden_states=twin_pixels is not None)
-        pooled = output.pooler_output[:batch_size]
-        loss = sum(nn.functional.cross_entropy(heads[kind](pooled), labels[kind][rows]) for kind in coarse_kinds)
-        for state in output.hidden_states[-invariant_layers:] if twin_pixels is not None else ():
-            difference = (state[:batch_size] - state[batch_size:]).pow(2).mean()
-            loss = loss + invariance_weight * difference / (state.var(dim=(0, 1)).mean().detach() + 1e-6)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    vision_tower.eval()
-    for name, parameter in vision_tower.named_parameters():
-        parameter.requires_grad_(requires_grad[name])
+    with trained_in_place(vision_tower):
+        optimizer = torch.optim.AdamW(
+            [*vision_tower.parameters(), *heads.parameters()], lr=learning_rate, weight_decay=weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1
+        )
+        for _ in range(steps):
+            rows = torch.randint(0, pixels.shape[0], (batch_size,), generator=generator)
+            batch = pixels[rows] if twin_pixels is None else torch.cat([pixels[rows], twin_pixels[rows]])
+            output = vision_tower(pixel_values=batch, output_hidden_states=twin_pixels is not None)
+            pooled = output.pooler_output[:batch_size]
+            loss = sum(nn.functional.cross_entropy(heads[kind](pooled), labels[kind][rows]) for kind in coarse_kinds)
+            for state in output.hidden_states[-invariant_layers:] if twin_pixels is not None else ():
+                difference = (state[:batch_size] - state[batch_size:]).pow(2).mean()
+                loss = loss + invariance_weight * difference / (state.var(dim=(0, 1)).mean().detach() + 1e-6)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
     return losses
 
 
@@ -152,11 +166,9 @@ def pretrain_instruction_encoder(
     pooling = SimpleNamespace(instruction_pooling="mean", instruction_embedding_normalize=True)
     batch = tokenizer(sorted(set(sentences)), return_tensors="pt", padding=True)
     targets = torch.arange(batch["input_ids"].shape[0])
-    requires_grad = {name: parameter.requires_grad for name, parameter in encoder.named_parameters()}
-    encoder.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=learning_rate)
     losses = []
-    with torch.random.fork_rng():
+    with trained_in_place(encoder), torch.random.fork_rng():
+        optimizer = torch.optim.AdamW(encoder.parameters(), lr=learning_rate)
         torch.manual_seed(seed)  # the dropout masks
         for _ in range(steps):
             first, second = (
@@ -168,9 +180,6 @@ def pretrain_instruction_encoder(
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-    encoder.eval()
-    for name, parameter in encoder.named_parameters():
-        parameter.requires_grad_(requires_grad[name])
     return losses
 
 
