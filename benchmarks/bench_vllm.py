@@ -494,41 +494,15 @@ def main() -> None:
                 if process.is_alive():
                     process.kill()
 
-    results = {}
-    for fuser_type in fusers:
-        ratios = [plain / fused for plain, fused in zip(full["none"], full[fuser_type])]
-        low, high = bootstrap_median_interval(ratios)
-        cpu_ratios = [plain / fused for plain, fused in zip(full_cpu["none"], full_cpu[fuser_type])]
-        q1, q3 = quartiles(ratios)
-        seconds = statistics.median(full[fuser_type])
-        model, processor = models[fuser_type]
-        stages = profile_encoding(model, processor, args.requests, args.profile_repeats)
-        one_token = statistics.median(prefill[fuser_type])
-        stages["prefill"] = one_token - sum(stages.values())
-        stages["decode"] = seconds - one_token
-        results[fuser_type] = {
-            "median_batch_seconds": seconds,
-            "requests_per_second": args.requests / seconds,
-            "output_tokens_per_second": args.requests * args.max_tokens / seconds,
-            "throughput_ratio_to_plain": statistics.median(ratios),
-            "ratio_ci95": [low, high],
-            "ratio_iqr": [q1, q3],
-            "median_batch_cpu_seconds": statistics.median(full_cpu[fuser_type]),
-            "cpu_ratio_to_plain": statistics.median(cpu_ratios),
-            "cpu_ratio_ci95": list(bootstrap_median_interval(cpu_ratios)),
-            "cpu_processes": cpu_processes[fuser_type],
-            "flop_ratio": flops["none"]["total"] / flops[fuser_type]["total"],
-            "flops_per_request": flops[fuser_type],
-            "stage_seconds_per_batch": stages,
-            "one_token_batch_seconds": one_token,
-        }
-    for name in references:
+    def against_plain(name: str) -> dict:
+        """`name`'s batch times and their per-round ratios to plain's, in wall and in CPU seconds."""
         ratios = [plain / other for plain, other in zip(full["none"], full[name])]
         cpu_ratios = [plain / other for plain, other in zip(full_cpu["none"], full_cpu[name])]
         seconds = statistics.median(full[name])
-        results[name] = {
+        return {
             "median_batch_seconds": seconds,
             "requests_per_second": args.requests / seconds,
+            "output_tokens_per_second": args.requests * args.max_tokens / seconds,
             "throughput_ratio_to_plain": statistics.median(ratios),
             "ratio_ci95": list(bootstrap_median_interval(ratios)),
             "ratio_iqr": list(quartiles(ratios)),
@@ -537,6 +511,23 @@ def main() -> None:
             "cpu_ratio_ci95": list(bootstrap_median_interval(cpu_ratios)),
             "cpu_processes": cpu_processes[name],
         }
+
+    results = {}
+    for fuser_type in fusers:
+        results[fuser_type] = against_plain(fuser_type)
+        model, processor = models[fuser_type]
+        stages = profile_encoding(model, processor, args.requests, args.profile_repeats)
+        one_token = statistics.median(prefill[fuser_type])
+        stages["prefill"] = one_token - sum(stages.values())
+        stages["decode"] = results[fuser_type]["median_batch_seconds"] - one_token
+        results[fuser_type] |= {
+            "flop_ratio": flops["none"]["total"] / flops[fuser_type]["total"],
+            "flops_per_request": flops[fuser_type],
+            "stage_seconds_per_batch": stages,
+            "one_token_batch_seconds": one_token,
+        }
+    for name in references:
+        results[name] = against_plain(name)
 
     machine = platform.processor() or platform.machine()
     print(

@@ -136,7 +136,7 @@ def coarse_tower_llava(args):
     return llava, processor, probe, random_probe, statistics.mean(losses[-20:])
 
 
-def convert(source: Path, fuser: str, folder: Path, options: dict, instruction_encoder_steps: int = 0) -> Path:
+def convert(source: Path, fuser: str, folder: Path, options: dict, instruction_encoder_steps: int) -> Path:
     """The source LLaVA converted to `fuser` with the config fields `options` (parity initialisation), saved with its
     processor. A fuser that reads the instruction gets the tiny sentence encoder, first trained
     `instruction_encoder_steps` steps with unsupervised SimCSE on the experiment's questions (no labels)."""

@@ -225,12 +225,18 @@ def test_layer_probe_gives_one_curve_per_kind_over_all_hidden_states(digits_llav
         detail_labels(train, "size")
 
 
-def test_keep_runs_takes_other_fusers_only_from_a_run_with_the_same_settings(quick_results, tmp_path):
-    """`--keep-runs`: a run of igva alone may keep the other fusers' runs of an earlier results file only when that
-    run had the same budget, tower, seeds, probe and options for those fusers."""
+def evidence_benchmark():
+    """`benchmarks/fusion_evidence.py` as a module."""
     spec = importlib.util.spec_from_file_location("fusion_evidence", REPO_ROOT / "benchmarks" / "fusion_evidence.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_keep_runs_takes_other_fusers_only_from_a_run_with_the_same_settings(quick_results, tmp_path):
+    """`--keep-runs`: a run of igva alone may keep the other fusers' runs of an earlier results file only when that
+    run had the same budget, tower, seeds, probe and options for those fusers."""
+    benchmark = evidence_benchmark()
     previous = quick_results[0]
     path = tmp_path / "previous.json"
     path.write_text(json.dumps(previous))
@@ -287,6 +293,27 @@ def test_simcse_pretraining_tells_the_questions_apart_and_restores_the_encoder()
     assert not encoder.training and not any(parameter.requires_grad for parameter in encoder.parameters())
     with pytest.raises(ValueError, match="two different sentences"):
         pretrain_instruction_encoder(encoder, tokenizer, [questions[0]] * 3)
+
+
+def test_experiment_gives_igva_the_pretrained_instruction_encoder_only_when_asked(tmp_path):
+    """`--instruction-encoder-steps`: the converted igva checkpoint carries the SimCSE-trained encoder; with 0 steps
+    the random one the other runs use."""
+    from hf_fusedvlm import FusedLlavaForConditionalGeneration
+
+    benchmark = evidence_benchmark()
+    llava, processor = benchmark.evidence_llava(seed=0)
+    llava.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    random_encoder, _ = build_tiny_instruction_encoder(seed=0)
+    options = benchmark.FUSER_OPTIONS["igva"]
+    for steps in (0, 5):
+        folder = benchmark.convert(tmp_path / "llava", "igva", tmp_path / f"igva-{steps}", options, steps)
+        encoder = FusedLlavaForConditionalGeneration.from_pretrained(folder).model.instruction_encoder
+        same = all(
+            torch.equal(weight, random_weight)
+            for weight, random_weight in zip(encoder.state_dict().values(), random_encoder.state_dict().values())
+        )
+        assert same == (steps == 0), steps
 
 
 @pytest.mark.parametrize("scene", ["glyphs", "digits"])
