@@ -95,9 +95,11 @@ def test_quick_run_writes_the_committed_shape(quick_results):
         assert per_level == pytest.approx(dict.fromkeys(["0", "1", "2", "3"], 0.25), abs=1e-6)
     for per_level in detail_queries["trained"].values():
         assert list(per_level) == ["0", "1", "2", "3"] and 0.0 <= sum(per_level.values()) <= 1.0 + 1e-5
-    # the defaults are the mmfuser settings chosen on validation (docs/evidence.md, Diagnosis)
+    # the defaults are the mmfuser and igva settings chosen on validation (docs/evidence.md, Diagnosis)
     assert results["fuser_options"]["mmfuser"]["fuser_offset_init"] == "from_query"
-    assert results["lr_scales"] == {"mmfuser": {"sampling_offsets": 0.1}}
+    assert results["fuser_options"]["igva"]["balance_loss_weight"] == 0.005
+    assert results["lr_scales"] == {"mmfuser": {"sampling_offsets": 0.1}, "igva": {"model.fuser.": 0.1}}
+    assert results["instruction_encoder_steps"] == 100
     (diagnostics,) = [run["mmfuser_validation"] for run in results["runs"] if run["fuser"] == "mmfuser"]
     assert 0.0 <= diagnostics["inside_image"] <= 1.0 and list(diagnostics["level_share"]) == ["0", "1", "2", "3"]
     assert sum(diagnostics["level_share"].values()) == pytest.approx(1.0, abs=1e-4)
@@ -262,7 +264,13 @@ def test_keep_runs_takes_other_fusers_only_from_a_run_with_the_same_settings(qui
     for other, reason in changed:
         with pytest.raises(ValueError, match=reason):
             benchmark.kept_runs(str(path), other, previous["probe"])
-    only_mmfuser = {**settings, "fusers": ("mmfuser",), "instruction_encoder_steps": 100}
+    assert previous["instruction_encoder_steps"] == 100
+    only_mmfuser = {
+        **settings,
+        "fusers": ("mmfuser",),
+        "fuser_options": previous["fuser_options"],
+        "instruction_encoder_steps": 0,
+    }
     with pytest.raises(ValueError, match="igva's instruction encoder pretraining"):
         benchmark.kept_runs(str(path), only_mmfuser, previous["probe"])
     shifted = {kind: [value + 0.1 for value in curve] for kind, curve in previous["probe"].items()}
