@@ -224,12 +224,12 @@ def test_mmfuser_rejects_a_non_square_grid():
         fuser(random_hidden_states(0))
 
 
-def train_igva_on_two_question_kinds(answer_states, balance_loss_weight, learning_rate, seed=0, steps=300):
-    """Trains a fresh igva fuser (groups [0, 1], [2, 3], [4, 5], [6], base layer 5) with a linear read-out per
-    question kind on the answers alone, the balance loss included; kind k's answer is added to one random patch token
-    of the hidden states `answer_states[k]`. The two kinds' instruction embeddings share most of their direction
-    (cosine about 0.6, as a sentence encoder embeds two different questions). Returns each kind's mean group weights
-    on a fresh batch, shape (2, num_groups)."""
+def train_igva_on_two_question_kinds(answer_states, balance_loss_weight, learning_rate, seed=0):
+    """Trains a fresh igva fuser (groups [0, 1], [2, 3], [4, 5], [6], base layer 5) for 300 steps with a linear
+    read-out per question kind on the answers alone, the balance loss included; kind k's answer is added to one
+    random patch token of the hidden states `answer_states[k]`. The two kinds' instruction embeddings share most of
+    their direction (cosine about 0.6, as a sentence encoder embeds two different questions). Returns each kind's
+    mean group weights on a fresh batch, shape (2, num_groups)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     fuser, _ = make_fuser(
@@ -252,7 +252,7 @@ def train_igva_on_two_question_kinds(answer_states, balance_loss_weight, learnin
                 states[state][torch.arange(batch), token] += 3 * patterns[kind, labels[kind]]
         return states, labels, torch.randint(0, 2, (batch,), generator=generator)
 
-    for _ in range(steps):
+    for _ in range(300):
         states, labels, kind = batch_of_questions()
         output = fuser(states, instructions[kind])
         features = output.features.mean(1)
