@@ -21,10 +21,10 @@ from hf_fusedvlm.conversion import (
     VERIFY_TOLERANCES,
     ConversionError,
     convert_checkpoint,
-    folder_files,
     llava_checkpoint_key,
     main,
 )
+from hf_fusedvlm.publishing.hub import folder_files
 
 from conftest import FUSER_TYPES, reads_instruction, run_without_package
 from hub_server import FakeHub, Repo

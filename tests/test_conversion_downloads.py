@@ -9,7 +9,8 @@ import pytest
 from huggingface_hub import constants
 from transformers import BertConfig
 
-from hf_fusedvlm.conversion import folder_files, main
+from hf_fusedvlm.conversion import main
+from hf_fusedvlm.publishing.hub import folder_files
 
 from hub_server import FakeHub, Repo
 

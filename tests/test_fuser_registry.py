@@ -11,9 +11,10 @@ from transformers import AutoModel
 
 import hf_fusedvlm
 from hf_fusedvlm import FUSERS, FusedLlavaConfig, FusedLlavaProcessor, fusers
-from hf_fusedvlm.conversion import ConversionError, fused_from_llava, render_model_card
+from hf_fusedvlm.conversion import ConversionError, fused_from_llava
 from hf_fusedvlm.conversion.cli import build_parser, parse_fuser_options
 from hf_fusedvlm.conversion.request import check_fuser_choice
+from hf_fusedvlm.publishing.model_card import render_model_card
 
 from conftest import REPO_ROOT, run_without_package
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 from huggingface_hub import constants
 
-from hf_fusedvlm.conversion.checkpoint import hub_connection_error
+from hf_fusedvlm.publishing.hub import hub_connection_error
 
 from conftest import REPO_ROOT
 

@@ -25,8 +25,8 @@ from hf_fusedvlm import (
     FusedLlavaNextProcessor,
 )
 from hf_fusedvlm.conversion import convert_checkpoint
-from hf_fusedvlm.conversion.staging import foreign_files
 from hf_fusedvlm.parity import fused_from_llava
+from hf_fusedvlm.publishing.folders import foreign_files
 from hf_fusedvlm.tiny import build_tiny_llava_next, tiny_image_grid_pinpoints
 
 from conftest import FUSER_TYPES, make_image, reads_instruction, run_without_package

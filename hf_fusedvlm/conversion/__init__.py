@@ -7,7 +7,8 @@ One pipeline (`pipeline.convert_checkpoint`, the `fusedvlm-convert` command) for
 - the formats, each contributing its `check` and `plan`: `llava_hf`; `original` (with `original_layout`, its variants
   and config mapping, and `original_processor`, its tokenizer, image processor and chat templates).
 - `writing`: planned tensors, the shard writer, remote code; `staging`: the output folder policy and the move into
-  place; `verify`: `--verify`; `model_card`; `hub`: publishing.
+  place; `verify`: `--verify`. What a fused output holds, its model card and the Hub upload are
+  `hf_fusedvlm.publishing`, shared with training.
 - `cli`: the command; `demo`: `--demo`.
 
 The parity rule itself (`fused_from_llava`, projector widening) is `hf_fusedvlm.parity`, shared with `tiny` and
@@ -33,9 +34,6 @@ _EXPORTS = {
     "checkpoint_format": ".checkpoint",
     "resolve_checkpoint": ".checkpoint",
     "convert_checkpoint": ".pipeline",
-    "folder_files": ".hub",
-    "push_folder_to_hub": ".hub",
-    "render_model_card": ".model_card",
     "main": ".cli",
     "main_original": ".cli",
     "expand_projector_input": "..parity",

@@ -3,13 +3,12 @@ it is a llava-hf checkpoint or one in the original LLaVA layout (told apart by s
 
 import json
 import os
-import socket
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 
+from ..publishing.folders import FUSED_MODEL_TYPES
+from ..publishing.hub import hub_connection_error, unreachable_hub_message
 from .errors import ConversionError
 
 
@@ -23,40 +22,8 @@ METADATA_IGNORED = ["*tokenizer.json", "*vocab.json"]
 WITHOUT_WEIGHTS_PATTERNS = [pattern for pattern in HUB_PATTERNS if pattern != "*.safetensors"]
 LLAVA_HF = "llava-hf"
 ORIGINAL = "original"
-# The model types of the checkpoints this package writes, and of the plain llava-hf families it converts.
-FUSED_MODEL_TYPES = ("fused_llava", "fused_llava_next")
+# The model types of the plain llava-hf families it converts.
 LLAVA_HF_MODEL_TYPES = ("llava", "llava_next")
-# Seconds to wait for a TCP connection to the Hub before calling it unreachable. huggingface_hub retries a refused or
-# timed-out connection with back-off for about 40 s per file before it gives up; a user should learn in seconds.
-HUB_CONNECT_TIMEOUT = 5.0
-
-
-def hub_connection_error(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
-    """Why the Hub endpoint (`HF_ENDPOINT`, default https://huggingface.co) could not be reached, in a few words, or None
-    when a TCP connection to it opens within `timeout` seconds. None as well under `HF_HUB_OFFLINE` (the libraries
-    then read only the cache) and behind a proxy (the proxy, not this machine, connects to the Hub)."""
-    if constants.HF_HUB_OFFLINE:
-        return None
-    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
-    if endpoint.hostname is None:
-        return f"HF_ENDPOINT {constants.ENDPOINT!r} is not a URL"
-    if endpoint.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(endpoint.hostname):
-        return None
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    except OSError as error:
-        reason = error.strerror or str(error) or type(error).__name__
-        return f"the Hub at {constants.ENDPOINT} could not be reached ({reason})"
-    return None
-
-
-def unreachable_hub_message(what: str, repo_id: str, reason: str) -> str:
-    """The one line a command prints when `repo_id` must come from a Hub it cannot reach."""
-    return (
-        f"{what} {repo_id}: {reason}. Check your connection (and HF_ENDPOINT or HTTPS_PROXY), pass a local folder, or "
-        "set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache."
-    )
 
 
 def resolve_checkpoint(

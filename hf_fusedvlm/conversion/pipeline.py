@@ -17,13 +17,14 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi, constants
 
 from ..parity import FUSER_PREFIX
+from ..publishing.hub import folder_files, hub_connection_error, push_folder_to_hub
+from ..publishing.model_card import card_command, render_model_card, source_license
 from . import llava_hf, original
 from .checkpoint import LLAVA_HF, ORIGINAL, checkpoint_format, read_config_json, resolve_checkpoint
 from .errors import ConversionError, listed, parse_dtype
-from .hub import check_hub_login, publish_result
-from .model_card import card_command, render_model_card, source_license
 from .request import Plan, Request, Source, fuser_class_or_error, fuser_settings
 from .sentence_encoder import load_sentence_encoder
 from .staging import check_output, check_writable, staged_output
@@ -38,6 +39,48 @@ EXPECTED_INPUT = (
 
 
 # ------------------------------------------------------------------------------------------------------- steps
+
+
+def check_hub_login(repo_id: str, token: str | None = None) -> None:
+    """Before a long conversion: the Hub endpoint answers and a token is set, or a `ConversionError` with the fix
+    (the token itself is never printed)."""
+    unreachable = hub_connection_error()
+    if unreachable:
+        raise ConversionError(
+            f"--push-to-hub {repo_id}: {unreachable}. Check your connection (and HF_ENDPOINT or HTTPS_PROXY), or drop "
+            "--push-to-hub and upload later with `hf upload`. Nothing was converted."
+        )
+    api = HfApi(token=token)
+    try:
+        api.whoami()
+    except Exception as error:  # httpx connection errors, 401s and missing tokens all stop the push the same way
+        if api.token is None and not os.environ.get("HF_TOKEN"):
+            reason = "no Hugging Face token is set"
+        else:
+            reason = (
+                f"the Hub at {constants.ENDPOINT} could not be reached or refused the token ({type(error).__name__})"
+            )
+        raise ConversionError(
+            f"--push-to-hub {repo_id}: {reason}. Log in with `hf auth login` (or set HF_TOKEN), check your connection "
+            "and HF_ENDPOINT, or drop --push-to-hub and upload later with `hf upload`. Nothing was converted."
+        ) from error
+
+
+def publish_result(result: ConversionResult, push_to_hub: str | None, private: bool, commit_message: str):
+    """List the files of a finished conversion and, with `push_to_hub`, upload its folder in one commit."""
+    output = result.output
+    result.files = folder_files(output)
+    if push_to_hub:
+        try:
+            commit = push_folder_to_hub(output, push_to_hub, private=private, commit_message=commit_message)
+        except Exception as error:
+            raise ConversionError(
+                f"The conversion succeeded ({output}) but pushing to {push_to_hub} failed "
+                f"({type(error).__name__}: {error}). Log in with `hf auth login` (or set HF_TOKEN) and upload it with "
+                f"`hf upload {push_to_hub} {output} .`."
+            ) from error
+        result.commit_url = commit.commit_url
+    return result
 
 
 def prepare_output(input, output, overwrite: bool, push_to_hub: str | None) -> Path:

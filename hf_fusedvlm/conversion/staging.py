@@ -11,7 +11,6 @@ new one took its place (killed between the renames), and finishes deleting one w
 `checkpoint-500/` of a training run) is refused, with their names, rather than deleted with it."""
 
 import errno
-import fnmatch
 import json
 import os
 import shutil
@@ -21,78 +20,12 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import FUSED_MODEL_TYPES
+from ..publishing.folders import OWNER_FILE, foreign_files, is_fused_output
 from .errors import ConversionError, listed
 
 
-OWNER_FILE = ".fusedvlm-converting.json"
 # OSError numbers that mean "cannot write there" rather than a bug: disk full, quota, read-only, permissions.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-# What a fused output (converted or trained) holds; anything else in a folder is the user's.
-FUSED_OUTPUT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "model-*-of-*.safetensors",
-    "model.safetensors.index.json",
-    "configuration_fused_llava.py",
-    "configuration_fused_llava_next.py",
-    "modeling_fused_llava.py",
-    "modeling_fused_llava_next.py",
-    "modeling_fusion.py",
-    "checkpoint_checks.py",
-    "processing_fused_llava.py",
-    "processing_fused_llava_next.py",
-    "fusers.py",
-    "fuser_registry.py",
-    "deformable_attention.py",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "*.model",
-    "*.tiktoken",
-    "README.md",
-    "training_args.json",
-    OWNER_FILE,
-)
-FUSED_OUTPUT_FOLDERS = ("instruction_tokenizer",)
-
-
-def is_fused_output_entry(path: Path) -> bool:
-    """Whether `path`, an entry of a folder, is one that a fused output holds (see `FUSED_OUTPUT_FILES`)."""
-    if path.is_dir() and not path.is_symlink():
-        return path.name in FUSED_OUTPUT_FOLDERS
-    return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in FUSED_OUTPUT_FILES)
-
-
-def foreign_files(folder: Path) -> list[str]:
-    """The entries of `folder` that a fused output would not hold (folders with a trailing `/`), sorted."""
-    return [
-        path.name + ("/" if path.is_dir() else "")
-        for path in sorted(folder.iterdir())
-        if not is_fused_output_entry(path)
-    ]
-
-
-def is_fused_output(folder: Path) -> bool:
-    """Whether `folder` is a fused LLaVA checkpoint (what this tool or the trainer writes): its config.json says
-    model_type `fused_llava` or `fused_llava_next` and it holds safetensors weights."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    has_weights = (folder / "model.safetensors.index.json").is_file() or (folder / "model.safetensors").is_file()
-    return isinstance(config, dict) and config.get("model_type") in FUSED_MODEL_TYPES and has_weights
 
 
 def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:

@@ -65,7 +65,7 @@ def check_source(model_name_or_path: str) -> None:
     from transformers import PretrainedConfig
 
     from ..configuration_fused_llava import FusedLlavaConfig
-    from ..conversion.checkpoint import hub_connection_error, unreachable_hub_message
+    from ..publishing.hub import hub_connection_error, unreachable_hub_message
 
     path = Path(model_name_or_path)
     if path.is_file():
@@ -119,7 +119,7 @@ def check_output_dir(output_dir: str, model_name_or_path: str, overwrite: bool =
     """Refuse an output folder that is the source checkpoint or inside it (saving would overwrite the shards training
     reads), a file, or one that holds another fused model, unless `overwrite` (`--overwrite_output_dir`) or
     `resuming` (the model there is this run's). The final save replaces an earlier model's files, never others."""
-    from ..conversion.staging import is_fused_output
+    from ..publishing.folders import is_fused_output
 
     source, output = Path(model_name_or_path), Path(output_dir)
     if source.is_dir():
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         resuming=bool(training_args.resume_from_checkpoint),
     )
     if training_args.push_to_hub:
-        from ..conversion.checkpoint import hub_connection_error
+        from ..publishing.hub import hub_connection_error
 
         unreachable = hub_connection_error()
         if unreachable:

@@ -4,8 +4,6 @@ record of the run (no pickle, no secret) and, for the Hub, the package's model c
 import json
 import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import ModelCard
@@ -14,8 +12,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils.hub import PushInProgress, hf_api
 
-from ..conversion import render_model_card
-from ..conversion.staging import is_fused_output_entry
+from ..publishing.folders import replacing_fused_files
+from ..publishing.model_card import render_model_card
 from .errors import InvalidTrainingInput
 from .recording import recorded_arguments, shown_path
 from .saving import gathered, save_fused_checkpoint
@@ -28,25 +26,6 @@ ARGUMENTS_RECORD_NAME = "training_args.json"
 # With --hub_strategy checkpoint the Hub's last-checkpoint/ is the model and trainer_state.json, so a run resumed
 # from it starts a new optimizer state (Trainer loads the states only when their files are there).
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.distcp", "*.metadata")
-
-
-@contextmanager
-def replacing_fused_files(output_dir: str | os.PathLike):
-    """Yield a staging folder inside `output_dir` for a fused checkpoint; when it is complete, remove the files of
-    the fused model `output_dir` held before (shards, index, instruction_tokenizer/ ..., nothing else) and move the
-    new ones in, so that no stale file of the earlier model stays."""
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".fusedvlm-saving-", dir=output))
-    try:
-        yield staging
-        for path in output.iterdir():
-            if path != staging and is_fused_output_entry(path):
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        for path in staging.iterdir():
-            path.rename(output / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 class FusedLlavaTrainer(Trainer):

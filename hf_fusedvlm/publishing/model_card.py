@@ -9,7 +9,6 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..configuration_fused_llava import FusedLlavaConfig
 from ..fuser_registry import fuser_class
-from .errors import ConversionError
 
 
 MODEL_CARD_TEMPLATE = "fused_llava.md"
@@ -50,7 +49,7 @@ def model_card_template() -> Path:
     for folder in (package / "model_cards", package.parent / "model_cards"):
         if (folder / MODEL_CARD_TEMPLATE).is_file():
             return folder / MODEL_CARD_TEMPLATE
-    raise ConversionError(
+    raise FileNotFoundError(
         f"The model card template {MODEL_CARD_TEMPLATE} was not found next to the package: reinstall hf-fusedvlm "
         "(or run from a checkout, `pip install -e .`)."
     )

@@ -1,15 +1,15 @@
-"""Publishing a converted checkpoint folder to the Hugging Face Hub in one commit."""
+"""The Hugging Face Hub: whether it can be reached (in seconds, not after minutes of retries) and the upload of a
+checkpoint folder in one commit."""
 
 import os
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, constants
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
-
-from .checkpoint import hub_connection_error
-from .errors import ConversionError
-from .writing import ConversionResult
 
 
 def folder_files(folder: str | os.PathLike) -> list[str]:
@@ -58,43 +58,34 @@ def push_folder_to_hub(
     )
 
 
-def check_hub_login(repo_id: str, token: str | None = None) -> None:
-    """Before a long conversion: the Hub endpoint answers and a token is set, or a `ConversionError` with the fix
-    (the token itself is never printed)."""
-    unreachable = hub_connection_error()
-    if unreachable:
-        raise ConversionError(
-            f"--push-to-hub {repo_id}: {unreachable}. Check your connection (and HF_ENDPOINT or HTTPS_PROXY), or drop "
-            "--push-to-hub and upload later with `hf upload`. Nothing was converted."
-        )
-    api = HfApi(token=token)
+# Seconds to wait for a TCP connection to the Hub before calling it unreachable. huggingface_hub retries a refused or
+# timed-out connection with back-off for about 40 s per file before it gives up; a user should learn in seconds.
+HUB_CONNECT_TIMEOUT = 5.0
+
+
+def hub_connection_error(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
+    """Why the Hub endpoint (`HF_ENDPOINT`, default https://huggingface.co) could not be reached, in a few words, or None
+    when a TCP connection to it opens within `timeout` seconds. None as well under `HF_HUB_OFFLINE` (the libraries
+    then read only the cache) and behind a proxy (the proxy, not this machine, connects to the Hub)."""
+    if constants.HF_HUB_OFFLINE:
+        return None
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    if endpoint.hostname is None:
+        return f"HF_ENDPOINT {constants.ENDPOINT!r} is not a URL"
+    if endpoint.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(endpoint.hostname):
+        return None
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        api.whoami()
-    except Exception as error:  # httpx connection errors, 401s and missing tokens all stop the push the same way
-        if api.token is None and not os.environ.get("HF_TOKEN"):
-            reason = "no Hugging Face token is set"
-        else:
-            reason = (
-                f"the Hub at {constants.ENDPOINT} could not be reached or refused the token ({type(error).__name__})"
-            )
-        raise ConversionError(
-            f"--push-to-hub {repo_id}: {reason}. Log in with `hf auth login` (or set HF_TOKEN), check your connection "
-            "and HF_ENDPOINT, or drop --push-to-hub and upload later with `hf upload`. Nothing was converted."
-        ) from error
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"the Hub at {constants.ENDPOINT} could not be reached ({reason})"
+    return None
 
 
-def publish_result(result: ConversionResult, push_to_hub: str | None, private: bool, commit_message: str):
-    """List the files of a finished conversion and, with `push_to_hub`, upload its folder in one commit."""
-    output = result.output
-    result.files = folder_files(output)
-    if push_to_hub:
-        try:
-            commit = push_folder_to_hub(output, push_to_hub, private=private, commit_message=commit_message)
-        except Exception as error:
-            raise ConversionError(
-                f"The conversion succeeded ({output}) but pushing to {push_to_hub} failed "
-                f"({type(error).__name__}: {error}). Log in with `hf auth login` (or set HF_TOKEN) and upload it with "
-                f"`hf upload {push_to_hub} {output} .`."
-            ) from error
-        result.commit_url = commit.commit_url
-    return result
+def unreachable_hub_message(what: str, repo_id: str, reason: str) -> str:
+    """The one line a command prints when `repo_id` must come from a Hub it cannot reach."""
+    return (
+        f"{what} {repo_id}: {reason}. Check your connection (and HF_ENDPOINT or HTTPS_PROXY), pass a local folder, or "
+        "set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache."
+    )
