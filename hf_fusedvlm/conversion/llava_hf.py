@@ -11,51 +11,27 @@ source and result for one image and prompt."""
 
 from pathlib import Path
 
-from transformers import AutoConfig, AutoProcessor, GenerationConfig, LlavaNextProcessor, LlavaProcessor
+from transformers import AutoConfig, AutoProcessor, LlavaNextProcessor, LlavaProcessor
 
 from ..configuration_fused_llava import FusedLlavaConfig
-from ..parity import (
-    INSTRUCTION_ENCODER_PREFIX,
-    PROJECTOR_INPUT_KEY,
-    fused_config_from_llava,
-    llava_checkpoint_key,
-    new_fuser_tensors,
-)
+from ..parity import PROJECTOR_INPUT_KEY, fused_config_from_llava, llava_checkpoint_key, new_fuser_tensors
 from ..processing_fused_llava import FusedLlavaProcessor, missing_chat_template_message
 from ..processing_fused_llava_next import FusedLlavaNextProcessor
 from .errors import ConversionError, as_torch_dtype
 from .request import Plan, Request, Source, check_fuser_choice
-from .shards import StoredShard, read_shards
+from .shards import read_shards
 from .verify import verify_against_llava
-from .writing import PlannedShard, plan_new_tensors, plan_projector_input, plan_tensor, planned_shard
+from .writing import (
+    new_tensors_shard,
+    plan_projector_input,
+    plan_renamed_shards,
+    plan_tensor,
+    source_generation_config,
+)
 
 
 # The fused processor of each plain llava-hf processor.
 FUSED_PROCESSORS = {LlavaProcessor: FusedLlavaProcessor, LlavaNextProcessor: FusedLlavaNextProcessor}
-
-
-# ----------------------------------------------------------------------------------------------------------- plan
-
-
-def plan_source_shards(shards: list[StoredShard], config: FusedLlavaConfig, dtype) -> list[PlannedShard]:
-    """Per source shard, its tensors under their fused names (cast to `dtype`, the projector input widened)."""
-    seen, planned = {}, []
-    for shard in shards:
-        entries = []
-        for tensor in shard.tensors:
-            name = llava_checkpoint_key(tensor.key)
-            if name in seen:
-                raise ConversionError(
-                    f"{tensor.key!r} in {shard.path.name} and {seen[name]!r} are the same tensor "
-                    f"({name}): the checkpoint is inconsistent; re-save it."
-                )
-            seen[name] = tensor.key
-            if name == PROJECTOR_INPUT_KEY:
-                entries.append(plan_projector_input(name, tensor, config, dtype))
-            else:
-                entries.append(plan_tensor(name, tensor, dtype))
-        planned.append(planned_shard(entries, shard))
-    return planned
 
 
 # ---------------------------------------------------------------------------------------------------------- write
@@ -85,11 +61,7 @@ def write_processor(source: Path, folder: Path, instruction_tokenizer) -> None:
 
 def write_companions(folder: Path, source: Path, llava_config, encoder) -> None:
     """The source's generation config (or one from its config) and its processor made fused."""
-    if (source / "generation_config.json").is_file():
-        generation_config = GenerationConfig.from_pretrained(source)
-    else:
-        generation_config = GenerationConfig.from_model_config(llava_config)
-    generation_config.save_pretrained(folder)
+    source_generation_config(source, llava_config).save_pretrained(folder)
     write_processor(source, folder, encoder.tokenizer if encoder else None)
 
 
@@ -123,15 +95,15 @@ def check(source: Source, request: Request) -> FusedLlavaConfig:
 def plan(source: Source, request: Request) -> Plan:
     """The source's tensors under their fused names, the new fuser tensors (and the instruction encoder's)."""
     config = check(source, request)
-    shards = read_shards(source.folder, "--input")
-    planned = plan_source_shards(shards, config, request.dtype)
-    new_tensors = plan_new_tensors(new_fuser_tensors(config, seed=0), request.dtype)
-    encoder = request.encoder
-    if encoder is not None:
-        encoder_state = {INSTRUCTION_ENCODER_PREFIX + k: v for k, v in encoder.model.state_dict().items()}
-        new_tensors += plan_new_tensors(encoder_state, request.dtype)
-    if new_tensors:
-        planned.append(PlannedShard(new_tensors))
+    shards, dtype, encoder = read_shards(source.folder, "--input"), request.dtype, request.encoder
+
+    def plan_entry(name, tensor):  # the projector's input widened for the fuser's slots
+        if name == PROJECTOR_INPUT_KEY:
+            return plan_projector_input(name, tensor, config, dtype)
+        return plan_tensor(name, tensor, dtype)
+
+    new_tensors = {**new_fuser_tensors(config, seed=0), **(encoder.fused_tensors if encoder else {})}
+    planned = plan_renamed_shards(shards, llava_checkpoint_key, plan_entry) + new_tensors_shard(new_tensors, dtype)
     llava_config = AutoConfig.from_pretrained(source.folder)
     return Plan(
         config=config,

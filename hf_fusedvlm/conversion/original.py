@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..configuration_fused_llava import FusedLlavaConfig
-from ..parity import INSTRUCTION_ENCODER_PREFIX, PROJECTOR_INPUT_KEY, new_fuser_tensors
+from ..parity import PROJECTOR_INPUT_KEY, new_fuser_tensors
 from .checkpoint import resolve_checkpoint
 from .errors import ConversionError, listed
 from .original_layout import (
@@ -53,7 +53,7 @@ from .original_processor import (
 from .request import Plan, Request, Source, check_fuser_choice, fuser_class_or_error
 from .shards import StoredShard, known_keys, read_shards
 from .verify import verify_against_llm, verify_dense_connector
-from .writing import PlannedShard, plan_new_tensors, plan_projector_input, plan_tensor, planned_shard
+from .writing import PlannedShard, new_tensors_shard, plan_projector_input, plan_renamed_shards, plan_tensor
 
 
 EMBED_KEY = "model.embed_tokens.weight"
@@ -80,22 +80,15 @@ def plan_checkpoint(
     LLaVA converted to a wider fuser; a trained fusion's projector already has its width)."""
     new_vocab = config.text_config.vocab_size
     widens = variant in PLAIN_VARIANTS and fuser_class_or_error(config.fuser_type).projector_slots(config)[1] > 1
-    planned = []
-    for shard in shards:
-        entries = []
-        for tensor in shard.tensors:
-            name = map_original_key(tensor.key, variant)
-            if name is None:
-                continue
-            if name in EMBEDDING_KEYS and tensor.shape[0] == source_vocab and new_vocab > source_vocab:
-                entry = plan_tensor(name, tensor, dtype, [new_vocab, *tensor.shape[1:]], append_mean_rows(new_vocab))
-            elif name == PROJECTOR_INPUT_KEY and widens:
-                entry = plan_projector_input(name, tensor, config, dtype)
-            else:
-                entry = plan_tensor(name, tensor, dtype)
-            entries.append(entry)
-        planned.append(planned_shard(entries, shard))
-    return planned
+
+    def plan_entry(name, tensor):
+        if name in EMBEDDING_KEYS and tensor.shape[0] == source_vocab and new_vocab > source_vocab:
+            return plan_tensor(name, tensor, dtype, [new_vocab, *tensor.shape[1:]], append_mean_rows(new_vocab))
+        if name == PROJECTOR_INPUT_KEY and widens:
+            return plan_projector_input(name, tensor, config, dtype)
+        return plan_tensor(name, tensor, dtype)
+
+    return plan_renamed_shards(shards, lambda key: map_original_key(key, variant), plan_entry)
 
 
 def plan_vision_tower(
@@ -106,20 +99,13 @@ def plan_vision_tower(
     `present` (the checkpoint's own copy of the tower, which wins) and a pooling head the fused tower does not have."""
     has_head = getattr(config.vision_config, "vision_use_head", False)
 
-    def name(key: str) -> str:
-        return TOWER_PREFIX + key.removeprefix("vision_model.")
+    def tower_name(key: str) -> str | None:
+        name = TOWER_PREFIX + key.removeprefix("vision_model.")
+        if key.split(".")[0] in CLIP_TEXT_PARTS or RECOMPUTED_BUFFER.search(key) or name in present:
+            return None
+        return name if has_head or not name.startswith(TOWER_PREFIX + "head.") else None
 
-    def wanted(key: str) -> bool:
-        if key.split(".")[0] in CLIP_TEXT_PARTS or RECOMPUTED_BUFFER.search(key) or name(key) in present:
-            return False
-        return has_head or not name(key).startswith(TOWER_PREFIX + "head.")
-
-    return [
-        planned_shard(
-            [plan_tensor(name(tensor.key), tensor, dtype) for tensor in shard.tensors if wanted(tensor.key)], shard
-        )
-        for shard in shards
-    ]
+    return plan_renamed_shards(shards, tower_name, lambda name, tensor: plan_tensor(name, tensor, dtype))
 
 
 # ------------------------------------------------------------------------------------------------ the format
@@ -219,18 +205,11 @@ def plan(source: Source, request: Request) -> Plan:
     present = {entry.name for shard in planned for entry in shard.entries}
     tower_shards = read_shards(tower, "--vision-tower", allow_pickles=True)
     planned += plan_vision_tower(tower_shards, request.dtype, config, present)
-    new_tensors = []
-    if variant in PLAIN_VARIANTS:
-        new_tensors += plan_new_tensors(new_fuser_tensors(config, seed=0), request.dtype)
     encoder = request.encoder
+    new_tensors = new_fuser_tensors(config, seed=0) if variant in PLAIN_VARIANTS else {}
     if encoder is not None and not any(key.startswith("model.sentence_embedder.") for key in keys):
-        encoder_state = encoder.model.state_dict()
-        new_tensors += plan_new_tensors(
-            {INSTRUCTION_ENCODER_PREFIX + k: v for k, v in encoder_state.items()}, request.dtype
-        )
-    planned = [shard for shard in planned if shard.entries]
-    if new_tensors:
-        planned.append(PlannedShard(new_tensors))
+        new_tensors.update(encoder.fused_tensors)
+    planned = [shard for shard in planned if shard.entries] + new_tensors_shard(new_tensors, request.dtype)
 
     source_text_config = text_config_from_original(source.raw, source_vocab, source.raw.get("pad_token_id"))
 

@@ -13,7 +13,6 @@ from transformers import (
     AutoConfig,
     AutoTokenizer,
     CLIPVisionConfig,
-    GenerationConfig,
     LlavaImageProcessorPil,
     LlavaNextImageProcessorPil,
     SiglipVisionConfig,
@@ -27,6 +26,7 @@ from ..processing_fused_llava import FusedLlavaProcessor
 from ..processing_fused_llava_next import FusedLlavaNextProcessor
 from .errors import ConversionError
 from .sentence_encoder import SentenceEncoder
+from .writing import source_generation_config
 
 
 IMAGE_TOKEN = "<image>"
@@ -264,11 +264,7 @@ def write_companions(
 ) -> None:
     """The generation config and the processor (with `chat_template`, the conversation the model was trained
     with)."""
-    generation_config = (
-        GenerationConfig.from_pretrained(source)
-        if (source / "generation_config.json").is_file()
-        else GenerationConfig.from_model_config(text_config)
-    )
+    generation_config = source_generation_config(source, text_config)
     generation_config.pad_token_id = text_config.pad_token_id
     turn_end = {LLAMA_3_CHAT_TEMPLATE: "<|eot_id|>", CHATML_DIRECT_CHAT_TEMPLATE: CHATML_END}.get(chat_template)
     if turn_end is not None:

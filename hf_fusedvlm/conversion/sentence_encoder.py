@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from ..parity import INSTRUCTION_ENCODER_PREFIX
 from .checkpoint import resolve_checkpoint
 from .errors import ConversionError
+from .options import INSTRUCTION_ENCODER_EXAMPLE as EXAMPLE
 
 
 # sentence-transformers pooling mode (both spellings) -> `instruction_pooling`.
@@ -34,7 +36,6 @@ SUPPORTED_POOLING = {
     "max": "max",
     "max_tokens": "max",
 }
-EXAMPLE = "sentence-transformers/all-mpnet-base-v2"
 
 
 @dataclass
@@ -48,6 +49,11 @@ class SentenceEncoder:
     name: str
     model: torch.nn.Module | None = None
     tokenizer: object = None
+
+    @property
+    def fused_tensors(self) -> dict[str, torch.Tensor]:
+        """The loaded transformer's weights under their names in a fused checkpoint."""
+        return {INSTRUCTION_ENCODER_PREFIX + key: value for key, value in self.model.state_dict().items()}
 
     @property
     def config_fields(self) -> dict:

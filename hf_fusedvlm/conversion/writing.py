@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..configuration_fused_llava import FusedLlavaConfig
@@ -142,6 +143,35 @@ def planned_shard(entries: list[OutputTensor], shard: StoredShard) -> PlannedSha
     return PlannedShard(entries)
 
 
+def plan_renamed_shards(
+    shards: list[StoredShard], rename: Callable[[str], str | None], plan: Callable[[str, StoredTensor], OutputTensor]
+) -> list[PlannedShard]:
+    """Per source shard, the output of its tensors: `rename(key)` is a tensor's fused name (None leaves it out),
+    `plan(name, stored)` its output. Two keys renamed alike are refused: the checkpoint would hold a tensor twice."""
+    seen, planned = {}, []
+    for shard in shards:
+        entries = []
+        for tensor in shard.tensors:
+            name = rename(tensor.key)
+            if name is None:
+                continue
+            if name in seen:
+                raise ConversionError(
+                    f"{tensor.key!r} in {shard.path.name} and {seen[name]!r} are the same tensor "
+                    f"({name}): the checkpoint is inconsistent; re-save it."
+                )
+            seen[name] = tensor.key
+            entries.append(plan(name, tensor))
+        planned.append(planned_shard(entries, shard))
+    return planned
+
+
+def new_tensors_shard(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> list[PlannedShard]:
+    """The shard of the tensors made in memory (fresh fuser weights, the instruction encoder's); none without any."""
+    entries = plan_new_tensors(tensors, dtype)
+    return [PlannedShard(entries)] if entries else []
+
+
 def plan_mismatches(
     config: FusedLlavaConfig, planned: list[PlannedShard]
 ) -> tuple[list[str], list[str], list[tuple[str, list[int], list[int]]]]:
@@ -251,6 +281,13 @@ def write_shards(folder: Path, planned: list[PlannedShard], progress: bool) -> i
     }
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
     return total_bytes
+
+
+def source_generation_config(source: Path, model_config) -> GenerationConfig:
+    """The source checkpoint's generation config, or the one its model config implies."""
+    if (source / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(source)
+    return GenerationConfig.from_model_config(model_config)
 
 
 def write_remote_code(config: FusedLlavaConfig, folder: Path) -> None:
