@@ -18,14 +18,10 @@ from ..parity import PROJECTOR_INPUT_KEY, new_fuser_tensors
 from .checkpoint import resolve_checkpoint
 from .errors import ConversionError, listed
 from .original_layout import (
-    ANY_RESOLUTION_VARIANTS,
     CLIP_TEXT_PARTS,
-    DENSE_CONNECTOR_VARIANTS,
     EMBEDDING_KEYS,
-    PLAIN_VARIANTS,
     RECOMPUTED_BUFFER,
     TOWER_PREFIX,
-    VARIANT_ORIGINS,
     VARIANTS,
     check_original_config,
     detect_variant,
@@ -79,7 +75,7 @@ def plan_checkpoint(
     """Per source shard, the fused entries of its tensors (renamed, embeddings grown, projector widened for a plain
     LLaVA converted to a wider fuser; a trained fusion's projector already has its width)."""
     new_vocab = config.text_config.vocab_size
-    widens = variant in PLAIN_VARIANTS and fuser_class_or_error(config.fuser_type).projector_slots(config)[1] > 1
+    widens = VARIANTS[variant].plain and fuser_class_or_error(config.fuser_type).projector_slots(config)[1] > 1
 
     def plan_entry(name, tensor):
         if name in EMBEDDING_KEYS and tensor.shape[0] == source_vocab and new_vocab > source_vocab:
@@ -134,7 +130,7 @@ def chat_template(variant: str, tokenizer, raw: dict) -> str:
         if raw.get("model_type") == "llava_mistral":
             return MISTRAL_INSTRUCT_CHAT_TEMPLATE
         return CHATML_DIRECT_CHAT_TEMPLATE if is_chatml_tokenizer(tokenizer) else LLAVA_V1_CHAT_TEMPLATE
-    if variant not in DENSE_CONNECTOR_VARIANTS:
+    if not VARIANTS[variant].dense_connector:
         return LLAVA_V1_CHAT_TEMPLATE
     return LLAMA_3_CHAT_TEMPLATE if is_llama_3_tokenizer(tokenizer) else VICUNA_V1_CHAT_TEMPLATE
 
@@ -148,13 +144,13 @@ def fused_config(source: Source, request: Request, keys: dict, tower: Path, voca
     fuser_type = fuser_for_variant(variant, request.fuser_type)
     trained = f" (the checkpoint was trained with {raw['sentence_embedder']})" if raw.get("sentence_embedder") else ""
     check_fuser_choice(fuser_type, request.encoder, trained)
-    if variant not in PLAIN_VARIANTS and request.fixes_layers:
+    if not VARIANTS[variant].plain and request.fixes_layers:
         raise ConversionError(
             f"The layers of a trained {variant} checkpoint are fixed by its config: drop "
             "--fuser-layers and --fuser-groups."
         )
     require_vision_tower(request.vision_tower, raw, keys, source.folder)
-    dense = variant in DENSE_CONNECTOR_VARIANTS
+    dense = VARIANTS[variant].dense_connector
     siglip_named = raw.get("mm_vision_tower") if dense and names_siglip_tower(raw) else None
     vision_config, image_processor = read_vision_tower(tower, str(request.vision_tower), siglip_named)
     # Before the tokenizer is read, `<image>` and `<pad>` stand after the config's vocabulary.
@@ -164,7 +160,7 @@ def fused_config(source: Source, request: Request, keys: dict, tower: Path, voca
     config = fused_config_from_original(
         raw, variant, keys, text_config, vision_config, image_token_index, fuser_type, request.encoder, request.settings
     )
-    if variant in ANY_RESOLUTION_VARIANTS:
+    if VARIANTS[variant].any_resolution:
         image_processor = any_resolution_image_processor(image_processor, config.image_grid_pinpoints)
     else:
         image_processor.do_pad = raw.get("image_aspect_ratio") == "pad"
@@ -206,7 +202,7 @@ def plan(source: Source, request: Request) -> Plan:
     tower_shards = read_shards(tower, "--vision-tower", allow_pickles=True)
     planned += plan_vision_tower(tower_shards, request.dtype, config, present)
     encoder = request.encoder
-    new_tensors = new_fuser_tensors(config, seed=0) if variant in PLAIN_VARIANTS else {}
+    new_tensors = new_fuser_tensors(config, seed=0) if VARIANTS[variant].plain else {}
     if encoder is not None and not any(key.startswith("model.sentence_embedder.") for key in keys):
         new_tensors.update(encoder.fused_tensors)
     planned = [shard for shard in planned if shard.entries] + new_tensors_shard(new_tensors, request.dtype)
@@ -214,7 +210,7 @@ def plan(source: Source, request: Request) -> Plan:
     source_text_config = text_config_from_original(source.raw, source_vocab, source.raw.get("pad_token_id"))
 
     def verify(folder: Path) -> tuple[float, float]:
-        if variant in DENSE_CONNECTOR_VARIANTS:
+        if VARIANTS[variant].dense_connector:
             return verify_dense_connector(folder, source.folder, shards, source_text_config, request.dtype)
         return verify_against_llm(folder, source.folder, source_text_config, request.dtype)
 
@@ -225,7 +221,7 @@ def plan(source: Source, request: Request) -> Plan:
         num_source_tensors=len(keys),
         num_new_tensors=len(new_tensors),
         source_name=lambda name: original_key(name, variant),
-        layout=f"the {variant!r} layout its config.json describes ({VARIANT_ORIGINS[variant]})",
+        layout=f"the {variant!r} layout its config.json describes ({VARIANTS[variant].origin})",
         fix=f"Supported layouts: {', '.join(VARIANTS)} (see 'The original format' in docs/conversion.md); a "
         "checkpoint of another LLaVA fork cannot be imported.",
         write_companions=lambda folder: write_companions(
@@ -233,7 +229,7 @@ def plan(source: Source, request: Request) -> Plan:
         ),
         verify=verify,
         commit_message=f"Import {variant} LLaVA",
-        card_fuser=config.fuser_type if variant in PLAIN_VARIANTS and config.fuser_type != "none" else None,
+        card_fuser=config.fuser_type if VARIANTS[variant].plain and config.fuser_type != "none" else None,
         card_vision_tower=tower_repo or tower.name,
-        imported_from=None if variant in PLAIN_VARIANTS else VARIANT_ORIGINS[variant],
+        imported_from=None if VARIANTS[variant].plain else VARIANTS[variant].origin,
     )

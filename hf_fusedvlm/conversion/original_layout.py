@@ -26,6 +26,7 @@ the config and the keys (`VARIANTS`):
 
 import ast
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig
@@ -37,30 +38,6 @@ from .errors import ConversionError
 from .sentence_encoder import SentenceEncoder
 
 
-VARIANTS = ("llava", "llava-next", "mmfuser", "igva", "igva-average", "dense-connector", "dense-connector-anyres")
-# The plain LLaVA variants: the fuser is the user's choice (default none) and starts as an exact no-op.
-PLAIN_VARIANTS = ("llava", "llava-next")
-# The variants that become fused LLaVA-NeXT (any resolution), and the Dense Connector ones.
-ANY_RESOLUTION_VARIANTS = ("llava-next", "dense-connector-anyres")
-DENSE_CONNECTOR_VARIANTS = ("dense-connector", "dense-connector-anyres")
-# The variants whose code also runs any-resolution inputs, and the variant each is then.
-FUSION_ANY_RESOLUTION = {"llava": "llava-next", "dense-connector": "dense-connector-anyres"}
-VARIANT_FUSERS = {
-    "mmfuser": "mmfuser",
-    "igva": "igva",
-    "igva-average": "average",
-    "dense-connector": "dense_connector",
-    "dense-connector-anyres": "dense_connector",
-}
-VARIANT_ORIGINS = {
-    "llava": "haotian-liu/LLaVA",
-    "llava-next": "haotian-liu/LLaVA, LLaVA-1.6 any resolution",
-    "mmfuser": "the official MMFuser code (yuecao0119/MMFuser)",
-    "igva": "the official IGVA code (YiZheng-zy/IGVA)",
-    "igva-average": "the official IGVA code (YiZheng-zy/IGVA), pre-training mode",
-    "dense-connector": "the official Dense Connector code (HJYao00/DenseConnector)",
-    "dense-connector-anyres": "the official Dense Connector code (HJYao00/DenseConnector), any resolution",
-}
 # The Dense Connector variants the official code runs (`mm_dense_connector_type`); other values mean none.
 DENSE_CONNECTOR_TYPES = ("sti", "sci", "dci")
 # The original model types and the LLM config each one extends.
@@ -88,27 +65,71 @@ _MLP_PROJECTOR = (
     ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
 )
 _NEWLINE = (("model.image_newline", "model.image_newline"),)
-# (original prefix, fused prefix) per variant; the first matching prefix wins.
-KEY_RENAMES = {
-    "llava": _LLM_RENAMES + _MLP_PROJECTOR,
-    "mmfuser": _LLM_RENAMES
-    + (
-        ("model.mm_projector.0.", FUSER_PREFIX),
-        ("model.mm_projector.1.", "model.multi_modal_projector.linear_1."),
-        ("model.mm_projector.3.", "model.multi_modal_projector.linear_2."),
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One layout of the original format: the code it comes from, the fuser it converts to (None for plain LLaVA:
+    the user's choice, default none, starting as an exact no-op), its key renames ((original prefix, fused prefix),
+    the first matching prefix wins), and whether it becomes a fused LLaVA-NeXT (any resolution) and is a Dense
+    Connector model."""
+
+    origin: str
+    renames: tuple[tuple[str, str], ...]
+    fuser: str | None = None
+    any_resolution: bool = False
+    dense_connector: bool = False
+
+    @property
+    def plain(self) -> bool:
+        return self.fuser is None
+
+
+VARIANTS = {
+    "llava": Variant("haotian-liu/LLaVA", _LLM_RENAMES + _MLP_PROJECTOR),
+    "llava-next": Variant(
+        "haotian-liu/LLaVA, LLaVA-1.6 any resolution", _LLM_RENAMES + _MLP_PROJECTOR + _NEWLINE, any_resolution=True
     ),
-    "igva": _LLM_RENAMES
-    + _MLP_PROJECTOR
-    + (
-        ("model.vision_aggregator.transformers.", FUSER_PREFIX + "blocks."),
-        ("model.vision_aggregator.", FUSER_PREFIX),
-        ("model.sentence_embedder.0.auto_model.", INSTRUCTION_ENCODER_PREFIX),
+    "mmfuser": Variant(
+        "the official MMFuser code (yuecao0119/MMFuser)",
+        _LLM_RENAMES
+        + (
+            ("model.mm_projector.0.", FUSER_PREFIX),
+            ("model.mm_projector.1.", "model.multi_modal_projector.linear_1."),
+            ("model.mm_projector.3.", "model.multi_modal_projector.linear_2."),
+        ),
+        "mmfuser",
     ),
-    "igva-average": _LLM_RENAMES + _MLP_PROJECTOR,
-    "llava-next": _LLM_RENAMES + _MLP_PROJECTOR + _NEWLINE,
-    "dense-connector": _LLM_RENAMES + _MLP_PROJECTOR,
-    "dense-connector-anyres": _LLM_RENAMES + _MLP_PROJECTOR + _NEWLINE,
+    "igva": Variant(
+        "the official IGVA code (YiZheng-zy/IGVA)",
+        _LLM_RENAMES
+        + _MLP_PROJECTOR
+        + (
+            ("model.vision_aggregator.transformers.", FUSER_PREFIX + "blocks."),
+            ("model.vision_aggregator.", FUSER_PREFIX),
+            ("model.sentence_embedder.0.auto_model.", INSTRUCTION_ENCODER_PREFIX),
+        ),
+        "igva",
+    ),
+    "igva-average": Variant(
+        "the official IGVA code (YiZheng-zy/IGVA), pre-training mode", _LLM_RENAMES + _MLP_PROJECTOR, "average"
+    ),
+    "dense-connector": Variant(
+        "the official Dense Connector code (HJYao00/DenseConnector)",
+        _LLM_RENAMES + _MLP_PROJECTOR,
+        "dense_connector",
+        dense_connector=True,
+    ),
+    "dense-connector-anyres": Variant(
+        "the official Dense Connector code (HJYao00/DenseConnector), any resolution",
+        _LLM_RENAMES + _MLP_PROJECTOR + _NEWLINE,
+        "dense_connector",
+        any_resolution=True,
+        dense_connector=True,
+    ),
 }
+# The variants whose code also runs any-resolution inputs, and the variant each is then.
+FUSION_ANY_RESOLUTION = {"llava": "llava-next", "dense-connector": "dense-connector-anyres"}
 TOWER_PREFIX = "model.vision_tower."
 # The parts of a full CLIPModel / SiglipModel checkpoint that the vision tower does not use.
 CLIP_TEXT_PARTS = ("text_model", "text_projection", "visual_projection", "logit_scale", "logit_bias")
@@ -260,7 +281,7 @@ def detect_variant(raw: dict, keys: set[str]) -> str:
         return variant
     if variant not in FUSION_ANY_RESOLUTION:
         raise ConversionError(
-            f"The checkpoint is a trained {variant} model ({VARIANT_ORIGINS[variant]}) with any-resolution inputs "
+            f"The checkpoint is a trained {variant} model ({VARIANTS[variant].origin}) with any-resolution inputs "
             f"(image_aspect_ratio {raw.get('image_aspect_ratio')!r}): only plain LLaVA-1.6 and Dense Connector "
             f"checkpoints import as LLaVA-NeXT; {variant} checkpoints import in the LLaVA-1.5 layout "
             "(image_aspect_ratio 'pad')."
@@ -273,7 +294,7 @@ def map_original_key(key: str, variant: str) -> str | None:
     the key itself (unexpected) when no rename applies."""
     if RECOMPUTED_BUFFER.search(key):
         return None
-    for prefix, replacement in KEY_RENAMES[variant]:
+    for prefix, replacement in VARIANTS[variant].renames:
         if key.startswith(prefix):
             return replacement + key[len(prefix) :]
     return key
@@ -281,7 +302,7 @@ def map_original_key(key: str, variant: str) -> str | None:
 
 def original_key(name: str, variant: str) -> str:
     """The original key a fused parameter name comes from (for error messages)."""
-    for prefix, replacement in KEY_RENAMES[variant]:
+    for prefix, replacement in VARIANTS[variant].renames:
         if name.startswith(replacement):
             return prefix + name[len(replacement) :]
     return name
@@ -316,7 +337,7 @@ def fused_config_from_original(
     strategy = "default" if select_feature == "patch" else "full"
     fuser_kwargs = dict(fuser_kwargs)
     layers = parse_select_layer(raw.get("mm_vision_select_layer", -2))
-    if variant in PLAIN_VARIANTS:
+    if VARIANTS[variant].plain:
         if isinstance(layers, list):
             raise ConversionError(f"A plain LLaVA reads one vision layer, mm_vision_select_layer is {layers}.")
         base_layer = layers
@@ -341,7 +362,7 @@ def fused_config_from_original(
         fuser_kwargs["fuser_layers"] = layers[:num_levels] + [layers[-1]]
         fuser_kwargs.setdefault("fuser_layer_norm_eps", 1e-6)
         base_layer = layers[-1]
-    elif variant in DENSE_CONNECTOR_VARIANTS:
+    elif VARIANTS[variant].dense_connector:
         base_layer, strategy = dense_connector_feature_selection(raw, layers, strategy, vision_config)
         fuser_kwargs["dense_connector_type"] = raw["mm_dense_connector_type"]
     else:
@@ -379,7 +400,7 @@ def fused_config_from_original(
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
     )
-    if variant in ANY_RESOLUTION_VARIANTS:
+    if VARIANTS[variant].any_resolution:
         pinpoints = next_pinpoints(raw, vision_config.image_size)
         llava_config = LlavaNextConfig(**fields, image_grid_pinpoints=pinpoints)
     else:
@@ -435,12 +456,12 @@ def dense_connector_feature_selection(raw: dict, layers, strategy: str, vision_c
 
 def fuser_for_variant(variant: str, fuser_type: str | None) -> str:
     """The fuser of the result: fixed by a trained fusion checkpoint, the user's choice (default none) for LLaVA."""
-    if variant in PLAIN_VARIANTS:
+    if VARIANTS[variant].plain:
         return fuser_type or "none"
-    fixed = VARIANT_FUSERS[variant]
+    fixed = VARIANTS[variant].fuser
     if fuser_type not in (None, fixed):
         raise ConversionError(
-            f"The checkpoint is a trained {variant} model ({VARIANT_ORIGINS[variant]}): it converts to fuser {fixed}, "
+            f"The checkpoint is a trained {variant} model ({VARIANTS[variant].origin}): it converts to fuser {fixed}, "
             f"not {fuser_type}. Drop --fuser."
         )
     return fixed
