@@ -16,6 +16,9 @@ cancel; the table gives per fuser the median of these per-round ratios with a bo
 (and the IQR). A second engine serving the `none` checkpoint (`none-again`, the A/A control) is timed the same way:
 its ratio would be 1 if the engines differed only in what they compute, so its distance from 1 is the resolution of
 every fuser's ratio. Every `--profile-every` rounds each fuser also serves a batch of 1 output token (prefill only).
+One engine can stay a few points faster or slower than another for its whole life (where its memory and threads
+landed): with `--engine-starts N` every engine is stopped and started anew N times, the rounds split among the
+starts, so that the per-round ratios pool over N placements instead of one.
 
 FLOP ratio. `serving_flops.py` counts one request's FLOPs by part: tower (to the deepest layer the fuser reads, as the
 plugin runs it), fuser (IGVA's instruction encoder included), projector, prefill over the image and text tokens, and
@@ -37,7 +40,7 @@ that brings the small tower over the benchmark's real prompt closest to that (pr
 `--quick`: the tiny test model, a smoke run (4 requests of 4 tokens, 2 rounds).
 
     python benchmarks/bench_vllm.py [--quick] [--shape small|llava7b-ratio] [--fusers none,mmfuser,igva,concat,average]
-        [--vllm-llava] [--requests 16] [--max-tokens 32] [--rounds 40] [--minutes M] [--profile-every 4] [--json bench_vllm.json]
+        [--vllm-llava] [--requests 16] [--max-tokens 32] [--rounds 40] [--minutes M] [--engine-starts 1] [--profile-every 4] [--json bench_vllm.json]
 """
 
 import argparse
@@ -365,6 +368,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--minutes", type=float, help="stop after the round that passes this many minutes")
+    parser.add_argument(
+        "--engine-starts",
+        type=int,
+        default=1,
+        help="start every engine anew this many times, splitting the rounds among the starts (what one start leaves "
+        "behind, such as where an engine's memory lands, then averages out)",
+    )
     parser.add_argument("--profile-every", type=int, default=4)
     parser.add_argument("--profile-repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -372,6 +382,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.requests, args.max_tokens, args.rounds, args.profile_every, args.profile_repeats = 4, 4, 2, 1, 2
+    if not 1 <= args.engine_starts <= args.rounds:
+        parser.error(f"--engine-starts must be between 1 and --rounds ({args.rounds}), got {args.engine_starts}")
     shape = "tiny" if args.quick else args.shape
     fusers = args.fusers.split(",")
     if "none" not in fusers:
@@ -389,11 +401,58 @@ def main() -> None:
                 "run it where a torchvision matching torch is installed (a CUDA machine), or leave the option out"
             )
 
+    def stop_engines(workers: dict) -> None:
+        for process, connection in workers.values():
+            if process.is_alive():
+                try:
+                    connection.send(("stop",))
+                except OSError:
+                    process.kill()
+        for process, _ in workers.values():
+            process.join(60)
+            if process.is_alive():
+                process.kill()
+
+    def run_rounds(workers: dict, count: int, done: int, seconds_before: float) -> int:
+        """`count` rounds on the running `workers` (rounds `done + 1`, ...), fewer when `--minutes` (counting the
+        `seconds_before` of earlier starts) runs out; returns the rounds run."""
+        rounds_started = time.perf_counter()
+
+        def timed(fuser_type: str, seed: int, max_tokens: int) -> tuple[float, float]:
+            process, connection = workers[fuser_type]
+            connection.send(("run", seed, max_tokens))
+            while not connection.poll(5):
+                if not process.is_alive():
+                    sys.exit(f"the {fuser_type} engine died (exit code {process.exitcode})")
+            return connection.recv()
+
+        for round_index in range(done, done + count):
+            order = list(engines)
+            rng.shuffle(order)
+            seed = 1000 + 2 * round_index
+            for fuser_type in order:
+                seconds, cpu = timed(fuser_type, seed, args.max_tokens)
+                full[fuser_type].append(seconds)
+                full_cpu[fuser_type].append(cpu)
+            if round_index % args.profile_every == 0:
+                order = list(fusers)
+                rng.shuffle(order)
+                for fuser_type in order:
+                    prefill[fuser_type].append(timed(fuser_type, seed + 1, 1)[0])
+            ratios = {f: full["none"][-1] / full[f][-1] for f in engines if f != "none"}
+            print(
+                f"round {round_index + 1}: " + " ".join(f"{f} {ratio:.3f}" for f, ratio in ratios.items()),
+                flush=True,
+            )
+            if args.minutes and seconds_before + time.perf_counter() - rounds_started > 60 * args.minutes:
+                return round_index + 1 - done
+        return count
+
     started = time.perf_counter()
     text_fields = shape_text_fields(shape)
 
     context = multiprocessing.get_context("spawn")
-    workers, flops, models, kv_cache_bytes = {}, {}, {}, {}
+    engine_folders, flops, models, kv_cache_bytes = {}, {}, {}, {}
     references = [CONTROL, VLLM_LLAVA] if args.vllm_llava else [CONTROL]
     engines = fusers + references
     with tempfile.TemporaryDirectory() as root:
@@ -429,70 +488,48 @@ def main() -> None:
                 * args.requests
                 * (prompt_tokens + args.max_tokens),
             )
-            workers[fuser_type] = start_worker(context, folder, args.requests, kv_cache_bytes[fuser_type])
+            engine_folders[fuser_type] = folder
         if args.vllm_llava:
             llava, llava_processor = build_small_llava(text_fields)
             llava.save_pretrained(Path(root) / VLLM_LLAVA)
             llava_processor.save_pretrained(Path(root) / VLLM_LLAVA)
         for name in references:  # the language model of `none`, so the same KV cache
-            folder = Path(root) / ("none" if name == CONTROL else name)
-            workers[name] = start_worker(context, folder, args.requests, kv_cache_bytes["none"])
-        try:
-            cpu_processes = {}
-            for fuser_type, (_process, connection) in workers.items():
+            engine_folders[name] = Path(root) / ("none" if name == CONTROL else name)
+            kv_cache_bytes[name] = kv_cache_bytes["none"]
+
+        def start_engines() -> dict:
+            workers = {
+                name: start_worker(context, folder, args.requests, kv_cache_bytes[name])
+                for name, folder in engine_folders.items()
+            }
+            for name, (_process, connection) in workers.items():
                 message = connection.recv() if connection.poll(900) else None
                 if not (isinstance(message, tuple) and message[0] == "ready"):
-                    sys.exit(f"the {fuser_type} engine did not start")
-                cpu_processes[fuser_type] = message[1]
+                    stop_engines(workers)
+                    sys.exit(f"the {name} engine did not start")
+                cpu_processes[name] = message[1]
             print(f"{len(workers)} engines ready after {time.perf_counter() - started:.0f} s", flush=True)
+            return workers
 
-            def timed(fuser_type: str, seed: int, max_tokens: int) -> tuple[float, float]:
-                process, connection = workers[fuser_type]
-                connection.send(("run", seed, max_tokens))
-                while not connection.poll(5):
-                    if not process.is_alive():
-                        sys.exit(f"the {fuser_type} engine died (exit code {process.exitcode})")
-                return connection.recv()
-
-            rng = random.Random(args.seed)
-            full = {fuser_type: [] for fuser_type in engines}
-            full_cpu = {fuser_type: [] for fuser_type in engines}
-            prefill = {fuser_type: [] for fuser_type in fusers}
-            rounds_started = time.perf_counter()
-            rounds = 0
-            for round_index in range(args.rounds):
-                order = list(engines)
-                rng.shuffle(order)
-                seed = 1000 + 2 * round_index
-                for fuser_type in order:
-                    seconds, cpu = timed(fuser_type, seed, args.max_tokens)
-                    full[fuser_type].append(seconds)
-                    full_cpu[fuser_type].append(cpu)
-                if round_index % args.profile_every == 0:
-                    order = list(fusers)
-                    rng.shuffle(order)
-                    for fuser_type in order:
-                        prefill[fuser_type].append(timed(fuser_type, seed + 1, 1)[0])
-                rounds += 1
-                ratios = {f: full["none"][-1] / full[f][-1] for f in engines if f != "none"}
-                print(
-                    f"round {rounds}: " + " ".join(f"{f} {ratio:.3f}" for f, ratio in ratios.items()),
-                    flush=True,
-                )
-                if args.minutes and time.perf_counter() - rounds_started > 60 * args.minutes:
+        cpu_processes, workers = {}, {}
+        rng = random.Random(args.seed)
+        full = {fuser_type: [] for fuser_type in engines}
+        full_cpu = {fuser_type: [] for fuser_type in engines}
+        prefill = {fuser_type: [] for fuser_type in fusers}
+        rounds_per_start = -(-args.rounds // args.engine_starts)
+        rounds, rounds_seconds, starts = 0, 0.0, 0
+        try:
+            while starts < args.engine_starts and rounds < args.rounds:
+                starts += 1
+                workers = start_engines()
+                rounds_started = time.perf_counter()
+                rounds += run_rounds(workers, min(rounds_per_start, args.rounds - rounds), rounds, rounds_seconds)
+                rounds_seconds += time.perf_counter() - rounds_started
+                stop_engines(workers)
+                if args.minutes and rounds_seconds > 60 * args.minutes:
                     break
-            rounds_seconds = time.perf_counter() - rounds_started
         finally:
-            for process, connection in workers.values():
-                if process.is_alive():
-                    try:
-                        connection.send(("stop",))
-                    except OSError:
-                        process.kill()
-            for process, _ in workers.values():
-                process.join(60)
-                if process.is_alive():
-                    process.kill()
+            stop_engines(workers)
 
     def against_plain(name: str) -> dict:
         """`name`'s batch times and their per-round ratios to plain's, in wall and in CPU seconds."""
@@ -532,7 +569,7 @@ def main() -> None:
     machine = platform.processor() or platform.machine()
     print(
         f"\nvLLM throughput, shape {shape}, {args.requests} requests x {args.max_tokens} tokens, {rounds} interleaved "
-        f"rounds in {rounds_seconds / 60:.1f} min ({machine}); ratio = fused / plain throughput, median of per-round "
+        f"rounds in {rounds_seconds / 60:.1f} min over {starts} engine start{'s' if starts > 1 else ''} ({machine}); ratio = fused / plain throughput, median of per-round "
         "ratios [bootstrap 95 % interval]"
     )
     print(
@@ -580,7 +617,7 @@ def main() -> None:
     if args.json:
         settings = {
             key: getattr(args, key)
-            for key in ("requests", "max_tokens", "rounds", "profile_every", "seed", "vllm_llava")
+            for key in ("requests", "max_tokens", "rounds", "engine_starts", "profile_every", "seed", "vllm_llava")
         }
         args.json.write_text(
             json.dumps(
@@ -588,6 +625,7 @@ def main() -> None:
                     "shape": shape,
                     "settings": settings,
                     "rounds_run": rounds,
+                    "engine_starts_run": starts,
                     "rounds_seconds": rounds_seconds,
                     "machine": machine,
                     "results": results,

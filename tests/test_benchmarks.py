@@ -91,3 +91,18 @@ def test_gpu_check_stops_with_one_line_where_torch_sees_no_gpu(tmp_path):
     assert completed.returncode != 0
     assert completed.stderr.strip().splitlines()[-1].startswith("gpu_check.sh: torch ")
     assert "sees no CUDA GPU" in completed.stderr and not output.exists()
+
+
+@pytest.mark.parametrize("starts", [["--engine-starts", "0"], ["--rounds", "3", "--engine-starts", "4"]])
+def test_serving_benchmark_refuses_engine_starts_it_cannot_split_rounds_among(starts):
+    """Stopped at its arguments, before any model is built or engine started (the run itself is in tests_vllm)."""
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_vllm.py"), *starts],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "--engine-starts must be between 1 and --rounds" in completed.stderr
+    assert "Traceback" not in completed.stderr

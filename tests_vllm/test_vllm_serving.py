@@ -349,10 +349,13 @@ def test_vllm_serve_answers_a_chat_request_as_transformers_does(checkpoints, tmp
 
 
 def test_throughput_benchmark_quick_mode_prints_ratios_and_writes_json(tmp_path):
+    """Two engine starts of one round each: every engine is stopped and started anew between them, and the rounds of
+    both starts pool into one set of ratios."""
     json_path = tmp_path / "bench_vllm.json"
     benchmarks = HERE.parent / "benchmarks"
+    command = ["--quick", "--fusers", "igva", "--engine-starts", "2", "--json", str(json_path)]
     completed = subprocess.run(
-        [sys.executable, str(benchmarks / "bench_vllm.py"), "--quick", "--fusers", "igva", "--json", str(json_path)],
+        [sys.executable, str(benchmarks / "bench_vllm.py"), *command],
         cwd=benchmarks,
         capture_output=True,
         text=True,
@@ -360,7 +363,10 @@ def test_throughput_benchmark_quick_mode_prints_ratios_and_writes_json(tmp_path)
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
     assert "ratio" in completed.stdout
-    results = json.loads(json_path.read_text())["results"]
+    assert completed.stdout.count("engines ready after") == 2
+    written = json.loads(json_path.read_text())
+    assert (written["engine_starts_run"], written["rounds_run"], written["settings"]["engine_starts"]) == (2, 2, 2)
+    results = written["results"]
     assert set(results) == {"none", "igva", "none-again"}  # none-again: plain in a second engine, the A/A control
     low, high = results["none-again"]["ratio_ci95"]
     assert low <= results["none-again"]["throughput_ratio_to_plain"] <= high
