@@ -41,7 +41,7 @@ EXPECTED_INPUT = (
 # ------------------------------------------------------------------------------------------------------- steps
 
 
-def check_hub_login(repo_id: str, token: str | None = None) -> None:
+def check_hub_login(repo_id: str) -> None:
     """Before a long conversion: the Hub endpoint answers and a token is set, or a `ConversionError` with the fix
     (the token itself is never printed)."""
     unreachable = hub_connection_error()
@@ -50,7 +50,7 @@ def check_hub_login(repo_id: str, token: str | None = None) -> None:
             f"--push-to-hub {repo_id}: {unreachable}. Check your connection (and HF_ENDPOINT or HTTPS_PROXY), or drop "
             "--push-to-hub and upload later with `hf upload`. Nothing was converted."
         )
-    api = HfApi(token=token)
+    api = HfApi()
     try:
         api.whoami()
     except Exception as error:  # httpx connection errors, 401s and missing tokens all stop the push the same way

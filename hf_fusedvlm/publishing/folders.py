@@ -70,7 +70,7 @@ def foreign_files(folder: Path) -> list[str]:
 
 
 def is_fused_output(folder: Path) -> bool:
-    """Whether `folder` is a fused LLaVA checkpoint (what this tool or the trainer writes): its config.json says
+    """Whether `folder` is a fused LLaVA checkpoint (what the converter or the trainer writes): its config.json says
     model_type `fused_llava` or `fused_llava_next` and it holds safetensors weights."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
