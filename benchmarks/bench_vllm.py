@@ -448,7 +448,6 @@ def main() -> None:
                 return round_index + 1 - done
         return count
 
-    started = time.perf_counter()
     text_fields = shape_text_fields(shape)
 
     context = multiprocessing.get_context("spawn")
@@ -498,6 +497,7 @@ def main() -> None:
             kv_cache_bytes[name] = kv_cache_bytes["none"]
 
         def start_engines() -> dict:
+            began = time.perf_counter()
             workers = {
                 name: start_worker(context, folder, args.requests, kv_cache_bytes[name])
                 for name, folder in engine_folders.items()
@@ -508,7 +508,7 @@ def main() -> None:
                     stop_engines(workers)
                     sys.exit(f"the {name} engine did not start")
                 cpu_processes[name] = message[1]
-            print(f"{len(workers)} engines ready after {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"{len(workers)} engines ready after {time.perf_counter() - began:.0f} s", flush=True)
             return workers
 
         cpu_processes, workers = {}, {}

@@ -641,6 +641,16 @@ def test_wrong_shapes_are_named(checkpoints, tmp_path):
         convert_checkpoint(folder, tmp_path / "out", vision_tower=checkpoints.root / "tower", progress=False)
 
 
+def test_a_tensor_stored_under_both_names_is_refused(checkpoints, tmp_path):
+    """A checkpoint that holds a tensor under its original name and under its fused one (half re-saved) would write
+    the tensor twice: refused by name before anything is written."""
+    norm = checkpoints.states["igva-average"]["model.norm.weight"]
+    folder = _rewrite(checkpoints, "igva-average", tmp_path, state_changes={"model.language_model.norm.weight": norm})
+    with pytest.raises(ConversionError, match=r"'model\.(language_model\.)?norm\.weight' in .* are the same tensor"):
+        convert_checkpoint(folder, tmp_path / "out", vision_tower=checkpoints.root / "tower", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_vision_tower_names_the_config_entry(checkpoints, tmp_path):
     with pytest.raises(ConversionError, match=f"holds no vision tower.*mm_vision_tower '{TOWER_NAME}'.*--vision-tower"):
         convert_checkpoint(checkpoints.root / "mmfuser", tmp_path / "out", progress=False)
